@@ -1,0 +1,211 @@
+"""Run directories: ``config.json`` + ``model.safetensors`` (+ ``trainer_state.safetensors`` to resume).
+
+No pickles: tensors go through safetensors, everything else through JSON.
+Every file is written to a temporary name and renamed into place, so a kill
+never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+CONFIG = "config.json"
+MODEL = "model.safetensors"
+STATE = "trainer_state.safetensors"
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save ``tensors`` (detached, contiguous, on the CPU) to a safetensors file atomically."""
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, tmp, metadata=metadata))
+
+
+def load_tensors(path: Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a safetensors file and its metadata; CheckpointError if missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} is missing")
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{what} {str(path)!r} is corrupt or truncated ({_short(e)})") from None
+    return tensors, metadata
+
+
+def read_json(path: Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {str(path)!r} is missing")
+    try:
+        with path.open() as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({_short(e)})") from None
+
+
+# --- model --------------------------------------------------------------------------------------
+
+def save_model(run_dir: Path, model: torch.nn.Module, epoch: int) -> None:
+    save_tensors(Path(run_dir) / MODEL, model.state_dict(), {"format": "vaekit", "epoch": str(epoch)})
+
+
+def load_model_weights(run_dir: Path, model: torch.nn.Module) -> int:
+    """Load ``model.safetensors`` into ``model``; return the epoch it was saved at.
+
+    Raises CheckpointError if the file is missing, corrupt, or does not match
+    the model built from ``config.json`` (missing, unexpected or mis-shaped tensors).
+    """
+    path = Path(run_dir) / MODEL
+    tensors, meta = load_tensors(path, "checkpoint")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+    for k in sorted(set(own) & set(tensors)):
+        if own[k].shape != tensors[k].shape:
+            problems.append(f"{k} has shape {list(tensors[k].shape)} in the checkpoint but {list(own[k].shape)} in the model")
+            break
+    if problems:
+        raise CheckpointError(f"{MODEL} in {str(run_dir)!r} does not match its {CONFIG}: " + "; ".join(problems))
+    model.load_state_dict(tensors)
+    try:
+        return int(meta.get("epoch", "0"))
+    except ValueError:
+        return 0
+
+
+# --- trainer state (to resume) ------------------------------------------------------------------
+
+def flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Put an optimizer's state into ``tensors`` (per-parameter tensors) and ``meta`` (JSON)."""
+    sd = optimizer.state_dict()
+    scalars: dict[str, Any] = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}.state.{pid}.{key}"] = value
+            else:
+                scalars[f"{pid}.{key}"] = value
+    meta[prefix] = json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+
+
+def unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    info = json.loads(meta[prefix])
+    state: dict[int, dict[str, Any]] = {}
+    start = prefix + ".state."
+    for name, value in tensors.items():
+        if name.startswith(start):
+            pid, key = name[len(start):].split(".", 1)
+            state.setdefault(int(pid), {})[key] = value
+    for name, value in info["scalars"].items():
+        pid, key = name.split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+
+
+def save_trainer_state(run_dir: Path, epoch: int, step: int, optimizers: dict[str, torch.optim.Optimizer],
+                       generator: torch.Generator) -> None:
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state(), "rng.generator": generator.get_state()}
+    meta: dict[str, str] = {"epoch": str(epoch), "step": str(step)}
+    for name, opt in optimizers.items():
+        flatten_optimizer(f"optim.{name}", opt, tensors, meta)
+    save_tensors(Path(run_dir) / STATE, tensors, meta)
+
+
+def load_trainer_state(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator) -> tuple[int, int]:
+    """Restore optimizers and RNG states; return ``(epoch, step)`` reached."""
+    tensors, meta = load_tensors(Path(run_dir) / STATE, "trainer state")
+    try:
+        for name, opt in optimizers.items():
+            unflatten_optimizer(f"optim.{name}", opt, tensors, meta)
+        torch.set_rng_state(tensors["rng.torch"])
+        generator.set_state(tensors["rng.generator"])
+        return int(meta["epoch"]), int(meta["step"])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"trainer state in {str(run_dir)!r} does not match this run ({_short(e)})") from None
+
+
+# --- whole runs ---------------------------------------------------------------------------------
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {str(run_dir)!r} does not exist")
+    info = read_json(run_dir / CONFIG, "run config")
+    if not isinstance(info, dict) or "config" not in info or "data" not in info:
+        raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} is not a vaekit run config")
+    return info
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
+    """Load a trained model from a run directory.
+
+    Returns the :class:`~vaekit.model.VAEModel` in eval mode, with
+    ``model.config`` (:class:`~vaekit.config.RunConfig`) and ``model.run_info``
+    (the whole ``config.json``).  Raises CheckpointError if the directory,
+    config or weights are missing, corrupt or mismatched.
+    """
+    from .config import RunConfig
+    from .errors import ConfigError
+    from .manager import get_plugin_manager
+    from .model import build_model
+
+    pm = pm or get_plugin_manager()
+    info = read_run_config(Path(run_dir))
+    try:
+        config = RunConfig.from_dict(info["config"])
+        shape = tuple(info["data"]["shape"])
+        model = build_model(config, shape, pm)
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} describes a model that cannot be built: {_short(e)}") from None
+    load_model_weights(Path(run_dir), model)
+    model.config = config
+    model.run_info = info
+    return model.to(device).eval()
+
+
+def _short(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,0 +1,91 @@
+"""The ``vaekit`` command line: thin Typer commands over the Python API.
+
+Every :class:`~vaekit.errors.VaekitError` (and any other failure) becomes one
+line on stderr and exit code 1; ``--debug`` (or ``VAEKIT_DEBUG=1``) shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from ..errors import VaekitError
+
+
+def _debug_requested(ctx: click.Context | None) -> bool:
+    if os.environ.get("VAEKIT_DEBUG", "") not in ("", "0"):
+        return True
+    return bool(ctx is not None and ctx.params.get("debug"))
+
+
+def report_error(e: BaseException) -> None:
+    """Print one readable line for ``e`` on stderr."""
+    if isinstance(e, VaekitError):
+        msg = str(e)
+    else:
+        first = (str(e).strip().splitlines() or [""])[0]
+        msg = f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)"
+    click.echo(f"error: {msg}", err=True)
+
+
+class VaekitGroup(TyperGroup):
+    """Root command group that turns errors from any command (plugins' too) into one line and exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            raise typer.Exit(130)
+        except Exception as e:  # noqa: BLE001 - the CLI's one place that reports every failure
+            if _debug_requested(ctx):
+                raise
+            report_error(e)
+            raise typer.Exit(1)
+
+
+def build_app(pm=None) -> typer.Typer:
+    """The root Typer app with the core commands and those plugins add through ``vaekit_register_commands``."""
+    from ..manager import get_plugin_manager
+    from . import evaluate, plugins, run, sample
+
+    app = typer.Typer(
+        cls=VaekitGroup,
+        name="vaekit",
+        help="Autoencoders and variational autoencoders from plugins.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        rich_markup_mode=None,
+    )
+
+    @app.callback()
+    def _root(
+        debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    ) -> None:
+        """vaekit: train, evaluate, sample and inspect autoencoders built from plugins."""
+
+    for module in (run, evaluate, sample, plugins):
+        module.register(app)
+    (pm or get_plugin_manager()).hook.vaekit_register_commands(app=app)
+    return app
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app = build_app()
+    except Exception as e:  # plugin loading failed (e.g. two plugins claim one name)
+        if os.environ.get("VAEKIT_DEBUG", "") not in ("", "0") or "--debug" in sys.argv:
+            raise
+        report_error(e)
+        sys.exit(1)
+    app()

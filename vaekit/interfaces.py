@@ -1,0 +1,233 @@
+"""The five plugin interfaces: encoder, decoder, prior, likelihood, regularizer.
+
+Shapes use ``B`` for the batch, ``S`` for the data shape (``(C, H, W)`` for
+images, ``(D,)`` for vectors), ``F`` for the encoder's feature size and ``d``
+for the latent dimension.  Log-densities are in nats, one value per sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.distributions import Distribution, kl_divergence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .training import Trainer
+
+
+class Encoder(nn.Module):
+    """Feature extractor ``x [B, *S] -> h [B, F]``.
+
+    Subclasses call ``super().__init__(input_shape)`` and set
+    :attr:`out_features` (``F``).  The posterior head that maps ``h`` to the
+    posterior's parameters is added by the pipeline, from the prior.
+    Encoders must be TorchScript-scriptable or traceable (for export).
+    """
+
+    out_features: int
+
+    def __init__(self, input_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.input_shape = tuple(int(s) for s in input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Decoder(nn.Module):
+    """Generator ``z [B, d] -> likelihood parameters [B, *output_shape]``.
+
+    ``output_shape`` is the data shape with its first dimension multiplied by
+    the likelihood's :attr:`Likelihood.params_per_channel` (``k``): ``(k·C, H, W)``
+    or ``(k·D,)``.  Decoders must be scriptable or traceable.
+    """
+
+    def __init__(self, latent_dim: int, output_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.latent_dim = int(latent_dim)
+        self.output_shape = tuple(int(s) for s in output_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class Prior(nn.Module):
+    """A prior p(z) over ``[d]`` together with its posterior family q(z|x).
+
+    The pipeline builds the posterior head with :meth:`posterior_head`; the
+    head maps ``h [B, F]`` to ``params [B, param_dim]``, which the prior
+    interprets.  :attr:`stochastic` is False for deterministic autoencoders
+    (no sampling, no KL).
+    """
+
+    stochastic: bool = True
+    param_dim: int
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        if int(latent_dim) < 1:
+            from .errors import ConfigError
+
+            raise ConfigError(f"latent-dim must be at least 1, got {latent_dim}")
+        self.latent_dim = int(latent_dim)
+        self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
+
+    def posterior_head(self, in_features: int) -> nn.Module:
+        """The layer ``h [B, F] -> params [B, param_dim]`` (default: one ``nn.Linear``)."""
+        return nn.Linear(in_features, self.param_dim)
+
+    def posterior(self, params: torch.Tensor) -> Distribution:
+        """q(z|x) with batch shape ``[B]`` and event shape ``[d]``."""
+        raise NotImplementedError(f"{type(self).__name__} has no posterior distribution")
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """The posterior mean (the code of a deterministic AE), ``[B, d]``."""
+        return self.posterior(params).mean
+
+    def distribution(self) -> Distribution:
+        """p(z) with event shape ``[d]``, on the prior's device."""
+        raise NotImplementedError(f"{type(self).__name__} has no prior distribution")
+
+    def rsample_kl(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One reparameterised sample ``z [B, d]`` and ``KL(q(z|x) ‖ p(z))`` per sample ``[B]`` (nats).
+
+        Default: ``rsample`` from :meth:`posterior`, and the analytic
+        ``torch.distributions.kl_divergence`` where one is registered, else the
+        one-sample Monte-Carlo estimate ``log q(z|x) − log p(z)``.
+        """
+        q = self.posterior(params)
+        z = q.rsample()
+        p = self.distribution()
+        try:
+            kl = kl_divergence(q, p)
+        except NotImplementedError:
+            kl = q.log_prob(z) - p.log_prob(z)
+        return z, kl
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` draws from p(z), ``[n, d]``; ``generator`` makes them reproducible."""
+        p = self.distribution()
+        if generator is None:
+            return p.sample((n,))
+        # torch.distributions take no generator: draw standard noise and push it through.
+        return _sample_with_generator(p, n, generator)
+
+
+def _sample_with_generator(p: Distribution, n: int, generator: torch.Generator) -> torch.Tensor:
+    base = p.base_dist if hasattr(p, "base_dist") else p
+    if isinstance(base, torch.distributions.Normal):
+        shape = (n,) + tuple(p.batch_shape) + tuple(p.event_shape)
+        eps = torch.randn(shape, generator=generator, device=generator.device).to(base.loc.device)
+        return base.loc + base.scale * eps
+    raise NotImplementedError(f"seeded sampling of {type(base).__name__} is not implemented")
+
+
+class Likelihood(nn.Module):
+    """The decoder's likelihood p(x|z), from the decoder's output ``params [B, k·C, ...]``.
+
+    :attr:`params_per_channel` is ``k``.  :meth:`log_prob` is summed over the
+    data dimensions: ``[B]`` nats.  :attr:`normalized` is False for robust
+    losses that are not densities (their "nats" are not comparable).
+    """
+
+    params_per_channel: int = 1
+    normalized: bool = True
+    default_binarize: str = "none"
+
+    def __init__(self, data_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.data_shape = tuple(int(s) for s in data_shape)
+
+    def distribution(self, params: torch.Tensor) -> Distribution:
+        """p(x|z) with batch shape ``[B]`` and event shape ``S``."""
+        raise NotImplementedError
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``log p(x|z)`` per sample, ``[B]`` nats, summed over data dimensions."""
+        return self.distribution(params).log_prob(x)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean ``E[x|z]``, ``[B, *S]`` (what reconstructions and samples show)."""
+        return self.distribution(params).mean
+
+    def check_data(self, x: torch.Tensor, what: str) -> None:
+        """Raise :class:`~vaekit.errors.DataError` if ``x`` is outside this likelihood's support."""
+
+
+@dataclass
+class StepOutput:
+    """Everything one forward pass computed; regularizers read their penalties from it.
+
+    x: ``[B, *S]`` clean data (the reconstruction target); x_input: ``[B, *S]``
+    what the encoder saw (corrupted for denoising); h: ``[B, F]``; params:
+    ``[B, P]`` posterior parameters; z: ``[B, d]`` the (transformed) code;
+    kl: ``[B]`` nats (zeros for deterministic AEs); likelihood_params: decoder
+    output; log_px: ``[B]`` nats; c: optional condition/label ``[B]``.
+    """
+
+    x: torch.Tensor
+    x_input: torch.Tensor
+    h: torch.Tensor
+    params: torch.Tensor
+    z: torch.Tensor
+    kl: torch.Tensor
+    likelihood_params: torch.Tensor
+    log_px: torch.Tensor
+    c: torch.Tensor | None = None
+
+
+class Regularizer(nn.Module):
+    """A named, weighted addition to the training step.
+
+    A regularizer may (all optional):
+
+    * :meth:`corrupt` the encoder's input (denoising AEs);
+    * :meth:`transform_latent` the code before decoding (k-sparse AEs);
+    * return a :meth:`penalty` read from the step's :class:`StepOutput`; the
+      pipeline adds ``weight * penalty`` to the loss and logs it under :attr:`name`;
+    * own parameters with an optimizer of their own (:meth:`configure_optimizer`),
+      stepped by :meth:`update` before each model step, alternating with it
+      (e.g. an adversarial discriminator);
+    * react to :meth:`on_fit_start` / :meth:`on_epoch_end`.
+    """
+
+    name: str = "regularizer"
+
+    def __init__(self, latent_dim: int, data_shape: tuple[int, ...], weight: float = 1.0) -> None:
+        super().__init__()
+        self.latent_dim = int(latent_dim)
+        self.data_shape = tuple(data_shape)
+        self.weight = float(weight)
+
+    def corrupt(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's input for clean ``x [B, *S]`` (training only). Default: ``x``."""
+        return x
+
+    def transform_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The code the decoder sees, ``[B, d] -> [B, d]``. Default: ``z``."""
+        return z
+
+    def penalty(self, record: StepOutput) -> torch.Tensor | None:
+        """A scalar penalty (already averaged over the batch), or None."""
+        return None
+
+    def configure_optimizer(self) -> torch.optim.Optimizer | None:
+        """An optimizer for this regularizer's own parameters, or None."""
+        return None
+
+    def update(self, record: StepOutput, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One step of the regularizer's own optimizer (before the model's step); returns metrics."""
+        return {}
+
+    def on_fit_start(self, trainer: "Trainer") -> None:
+        """Called before training starts."""
+
+    def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
+        """Called after each epoch."""
+
+
+LOG_2PI = math.log(2 * math.pi)

@@ -1,0 +1,176 @@
+"""The composed model: encoder → posterior head → reparameterize + KL → decoder → likelihood."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .interfaces import Decoder, Encoder, Likelihood, Prior, Regularizer, StepOutput
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import RunConfig
+    from .manager import PluginManager
+
+
+class VAEModel(nn.Module):
+    """An (variational) autoencoder composed from plugins.
+
+    ``forward(x [B, *S]) -> StepOutput``; :meth:`loss` turns the record into
+    ``mean_B(−log p(x|z) + β·KL) + Σ weight·penalty`` (Kingma & Welling 2014,
+    eq. 10 with β of Higgins et al. 2017).  A deterministic autoencoder is the
+    case ``prior.stochastic == False`` (KL = 0).
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        prior: Prior,
+        decoder: Decoder,
+        likelihood: Likelihood,
+        regularizers: Iterable[Regularizer] = (),
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.prior = prior
+        self.head = prior.posterior_head(encoder.out_features)
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.regularizers = nn.ModuleList(regularizers)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.prior.latent_dim
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self.likelihood.data_shape
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior parameters ``[B, P]`` for data ``x [B, *S]``."""
+        return self.head(self.encoder(x))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The deterministic code (posterior mean) ``[B, d]``, after latent transforms."""
+        return self._transform(self.prior.mean(self.encode(x)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters for codes ``z [B, d]`` (latent transforms applied)."""
+        return self.decoder(self._transform(z))
+
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """``E[x|z]`` ``[B, *S]``: what samples and reconstructions show."""
+        return self.likelihood.mean(self.decode(z))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``E[x|z = posterior mean]`` ``[B, *S]``."""
+        return self.likelihood.mean(self.decoder(self.embed(x)))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` samples' likelihood means ``[n, *S]``, z drawn from the prior.
+
+        Raises ConfigError for a deterministic autoencoder (no prior to sample).
+        """
+        if not self.prior.stochastic:
+            raise ConfigError("this model has no prior distribution to sample from (prior 'none')")
+        return self.decode_mean(self.prior.sample(n, generator))
+
+    def _transform(self, z: torch.Tensor) -> torch.Tensor:
+        for reg in self.regularizers:
+            z = reg.transform_latent(z)
+        return z
+
+    # --- training step ------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> StepOutput:
+        x_input = x
+        if self.training:
+            for reg in self.regularizers:
+                x_input = reg.corrupt(x_input)
+        h = self.encoder(x_input)
+        params = self.head(h)
+        z, kl = self.prior.rsample_kl(params)
+        z = self._transform(z)
+        lik_params = self.decoder(z)
+        log_px = self.likelihood.log_prob(lik_params, x)
+        return StepOutput(x, x_input, h, params, z, kl, lik_params, log_px, c)
+
+    def loss(self, record: StepOutput, beta: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss and its named terms (``recon`` = −log p(x|z) and ``kl`` in nats, mean over the batch)."""
+        recon = -record.log_px.mean()
+        kl = record.kl.mean()
+        loss = recon + beta * kl if self.prior.stochastic else recon
+        terms = {"recon": recon, "kl": kl}
+        for reg in self.regularizers:
+            penalty = reg.penalty(record)
+            if penalty is not None:
+                terms[reg.name] = penalty
+                loss = loss + reg.weight * penalty
+        terms["loss"] = loss
+        return loss, terms
+
+
+def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginManager") -> VAEModel:
+    """Build the model a config describes for data of shape ``data_shape``.
+
+    Raises UnknownPluginError / ConfigError for unknown plugins, bad options or
+    incompatible choices (e.g. a conv encoder on vector data).
+    """
+    shape = tuple(int(s) for s in data_shape)
+    encoder = _checked(pm.encoders.build(config.encoder, input_shape=shape), Encoder, "encoder", config.encoder.name)
+    if not isinstance(getattr(encoder, "out_features", None), int):
+        raise ConfigError(f"encoder {config.encoder.name!r} does not set an integer 'out_features'")
+    prior = _checked(pm.priors.build(config.prior, latent_dim=config.latent_dim), Prior, "prior", config.prior.name)
+    likelihood = _checked(
+        pm.likelihoods.build(config.likelihood, data_shape=shape), Likelihood, "likelihood", config.likelihood.name
+    )
+    out_shape = (likelihood.params_per_channel * shape[0],) + shape[1:]
+    dec_spec = config.decoder_spec
+    decoder = _checked(
+        pm.decoders.build(dec_spec, latent_dim=config.latent_dim, output_shape=out_shape), Decoder, "decoder", dec_spec.name
+    )
+    regularizers = [
+        _checked(pm.regularizers.build(spec, latent_dim=config.latent_dim, data_shape=shape), Regularizer, "regularizer", spec.name)
+        for spec in config.regularizers
+    ]
+    model = VAEModel(encoder, prior, decoder, likelihood, regularizers)
+    _check_shapes(model, shape, config)
+    return model
+
+
+def _checked(obj, cls, kind: str, name: str):
+    if not isinstance(obj, cls):
+        raise ConfigError(f"{kind} {name!r} built a {type(obj).__name__}, not a vaekit {cls.__name__}")
+    return obj
+
+
+@torch.no_grad()
+def _check_shapes(model: VAEModel, shape: tuple[int, ...], config: "RunConfig") -> None:
+    """One dry forward pass on two zero samples, turning shape errors into one readable line."""
+    x = torch.zeros((2,) + shape)
+    try:
+        h = model.encoder(x)
+    except RuntimeError as e:
+        raise ConfigError(f"encoder {config.encoder.name!r} cannot take data of shape {list(shape)}: {_first_line(e)}") from None
+    if h.shape != (2, model.encoder.out_features):
+        raise ConfigError(
+            f"encoder {config.encoder.name!r} returned shape {list(h.shape[1:])} per sample, but declares out_features={model.encoder.out_features}"
+        )
+    z = torch.zeros(2, config.latent_dim)
+    try:
+        out = model.decoder(z)
+    except RuntimeError as e:
+        raise ConfigError(f"decoder {config.decoder_spec.name!r} failed on codes of size {config.latent_dim}: {_first_line(e)}") from None
+    expected = (2,) + model.decoder.output_shape
+    if tuple(out.shape) != expected:
+        raise ConfigError(
+            f"decoder {config.decoder_spec.name!r} returned {list(out.shape[1:])} per sample, the likelihood needs {list(expected[1:])}"
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -1,0 +1,11 @@
+"""Numerical kernels of the training pipeline.
+
+``reparameterize_kl`` draws ``z = μ + exp(½ log σ²) ⊙ ε`` and computes
+``KL(N(μ, σ²) ‖ N(0, I))`` per sample.  This is the eager reference
+implementation; the fused custom op (CPU and CUDA kernels) replaces it behind
+the same signature.
+"""
+
+from .reference import gaussian_kl, reparameterize_kl
+
+__all__ = ["gaussian_kl", "reparameterize_kl"]

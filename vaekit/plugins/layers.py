@@ -1,0 +1,58 @@
+"""Small building blocks shared by the built-in encoders and decoders."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from torch import nn
+
+from ..errors import ConfigError
+
+Activation = Literal["relu", "elu", "gelu", "tanh", "sigmoid", "leaky_relu", "silu"]
+
+_ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "leaky_relu": nn.LeakyReLU,
+    "silu": nn.SiLU,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    return _ACTIVATIONS[name]()
+
+
+def mlp(sizes: list[int], act: str, final_activation: bool) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ``act`` between them."""
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if final_activation or i < len(sizes) - 2:
+            layers.append(make_activation(act))
+    return nn.Sequential(*layers)
+
+
+def check_image_shape(shape: tuple[int, ...], n_down: int, who: str) -> None:
+    """Raise ConfigError unless ``shape`` is ``(C, H, W)`` with H, W divisible by ``2**n_down``."""
+    if len(shape) != 3:
+        raise ConfigError(
+            f"{who} needs image data [C, H, W]; this data has shape {list(shape)} (use --encoder mlp --decoder mlp)"
+        )
+    f = 2**n_down
+    if shape[1] % f or shape[2] % f:
+        raise ConfigError(
+            f"{who} with {n_down} stride-2 layers needs H and W divisible by {f}; got {shape[1]}x{shape[2]}"
+        )
+
+
+def flat_size(shape: tuple[int, ...]) -> int:
+    return int(math.prod(shape))
+
+
+def check_positive(values: tuple[int, ...], what: str) -> None:
+    if any(v < 1 for v in values):
+        raise ConfigError(f"{what} must be positive integers, got {values}")

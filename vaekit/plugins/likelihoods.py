@@ -1,0 +1,85 @@
+"""Built-in likelihoods: ``bernoulli`` and ``gaussian``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import Bernoulli, Distribution, Independent, Normal
+
+from .. import hookimpl
+from ..errors import ConfigError, DataError
+from ..interfaces import Likelihood
+
+
+class BernoulliLikelihood(Likelihood):
+    """Bernoulli p(x|z) from logits: ``log p = Σ_j x_j log p_j + (1 − x_j) log(1 − p_j)``.
+
+    Computed from the decoder's logits with the numerically stable
+    ``binary_cross_entropy_with_logits`` (via ``torch.distributions.Bernoulli``).
+    Data must lie in [0, 1]; non-binary values are allowed (the cross-entropy
+    of grey levels), though the figure is then not a normalised log-density.
+    Its mean is ``sigmoid(logits)``.
+    """
+
+    default_binarize = "dynamic"
+
+    def __init__(self, data_shape):
+        super().__init__(data_shape)
+
+    def distribution(self, params: torch.Tensor) -> Distribution:
+        return Independent(Bernoulli(logits=params, validate_args=False), len(self.data_shape), validate_args=False)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(params)
+
+    def check_data(self, x: torch.Tensor, what: str) -> None:
+        lo, hi = float(x.min()), float(x.max())
+        if lo < 0.0 or hi > 1.0:
+            raise DataError(
+                f"the bernoulli likelihood needs {what} in [0, 1], but it ranges over [{lo:g}, {hi:g}]; "
+                "rescale the data or use --likelihood gaussian"
+            )
+
+
+class GaussianLikelihood(Likelihood):
+    """Gaussian p(x|z) = N(x; μ(z), σ²) per pixel; the decoder outputs μ.
+
+    ``log p = −Σ_j [ (x_j − μ_j)² / 2σ_j² + log σ_j + ½ log 2π ]`` nats.  With a
+    fixed σ this is squared error up to constants; with ``learn_sigma`` a
+    per-pixel log σ is a learned parameter (bounded below by ``min_sigma``).
+
+    :param sigma: the fixed σ, or the initial σ when learned (data units).
+    :param learn_sigma: learn one σ per data dimension.
+    :param min_sigma: lower bound of a learned σ (keeps constant pixels from diverging).
+    """
+
+    def __init__(self, data_shape, *, sigma: float = 0.1, learn_sigma: bool = False, min_sigma: float = 0.01):
+        super().__init__(data_shape)
+        if sigma <= 0 or min_sigma <= 0:
+            raise ConfigError(f"gaussian likelihood: sigma and min_sigma must be > 0, got {sigma} and {min_sigma}")
+        self.learn_sigma = bool(learn_sigma)
+        self.min_sigma = float(min_sigma)
+        log_sigma = torch.full(self.data_shape, math.log(sigma))
+        if self.learn_sigma:
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    def sigma(self) -> torch.Tensor:
+        """Per-dimension σ, shape ``S``."""
+        return self.log_sigma.exp().clamp_min(self.min_sigma)
+
+    def distribution(self, params: torch.Tensor) -> Distribution:
+        scale = self.sigma().expand_as(params)
+        return Independent(Normal(params, scale, validate_args=False), len(self.data_shape), validate_args=False)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return params
+
+
+@hookimpl
+def vaekit_register_likelihoods(registry):
+    registry.register("bernoulli", BernoulliLikelihood)
+    registry.register("gaussian", GaussianLikelihood)

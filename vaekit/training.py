@@ -1,0 +1,401 @@
+"""The training pipeline: compose plugins, train with Adam, evaluate each epoch, checkpoint, plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__, checkpoint
+from .config import RunConfig
+from .data import DataBundle, binarize, looks_like_path
+from .errors import CheckpointError, ConfigError, TrainingError
+from .evaluation import elbo_terms
+from .manager import PluginManager, get_plugin_manager
+from .model import VAEModel, build_model
+from .registry import PluginSpec
+
+TEST_BINARIZE_SEED = 1234  # the test set is binarized once, identically for every run
+
+
+def resolve_data_spec(spec: PluginSpec, pm: PluginManager) -> PluginSpec:
+    """``--data PATH`` is short for ``--data file:path=PATH``."""
+    if spec.name not in pm.datasets and looks_like_path(spec.name):
+        return PluginSpec("file", {"path": spec.name, **spec.options})
+    return spec
+
+
+def load_data(spec: PluginSpec, pm: PluginManager) -> DataBundle:
+    spec = resolve_data_spec(spec, pm)
+    bundle = pm.datasets.build(spec)
+    if not isinstance(bundle, DataBundle):
+        raise ConfigError(f"dataset {spec.name!r} returned a {type(bundle).__name__}, not a vaekit DataBundle")
+    return bundle.validate()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but this PyTorch build sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the run directory, the trained model and the per-epoch metrics."""
+
+    run_dir: Path
+    model: VAEModel
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.history[-1] if self.history else {}
+
+
+class Trainer:
+    """Runs one training job described by a :class:`RunConfig`.
+
+    :param config: the run's configuration.
+    :param pm: plugin manager (default: the process-wide one).
+    :param resume: continue the run in ``config.out`` from its last checkpoint.
+    :param progress: show a rich progress bar.
+    :param quiet: print nothing (implies no progress bar).
+    :param figures: write the PNG figures at the end.
+    """
+
+    def __init__(self, config: RunConfig, pm: PluginManager | None = None, *, resume: bool = False,
+                 progress: bool = True, quiet: bool = False, figures: bool = True) -> None:
+        from rich.console import Console
+
+        self.config = config
+        self.pm = pm or get_plugin_manager()
+        self.resume = resume
+        self.show_progress = progress and not quiet
+        self.quiet = quiet
+        self.figures = figures
+        self.console = Console(stderr=True, quiet=quiet)
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.data = load_data(cfg.data, self.pm)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.model = build_model(cfg, self.data.shape, self.pm).to(self.device)
+        lik = self.model.likelihood
+        lik.check_data(self.data.train_x, "the training data")
+        lik.check_data(self.data.test_x, "the test data")
+        self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
+        if self.binarize != "none" and (self.data.train_x.min() < 0 or self.data.train_x.max() > 1):
+            raise ConfigError("binarization needs data in [0, 1]; use --binarize none")
+        self.train_x = self.data.train_x
+        self.test_x = self.data.test_x
+        if self.binarize != "none":
+            self.test_x = binarize(self.test_x, torch.Generator().manual_seed(TEST_BINARIZE_SEED))
+        if self.binarize == "static":
+            self.train_x = binarize(self.train_x, torch.Generator().manual_seed(cfg.seed))
+        self.train_x = self.train_x.to(self.device)
+        self.test_x = self.test_x.to(self.device)
+        self.train_y = None if self.data.train_y is None else self.data.train_y.to(self.device)
+        self.optimizers = self._make_optimizers()
+        self.run_dir = self._prepare_run_dir()
+        self.start_epoch = 1
+        if self.resume:
+            self._restore()
+        else:
+            checkpoint.write_json(self.run_dir / checkpoint.CONFIG, self._run_info())
+
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        own: dict[str, torch.optim.Optimizer] = {}
+        own_params: set[int] = set()
+        for i, reg in enumerate(self.model.regularizers):
+            opt = reg.configure_optimizer()
+            if opt is not None:
+                own[f"regularizer{i}"] = opt
+                own_params |= {id(p) for g in opt.param_groups for p in g["params"]}
+        main = [p for p in self.model.parameters() if id(p) not in own_params and p.requires_grad]
+        return {"model": torch.optim.Adam(main, lr=self.config.lr), **own}
+
+    def _prepare_run_dir(self) -> Path:
+        cfg = self.config
+        if cfg.out is None:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            base = Path("runs") / f"{stamp}-{cfg.encoder.name}-{cfg.prior.name}"
+            run_dir, n = base, 1
+            while run_dir.exists():
+                n += 1
+                run_dir = base.with_name(f"{base.name}-{n}")
+            self.config = cfg = cfg.replace(out=str(run_dir))
+        run_dir = Path(cfg.out)
+        if not self.resume and (run_dir / checkpoint.CONFIG).exists():
+            raise ConfigError(f"{str(run_dir)!r} already holds a run; resume it with --resume {run_dir} or choose another --out")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
+        return run_dir
+
+    def _run_info(self) -> dict[str, Any]:
+        cfg = self.config
+        reg = self.pm.registries
+        resolved = cfg.replace(
+            data=PluginSpec(resolve_data_spec(cfg.data, self.pm).name,
+                            reg["dataset"].resolve_options(resolve_data_spec(cfg.data, self.pm))),
+            encoder=PluginSpec(cfg.encoder.name, reg["encoder"].resolve_options(cfg.encoder)),
+            decoder=PluginSpec(cfg.decoder_spec.name, reg["decoder"].resolve_options(cfg.decoder_spec)),
+            prior=PluginSpec(cfg.prior.name, reg["prior"].resolve_options(cfg.prior)),
+            likelihood=PluginSpec(cfg.likelihood.name, reg["likelihood"].resolve_options(cfg.likelihood)),
+            regularizers=[PluginSpec(r.name, reg["regularizer"].resolve_options(r)) for r in cfg.regularizers],
+            binarize=self.binarize,
+        )
+        sources = {kind: reg[kind].get(spec.name).source for kind, spec in
+                   (("dataset", resolved.data), ("encoder", resolved.encoder), ("decoder", resolved.decoder),
+                    ("prior", resolved.prior), ("likelihood", resolved.likelihood))}
+        sources["regularizers"] = [reg["regularizer"].get(r.name).source for r in resolved.regularizers]
+        return {
+            "format": "vaekit-run/1",
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "config": resolved.to_dict(),
+            "data": {"name": self.data.name, "shape": list(self.data.shape), "n_train": len(self.data.train_x),
+                     "n_test": len(self.data.test_x), "num_classes": self.data.num_classes},
+            "plugin_sources": sources,
+            "device": str(self.device),
+            "versions": {"vaekit": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        }
+
+    def _restore(self) -> None:
+        checkpoint.load_model_weights(self.run_dir, self.model)
+        epoch, self.step = checkpoint.load_trainer_state(self.run_dir, self.optimizers, self.generator)
+        self.start_epoch = epoch + 1
+        self.history = [m for m in _read_metrics(self.run_dir) if m.get("epoch", 0) <= epoch]
+        _write_metrics(self.run_dir, self.history)  # drop lines of an epoch that had not been checkpointed
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        self.setup()
+        cfg = self.config
+        self.pm.hook.vaekit_fit_start(trainer=self)
+        for reg in self.model.regularizers:
+            reg.on_fit_start(self)
+        n = len(self.train_x)
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        self.console.print(
+            f"[bold]vaekit[/] {cfg.encoder.name}/{cfg.prior.name}/{cfg.likelihood.name} on {self.data.name} "
+            f"{list(self.data.shape)} ({n} train, {len(self.test_x)} test), latent {cfg.latent_dim}, "
+            f"{self.device}, run dir {self.run_dir}"
+        )
+        with self._progress(steps_per_epoch) as bar:
+            for epoch in range(self.start_epoch, cfg.epochs + 1):
+                train_means, seconds = self._train_epoch(epoch, bar)
+                record = {"epoch": epoch, "step": self.step, **{f"train_{k}": v for k, v in train_means.items()}}
+                record.update(self._test_metrics())
+                record["samples_per_s"] = n / seconds if seconds > 0 else float("nan")
+                record["epoch_seconds"] = seconds
+                self.pm.hook.vaekit_epoch_end(trainer=self, epoch=epoch, metrics=record)
+                for reg in self.model.regularizers:
+                    reg.on_epoch_end(self, epoch)
+                self._checkpoint(epoch)
+                self.history.append(record)
+                with open(self.run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                self.console.print(_epoch_line(record, cfg.epochs))
+        if self.figures:
+            from . import viz
+
+            viz.write_run_figures(self.run_dir, self.model, self.data, self.test_x.cpu(), self.history)
+        last = self.history[-1] if self.history else {}
+        self.pm.hook.vaekit_fit_end(trainer=self, metrics=last)
+        return TrainResult(self.run_dir, self.model, self.history)
+
+    def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float]:
+        cfg, model = self.config, self.model
+        model.train()
+        x_all = self.train_x
+        if self.binarize == "dynamic":
+            x_all = binarize(self.data.train_x, self.generator).to(self.device)
+        perm = torch.randperm(len(x_all), generator=self.generator).to(self.device)
+        sums: dict[str, float] = {}
+        count = 0
+        main_opt = self.optimizers["model"]
+        reg_opts = [(reg, self.optimizers.get(f"regularizer{i}")) for i, reg in enumerate(model.regularizers)]
+        start = time.perf_counter()
+        for b0 in range(0, len(perm), cfg.batch_size):
+            idx = perm[b0 : b0 + cfg.batch_size]
+            x = x_all[idx]
+            c = None if self.train_y is None else self.train_y[idx]
+            record = model(x, c)
+            extra: dict[str, float] = {}
+            for reg, opt in reg_opts:
+                if opt is not None:
+                    extra.update(reg.update(record, opt))
+            loss, terms = model.loss(record, cfg.beta)
+            value = loss.item()
+            self.step += 1
+            if not math.isfinite(value):
+                raise TrainingError(self._nan_message(value, epoch))
+            main_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            main_opt.step()
+            bs = x.shape[0]
+            count += bs
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + (value if k == "loss" else v.item()) * bs
+            for k, v in extra.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * bs
+            if bar is not None:
+                elapsed = time.perf_counter() - start
+                bar.update(epoch, count, elapsed, sums)
+        seconds = time.perf_counter() - start
+        return {k: v / count for k, v in sums.items()}, seconds
+
+    def _test_metrics(self) -> dict[str, float]:
+        terms = elbo_terms(self.model, self.test_x)
+        if not self.model.likelihood.normalized:
+            return {"test_loss_recon": float(-terms["log_px"].mean())}
+        if not self.model.prior.stochastic:
+            return {"test_log_px": float(terms["log_px"].mean())}
+        return {"test_elbo": float(terms["elbo"].mean()), "test_log_px": float(terms["log_px"].mean()),
+                "test_kl": float(terms["kl"].mean())}
+
+    def _checkpoint(self, epoch: int) -> None:
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise TrainingError(f"parameter {name} became NaN/inf in epoch {epoch}; " + self._kept())
+        checkpoint.save_model(self.run_dir, self.model, epoch)
+        checkpoint.save_trainer_state(self.run_dir, epoch, self.step, self.optimizers, self.generator)
+
+    def _kept(self) -> str:
+        if self.history:
+            return f"the last good checkpoint (epoch {self.history[-1]['epoch']}) is kept in {self.run_dir}"
+        return f"no epoch had finished, so {self.run_dir} holds no checkpoint"
+
+    def _nan_message(self, value: float, epoch: int) -> str:
+        return (f"the loss became {value} at step {self.step} (epoch {epoch}); training stopped and "
+                f"{self._kept()}. Try a lower --lr or check the data")
+
+    def _progress(self, steps_per_epoch: int):
+        if not self.show_progress:
+            return _NoBar()
+        return _Bar(self.console, steps_per_epoch, self.config.epochs, self.start_epoch)
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Bar:
+    """A rich progress bar over all steps, showing the running loss terms and throughput."""
+
+    def __init__(self, console, steps_per_epoch: int, epochs: int, start_epoch: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[stats]}"),
+            console=console,
+            transient=True,
+        )
+        self.steps = steps_per_epoch
+        self.epochs = epochs
+        total = steps_per_epoch * (epochs - start_epoch + 1)
+        self.task = self.progress.add_task("train", total=total, epoch=start_epoch, epochs=epochs, stats="")
+        self.done = 0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, epoch: int, count: int, elapsed: float, sums: dict[str, float]) -> None:
+        self.done += 1
+        if self.done % 5 and self.done % self.steps:
+            return
+        parts = [f"{k} {v / count:.2f}" for k, v in sums.items() if k != "loss"]
+        stats = f"loss {sums['loss'] / count:.2f}  " + "  ".join(parts) + f"  {count / max(elapsed, 1e-9):,.0f} samples/s"
+        self.progress.update(self.task, completed=self.done, epoch=epoch, stats=stats)
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    skip = {"epoch", "step", "epoch_seconds", "samples_per_s"}
+    parts = [f"{k.replace('train_', '')} {v:.2f}" for k, v in record.items() if k.startswith("train_") and k not in skip]
+    tests = [f"{k} {v:.2f}" for k, v in record.items() if k.startswith("test_")]
+    return (f"epoch {record['epoch']}/{epochs}  " + "  ".join(parts) + "  |  " + "  ".join(tests)
+            + f"  |  {record['samples_per_s']:,.0f} samples/s")
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line cut by a kill: everything after it is unreliable
+    return out
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(m) + "\n" for m in history)
+    checkpoint.atomic_write(run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
+
+
+def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginManager | None = None,
+          resume: bool = False, progress: bool = True, quiet: bool = False, figures: bool = True,
+          **overrides: Any) -> TrainResult:
+    """Train one model and write its run directory; the Python API behind ``vaekit run``.
+
+    ``config`` is a :class:`RunConfig`, a dict of its fields, or a TOML path;
+    keyword ``overrides`` replace fields (``train(epochs=5, latent_dim=2)``).
+    Returns a :class:`TrainResult`.  Raises a :class:`~vaekit.errors.VaekitError`
+    subclass for bad input, :class:`~vaekit.errors.TrainingError` if the loss
+    becomes NaN/inf (the last good checkpoint is kept).
+    """
+    if config is None:
+        config = RunConfig()
+    elif isinstance(config, dict):
+        config = RunConfig.from_dict(config)
+    elif isinstance(config, (str, Path)):
+        config = RunConfig.from_toml(config)
+    if overrides:
+        config = RunConfig.from_dict({**config.to_dict(), **overrides})
+    return Trainer(config, pm, resume=resume, progress=progress, quiet=quiet, figures=figures).fit()
+
+
+def resume(run_dir: str | Path, epochs: int | None = None, **kwargs: Any) -> TrainResult:
+    """Continue a run from its last checkpoint (optionally to a new number of ``epochs``)."""
+    info = checkpoint.read_run_config(Path(run_dir))
+    values = dict(info["config"], out=str(run_dir))
+    if epochs is not None:
+        values["epochs"] = epochs
+    if not (Path(run_dir) / checkpoint.STATE).exists():
+        raise CheckpointError(f"{str(run_dir)!r} has no trainer state to resume from (no epoch finished)")
+    return train(RunConfig.from_dict(values), resume=True, **kwargs)
+
+
+__all__ = ["TrainResult", "Trainer", "resume", "train"]

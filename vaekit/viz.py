@@ -1,0 +1,173 @@
+"""Figures of a run: reconstructions, samples, latent space, learned manifold, loss curves (matplotlib)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_write
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def as_images(x: torch.Tensor) -> np.ndarray | None:
+    """``[N, *S]`` data as ``[N, H, W]`` or ``[N, H, W, 3]`` images in [0, 1]; None if not image-like.
+
+    Vectors whose length is a perfect square are shown as square images.
+    """
+    x = x.detach().float().cpu()
+    if x.dim() == 2:
+        side = int(round(math.sqrt(x.shape[1])))
+        if side * side != x.shape[1]:
+            return None
+        x = x.view(-1, 1, side, side)
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        return None
+    x = x.clamp(0, 1).numpy()
+    return x[:, 0] if x.shape[1] == 1 else x.transpose(0, 2, 3, 1)
+
+
+def image_grid(images: np.ndarray, nrow: int, pad: int = 1) -> np.ndarray:
+    """Tile ``[N, H, W(, 3)]`` images into one array with ``nrow`` images per row."""
+    n, h, w = images.shape[:3]
+    ncol = nrow
+    rows = math.ceil(n / ncol)
+    shape = (rows * (h + pad) + pad, ncol * (w + pad) + pad) + images.shape[3:]
+    grid = np.ones(shape, dtype=np.float32)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = images[i]
+    return grid
+
+
+def save_figure(fig, path: Path) -> None:
+    plt = _plt()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def save_grid(x: torch.Tensor, path: Path, nrow: int = 8, title: str | None = None) -> bool:
+    """Save ``[N, *S]`` samples as an image grid; False if the data is not image-like."""
+    images = as_images(x)
+    if images is None:
+        return False
+    plt = _plt()
+    grid = image_grid(images, nrow)
+    fig, ax = plt.subplots(figsize=(max(3, grid.shape[1] / 40), max(3, grid.shape[0] / 40)))
+    ax.imshow(grid, cmap="gray" if grid.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    save_figure(fig, path)
+    return True
+
+
+@torch.no_grad()
+def plot_reconstructions(model, x: torch.Tensor, path: Path, n: int = 8) -> bool:
+    """Pairs of rows: data (top) and reconstruction E[x|z = posterior mean] (bottom)."""
+    model.eval()
+    device = next(model.parameters()).device
+    x = x[: n * 4]
+    rec = model.reconstruct(x.to(device)).cpu()
+    rows = []
+    for i in range(0, len(x), n):
+        rows += [x[i: i + n], rec[i: i + n]]
+    return save_grid(torch.cat(rows), path, nrow=n, title="data (odd rows) / reconstruction (even rows)")
+
+
+@torch.no_grad()
+def plot_samples(model, path: Path, n: int = 64, seed: int = 0) -> bool:
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return save_grid(model.sample(n, gen).cpu(), path, nrow=int(math.sqrt(n)) or 1, title="samples: E[x|z], z ~ p(z)")
+
+
+@torch.no_grad()
+def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> None:
+    """Scatter of the posterior means, coloured by label; the first two principal components when d > 2."""
+    from sklearn.decomposition import PCA
+
+    model.eval()
+    device = next(model.parameters()).device
+    z = torch.cat([model.embed(x[i: i + 500].to(device)).cpu() for i in range(0, len(x), 500)]).numpy()
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    if z.shape[1] > 2:
+        pca = PCA(n_components=2).fit(z)
+        z2 = pca.transform(z)
+        ev = pca.explained_variance_ratio_ * 100
+        ax.set_xlabel(f"PC 1 ({ev[0]:.0f}% of variance)")
+        ax.set_ylabel(f"PC 2 ({ev[1]:.0f}% of variance)")
+        ax.set_title(f"posterior means, PCA of z (d = {z.shape[1]})")
+    else:
+        z2 = z if z.shape[1] == 2 else np.concatenate([z, np.zeros_like(z)], 1)
+        ax.set_xlabel("z1")
+        ax.set_ylabel("z2")
+        ax.set_title("posterior means")
+    if y is not None:
+        sc = ax.scatter(z2[:, 0], z2[:, 1], c=y.numpy(), cmap="tab10", s=6, alpha=0.8)
+        fig.colorbar(sc, ax=ax, label="label")
+    else:
+        ax.scatter(z2[:, 0], z2[:, 1], s=6, alpha=0.8)
+    save_figure(fig, path)
+
+
+@torch.no_grad()
+def plot_manifold(model, path: Path, n: int = 20) -> bool:
+    """Decoder means over a grid of z at the standard-normal quantiles 0.05..0.95 (Kingma & Welling 2014, fig. 4)."""
+    if model.latent_dim != 2:
+        return False
+    model.eval()
+    device = next(model.parameters()).device
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
+    zz = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
+    zz = zz[:, [0, 1]]
+    return save_grid(model.decode_mean(zz.to(device)).cpu(), path, nrow=n, title="learned manifold, z over N(0, I) quantiles")
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [m["epoch"] for m in history]
+    if history and "train_loss" in history[0]:
+        ax.plot(epochs, [m["train_loss"] for m in history], marker="o", label="train loss")
+    if history and "test_elbo" in history[0]:
+        ax.plot(epochs, [-m["test_elbo"] for m in history], marker="o", label="test −ELBO")
+    elif history and "test_log_px" in history[0]:
+        ax.plot(epochs, [-m["test_log_px"] for m in history], marker="o", label="test −log p(x|z)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per sample")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history: list[dict[str, Any]]) -> list[str]:
+    """Write every figure that applies to this run; returns the file names written."""
+    run_dir = Path(run_dir)
+    written = []
+    if plot_reconstructions(model, test_x, run_dir / "reconstructions.png"):
+        written.append("reconstructions.png")
+    if model.prior.stochastic and plot_samples(model, run_dir / "samples.png"):
+        written.append("samples.png")
+    plot_latent(model, test_x, data.test_y, run_dir / "latent.png")
+    written.append("latent.png")
+    if model.prior.stochastic and plot_manifold(model, run_dir / "manifold.png"):
+        written.append("manifold.png")
+    if history:
+        plot_loss(history, run_dir / "loss.png")
+        written.append("loss.png")
+    return written
