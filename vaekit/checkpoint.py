@@ -143,7 +143,10 @@ def unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: 
     for name, value in info["scalars"].items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
+    # JSON turns tuples (Adam's betas) into lists; give them back their type
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in info["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_trainer_state(run_dir: Path, epoch: int, step: int, optimizers: dict[str, torch.optim.Optimizer],

@@ -166,8 +166,8 @@ def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()
             )
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"cannot read {str(p)!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse a file is bad data, said in one line
+        raise DataError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from None
     train_x, test_x, train_y, test_y = arrays
     if train_x is not None and test_x is None:
         train_x, test_x, train_y, test_y = _holdout(train_x, train_y, test_fraction)

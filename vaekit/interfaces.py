@@ -28,8 +28,6 @@ class Encoder(nn.Module):
     Encoders must be TorchScript-scriptable or traceable (for export).
     """
 
-    out_features: int
-
     def __init__(self, input_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.input_shape = tuple(int(s) for s in input_shape)

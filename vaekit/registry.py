@@ -288,7 +288,10 @@ def coerce(value: Any, typ: Any, what: str = "value") -> Any:
                 items = list(value)
             else:
                 items = [value]
-            return tuple(coerce(v, inner, what) for v in items)
+            try:
+                return tuple(coerce(v, inner, what) for v in items)
+            except ConfigError:
+                raise ValueError(f"must be a comma-separated list of {_type_name(inner)}") from None
         if typ is bool:
             if isinstance(value, bool):
                 return value

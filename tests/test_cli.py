@@ -1,0 +1,189 @@
+"""End-to-end CLI tests on real MNIST digits, and one readable line for each kind of bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import plugin_for_tests
+import pytest
+from typer.testing import CliRunner
+
+from vaekit.cli import build_app
+from vaekit.manager import PluginManager
+
+from conftest import SMALL_MNIST
+
+runner = CliRunner()
+APP = build_app()
+TINY = ["--data", "mnist:train_per_class=10,test_per_class=2", "--epochs", "1", "--no-progress"]
+
+
+def invoke(*args, app=APP):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.output
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "conv-vae"
+    result = invoke("run", "--data", SMALL_MNIST, "--encoder", "conv:channels=8,16,hidden=64", "--prior", "gaussian",
+                    "--latent-dim", "2", "--epochs", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_run_writes_a_complete_run_directory(cli_run):
+    out, result = cli_run
+    assert f"run written to {out}" in result.stdout
+    assert "epoch 2/2" in result.stderr and "test_elbo" in result.stderr
+    for name in ("config.json", "model.safetensors", "trainer_state.safetensors", "metrics.jsonl",
+                 "reconstructions.png", "samples.png", "latent.png", "manifold.png", "loss.png"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "config.json").read_text())
+    assert info["config"]["encoder"] == {"name": "conv", "options": {"channels": [8, 16], "hidden": 64, "activation": "relu"}}
+    assert info["config"]["decoder"]["name"] == "conv"
+    assert info["config"]["binarize"] == "dynamic"
+    assert info["data"] == {"name": "mnist", "shape": [1, 28, 28], "n_train": 300, "n_test": 100, "num_classes": 10}
+    assert set(info["versions"]) == {"vaekit", "torch", "python"}
+
+
+def test_eval_json_and_table(cli_run):
+    out, _ = cli_run
+    res = invoke("eval", out, "--nll-samples", "50", "--json")
+    assert res.exit_code == 0, res.output
+    figures = json.loads(res.stdout)
+    assert figures["n"] == 100 and figures["nll_samples"] == 50
+    assert figures["nll"] <= -figures["elbo"] + 0.5  # the importance-sampled bound is tighter
+    table = invoke("eval", out, "-k", "5")
+    assert table.exit_code == 0 and "NLL (importance-sampled)" in table.stdout
+
+
+def test_sample_writes_a_png(cli_run, tmp_path):
+    out, _ = cli_run
+    res = invoke("sample", out, "-n", "9", "--out", tmp_path / "s.png")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plugins_listing():
+    res = invoke("plugins", "--json")
+    listing = json.loads(res.stdout)
+    assert {p["name"] for p in listing["encoder"]} >= {"conv", "mlp"}
+    conv = next(p for p in listing["encoder"] if p["name"] == "conv")
+    assert conv["source"] == "builtin" and conv["options"]["channels"]["default"] == [32, 64]
+    table = invoke("plugins")
+    assert table.exit_code == 0 and "likelihoods" in table.stdout and "bernoulli" in table.stdout
+
+
+def test_plugin_commands_are_added_and_their_errors_are_one_line():
+    """vaekit_register_commands adds commands to the CLI."""
+    app = build_app(PluginManager(extra_plugins=[plugin_for_tests], autoload=False))
+    res = invoke("hello", "--name", "vae", app=app)
+    assert res.exit_code == 0 and "hello vae" in res.stdout
+    assert_one_line_error(invoke("hello", "--name", "error", app=app), "a plugin command failed cleanly")
+
+
+# --- bad input: one line, exit code 1, no traceback ---------------------------------------------
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--encoder", "convv"], "unknown encoder 'convv'; known encoders: conv, mlp; did you mean 'conv'?"),
+        (["--prior", "gauss"], "unknown prior 'gauss'"),
+        (["--encoder", "conv:chanels=8"], "encoder 'conv' has no option 'chanels'"),
+        (["--encoder", "mlp:hidden=wide"], "option 'hidden': 'wide' must be a comma-separated list of int"),
+        (["--latent-dim", "0"], "latent-dim must be at least 1"),
+        (["--data", "nonexistent_dataset"], "unknown dataset 'nonexistent_dataset'"),
+        (["--data", "/no/such/file.npy"], "does not exist"),
+        (["--device", "tpu"], "one of auto, cpu, cuda"),
+        (["--binarize", "sometimes"], "binarize"),
+    ],
+)
+def test_bad_flags(args, fragment, tmp_path):
+    assert_one_line_error(invoke("run", *TINY, "--out", tmp_path / "r", *args), fragment)
+
+
+@pytest.mark.parametrize(
+    "array,extra,fragment",
+    [
+        (np.random.default_rng(0).random((20, 30)), ["--encoder", "conv"], "conv encoder needs image data [C, H, W]"),
+        (np.zeros(7), [], "shape [N, ...]"),
+        (np.array([[0.1, np.inf]] * 10), ["--encoder", "mlp"], "NaN/inf"),
+    ],
+    ids=["conv-on-vectors", "wrong-shape", "inf"],
+)
+def test_bad_data(tmp_path, array, extra, fragment):
+    path = tmp_path / "d.npy"
+    np.save(path, array)
+    assert_one_line_error(invoke("run", "--data", path, "--epochs", "1", "--out", tmp_path / "r", *extra), fragment)
+
+
+def test_unreadable_data(tmp_path):
+    path = tmp_path / "d.npz"
+    path.write_bytes(b"PK\x03\x04 this is not a zip")
+    assert_one_line_error(invoke("run", "--data", path, "--out", tmp_path / "r"), "cannot read")
+
+
+def test_nan_loss_mid_training(tmp_path, monkeypatch):
+    pm = PluginManager(extra_plugins=[plugin_for_tests], autoload=False)
+    monkeypatch.setattr("vaekit.training.get_plugin_manager", lambda: pm)
+    res = invoke("run", "--data", SMALL_MNIST, "--encoder", "mlp", "--likelihood", "nan_after:step=4",
+                 "--batch-size", "100", "--epochs", "3", "--out", tmp_path / "r", "--no-progress")
+    assert_one_line_error(res, "loss became nan at step 4 (epoch 2)")
+    assert "last good checkpoint (epoch 1)" in res.stderr
+    assert (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_corrupt_checkpoint(cli_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run[0], run)
+    (run / "model.safetensors").write_bytes(b"\x00" * 20)
+    assert_one_line_error(invoke("eval", run, "-k", "2"), "is corrupt or truncated")
+    assert_one_line_error(invoke("sample", run), "is corrupt or truncated")
+
+
+def test_mismatched_checkpoint(cli_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run[0], run)
+    info = json.loads((run / "config.json").read_text())
+    info["config"]["encoder"]["options"]["hidden"] = 32
+    (run / "config.json").write_text(json.dumps(info))
+    assert_one_line_error(invoke("eval", run), "does not match its config.json")
+
+
+def test_not_a_run_directory(tmp_path):
+    assert_one_line_error(invoke("eval", tmp_path), "config.json")
+    assert_one_line_error(invoke("sample", tmp_path / "missing"), "does not exist")
+
+
+def test_existing_run_is_not_overwritten_and_resume(cli_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(cli_run[0], run)
+    assert_one_line_error(invoke("run", *TINY, "--out", run), "already holds a run")
+    res = invoke("run", "--resume", run, "--epochs", "3", "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert_one_line_error(invoke("run", "--resume", run, "--latent-dim", "3"), "only --epochs may change")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = invoke("--debug", "run", *TINY, "--encoder", "convv", "--out", tmp_path / "r")
+    assert res.exit_code == 1
+    assert res.exception is not None and "convv" in str(res.exception)
+
+
+def test_sample_from_an_autoencoder_is_refused(tmp_path):
+    res = invoke("run", *TINY, "--encoder", "mlp", "--prior", "none", "--out", tmp_path / "ae", "-q")
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "ae" / "samples.png").exists()
+    assert_one_line_error(invoke("sample", tmp_path / "ae"), "no prior distribution to sample from")
+    ev = invoke("eval", tmp_path / "ae", "--json")
+    assert ev.exit_code == 0 and "nll" not in json.loads(ev.stdout)

@@ -1,0 +1,152 @@
+import json
+
+import plugin_for_tests
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vaekit
+from vaekit.errors import ConfigError, TrainingError
+from vaekit.manager import PluginManager
+
+from conftest import SMALL_MNIST
+
+FAST = dict(data=SMALL_MNIST, encoder="mlp:hidden=64", latent_dim=4, batch_size=50, quiet=True, figures=False)
+
+
+@pytest.fixture(scope="module")
+def test_pm():
+    return PluginManager(extra_plugins=[plugin_for_tests], autoload=False)
+
+
+def _metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_improves_the_test_elbo(trained_run):
+    history = _metrics(trained_run)
+    assert [m["epoch"] for m in history] == [1, 2, 3]
+    assert history[-1]["test_elbo"] > history[0]["test_elbo"] + 20  # nats
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    for name in ("config.json", "model.safetensors", "metrics.jsonl", "reconstructions.png", "samples.png",
+                 "latent.png", "manifold.png", "loss.png"):
+        assert (trained_run / name).exists(), name
+
+
+def test_same_seed_same_run_on_cpu(tmp_path):
+    a = vaekit.train(epochs=1, out=str(tmp_path / "a"), **FAST)
+    b = vaekit.train(epochs=1, out=str(tmp_path / "b"), **FAST)
+    c = vaekit.train(epochs=1, out=str(tmp_path / "c"), seed=1, **FAST)
+    wa, wb, wc = (load_file(r.run_dir / "model.safetensors") for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert a.metrics["test_elbo"] == b.metrics["test_elbo"]
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    full = vaekit.train(epochs=2, out=str(tmp_path / "full"), **FAST)
+    vaekit.train(epochs=1, out=str(tmp_path / "part"), **FAST)
+    resumed = vaekit.training.resume(tmp_path / "part", epochs=2, quiet=True, figures=False)
+    w1, w2 = load_file(full.run_dir / "model.safetensors"), load_file(resumed.run_dir / "model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert [m["epoch"] for m in _metrics(resumed.run_dir)] == [1, 2]
+    assert _metrics(resumed.run_dir)[1]["test_elbo"] == _metrics(full.run_dir)[1]["test_elbo"]
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    vaekit.train(epochs=1, out=str(tmp_path / "r"), **FAST)
+    before = (tmp_path / "r" / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        vaekit.train(epochs=1, out=str(tmp_path / "r"), **FAST)
+    assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, test_pm):
+    out = tmp_path / "nan"
+    # 300 training digits, batch 100: 3 steps per epoch; the 5th training step is in epoch 2
+    with pytest.raises(TrainingError, match=r"loss became nan at step 5 \(epoch 2\).*last good checkpoint \(epoch 1\)"):
+        vaekit.train(epochs=3, out=str(out), likelihood="nan_after:step=5", pm=test_pm,
+                     **{**FAST, "batch_size": 100})
+    assert [m["epoch"] for m in _metrics(out)] == [1]
+    model = vaekit.load_run(out, pm=test_pm)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_regularizers_penalties_own_optimizers_and_logging(tmp_path, test_pm):
+    """vaekit_register_regularizers: penalties are added and logged; own optimizers step alternately."""
+    plain = vaekit.train(epochs=3, out=str(tmp_path / "plain"), pm=test_pm, **FAST)
+    reg = vaekit.train(epochs=3, out=str(tmp_path / "reg"), pm=test_pm,
+                       regularizers=["code_l2:weight=20", "tracker"], **FAST)
+    m = reg.metrics
+    assert {"train_code_l2", "train_tracker", "train_tracker_loss"} <= set(m)
+    # the penalty does what it exists for: smaller codes than without it
+    data = vaekit.training.load_data(vaekit.PluginSpec.parse(SMALL_MNIST), test_pm)
+    with torch.no_grad():
+        z_reg = reg.model.embed(data.test_x).square().sum(1).mean()
+        z_plain = plain.model.embed(data.test_x).square().sum(1).mean()
+    assert z_reg < 0.5 * z_plain
+    # the tracker's parameter is stepped by its own optimizer only, and tracks the mean code
+    tracker = reg.model.regularizers[1]
+    with torch.no_grad():
+        mean_code = reg.model.embed(data.train_x).mean(0)
+    assert torch.allclose(tracker.m, mean_code, atol=0.3)
+
+
+def test_regularizer_parameters_belong_to_their_own_optimizer(tmp_path, test_pm):
+    from vaekit.config import RunConfig
+    from vaekit.training import Trainer
+
+    t = Trainer(RunConfig(data=SMALL_MNIST, encoder="mlp", regularizers=["tracker"], out=str(tmp_path / "t")),
+                test_pm, quiet=True)
+    t.setup()
+    m = t.model.regularizers[0].m
+    ids = {name: {id(p) for g in opt.param_groups for p in g["params"]} for name, opt in t.optimizers.items()}
+    assert id(m) not in ids["model"] and ids["regularizer0"] == {id(m)}
+
+
+def test_corrupt_applies_in_training_only_and_transform_always(test_pm):
+    from vaekit.config import RunConfig
+    from vaekit.model import build_model
+
+    model = build_model(RunConfig(encoder="mlp", regularizers=["zero_half"]), (1, 28, 28), test_pm)
+    x = torch.rand(2, 1, 28, 28)
+    rec = model.train()(x)
+    assert torch.equal(rec.x, x) and rec.x_input.flatten(1)[:, :392].abs().sum() == 0
+    rec = model.eval()(x)
+    assert torch.equal(rec.x_input, x)
+    params = model.encode(x)
+    assert torch.allclose(model.embed(x), 0.5 * model.prior.mean(params))
+
+
+def test_fit_lifecycle_hooks(tmp_path, test_pm):
+    """vaekit_fit_start, vaekit_epoch_end and vaekit_fit_end are called in order; epoch_end may add metrics."""
+    plugin_for_tests.CALLS.clear()
+    vaekit.train(epochs=2, out=str(tmp_path / "h"), pm=test_pm, **FAST)
+    assert plugin_for_tests.CALLS == [("fit_start", 1), ("epoch_end", 1), ("epoch_end", 2), ("fit_end", 2)]
+    assert [m["plugin_note"] for m in _metrics(tmp_path / "h")] == [10, 20]
+
+
+def test_custom_dataset_encoder_decoder_prior(tmp_path, test_pm):
+    res = vaekit.train(data="tiny", encoder="identity", decoder="linear", prior="fixed", latent_dim=3,
+                       epochs=2, out=str(tmp_path / "t"), pm=test_pm, quiet=True, figures=False)
+    assert "test_log_px" in res.metrics and "test_elbo" not in res.metrics
+
+
+def test_static_binarization_is_fixed_and_dynamic_is_fresh(tmp_path):
+    from vaekit.training import Trainer
+    from vaekit.config import RunConfig
+
+    t = Trainer(RunConfig(data=SMALL_MNIST, encoder="mlp", binarize="static", out=str(tmp_path / "s")), quiet=True)
+    t.setup()
+    assert set(t.train_x.unique().tolist()) == {0.0, 1.0}
+    t = Trainer(RunConfig(data=SMALL_MNIST, encoder="mlp", likelihood="gaussian", out=str(tmp_path / "g")), quiet=True)
+    t.setup()
+    assert t.binarize == "none" and len(t.train_x.unique()) > 2
+
+
+def test_bernoulli_rejects_data_outside_unit_interval(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "big.npy", np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32))
+    with pytest.raises(vaekit.DataError, match="bernoulli likelihood needs the training data in \\[0, 1\\]"):
+        vaekit.train(data=str(tmp_path / "big.npy"), encoder="mlp", out=str(tmp_path / "r"), quiet=True)

@@ -1,0 +1,138 @@
+"""Contract checks for plugin authors: call them from your own tests.
+
+Each ``check_*`` builds the plugin through its registry entry and asserts the
+interface's promises (shapes, finiteness, gradients, TorchScript export).
+They raise ``AssertionError`` with a readable message on failure.
+
+    from vaekit.testing import check_encoder
+    def test_my_encoder():
+        check_encoder(get_plugin_manager().encoders.get("mine"), (1, 28, 28))
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import DataBundle
+from .interfaces import Decoder, Encoder, Likelihood, Prior, Regularizer, StepOutput
+from .registry import PluginInfo
+
+BATCH = 3
+
+
+def _build(info: PluginInfo, **context):
+    defaults = {name: opt.default for name, opt in info.options.items()}
+    return info.factory(**context, **defaults)
+
+
+def check_exportable(module: nn.Module, example: torch.Tensor, what: str) -> None:
+    """The module can be scripted, or else traced, and the result computes the same output."""
+    module = module.eval()
+    with torch.no_grad():
+        expected = module(example)
+        try:
+            exported = torch.jit.script(module)
+        except Exception:  # noqa: BLE001 - fall back to tracing, as export does
+            exported = torch.jit.trace(module, example)
+        got = exported(example)
+    assert torch.allclose(got, expected, atol=1e-5), f"{what}: TorchScript output differs from eager"
+
+
+def check_encoder(info: PluginInfo, input_shape: tuple[int, ...] = (1, 28, 28)) -> Encoder:
+    enc = _build(info, input_shape=input_shape)
+    assert isinstance(enc, Encoder), f"encoder {info.name!r} must subclass vaekit.Encoder"
+    assert isinstance(enc.out_features, int) and enc.out_features > 0, f"encoder {info.name!r}: out_features must be a positive int"
+    x = torch.rand((BATCH,) + tuple(input_shape), requires_grad=True)
+    h = enc(x)
+    assert h.shape == (BATCH, enc.out_features), f"encoder {info.name!r}: output {tuple(h.shape)}, expected {(BATCH, enc.out_features)}"
+    assert torch.isfinite(h).all(), f"encoder {info.name!r}: non-finite output"
+    h.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all(), f"encoder {info.name!r}: no finite gradient w.r.t. x"
+    check_exportable(enc, torch.rand((BATCH,) + tuple(input_shape)), f"encoder {info.name!r}")
+    return enc
+
+
+def check_decoder(info: PluginInfo, latent_dim: int = 4, output_shape: tuple[int, ...] = (1, 28, 28)) -> Decoder:
+    dec = _build(info, latent_dim=latent_dim, output_shape=output_shape)
+    assert isinstance(dec, Decoder), f"decoder {info.name!r} must subclass vaekit.Decoder"
+    z = torch.randn(BATCH, latent_dim, requires_grad=True)
+    out = dec(z)
+    assert out.shape == (BATCH,) + tuple(output_shape), f"decoder {info.name!r}: output {tuple(out.shape)}, expected {(BATCH,) + tuple(output_shape)}"
+    out.sum().backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all(), f"decoder {info.name!r}: no finite gradient w.r.t. z"
+    check_exportable(dec, torch.randn(BATCH, latent_dim), f"decoder {info.name!r}")
+    return dec
+
+
+def check_prior(info: PluginInfo, latent_dim: int = 4, in_features: int = 10) -> Prior:
+    prior = _build(info, latent_dim=latent_dim)
+    assert isinstance(prior, Prior), f"prior {info.name!r} must subclass vaekit.Prior"
+    head = prior.posterior_head(in_features)
+    params = head(torch.randn(BATCH, in_features))
+    assert params.shape == (BATCH, prior.param_dim), f"prior {info.name!r}: head output {tuple(params.shape)}"
+    z, kl = prior.rsample_kl(params)
+    assert z.shape == (BATCH, latent_dim), f"prior {info.name!r}: z has shape {tuple(z.shape)}"
+    assert kl.shape == (BATCH,), f"prior {info.name!r}: kl has shape {tuple(kl.shape)}, expected ({BATCH},)"
+    assert prior.mean(params).shape == (BATCH, latent_dim)
+    if prior.stochastic:
+        q = prior.posterior(params)
+        assert q.log_prob(z).shape == (BATCH,), f"prior {info.name!r}: posterior log_prob must be per sample"
+        p = prior.distribution()
+        assert p.log_prob(z).shape == (BATCH,), f"prior {info.name!r}: prior log_prob must be per sample"
+        assert prior.sample(5).shape == (5, latent_dim)
+        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        assert torch.equal(prior.sample(5, g1), prior.sample(5, g2)), f"prior {info.name!r}: seeded sampling is not reproducible"
+    else:
+        assert torch.all(kl == 0), f"deterministic prior {info.name!r} must have zero KL"
+    return prior
+
+
+def check_likelihood(info: PluginInfo, data_shape: tuple[int, ...] = (1, 28, 28)) -> Likelihood:
+    lik = _build(info, data_shape=data_shape)
+    assert isinstance(lik, Likelihood), f"likelihood {info.name!r} must subclass vaekit.Likelihood"
+    out_shape = (lik.params_per_channel * data_shape[0],) + tuple(data_shape[1:])
+    params = torch.randn((BATCH,) + out_shape, requires_grad=True)
+    x = torch.rand((BATCH,) + tuple(data_shape)).round()
+    lp = lik.log_prob(params, x)
+    assert lp.shape == (BATCH,), f"likelihood {info.name!r}: log_prob shape {tuple(lp.shape)}, expected ({BATCH},)"
+    assert torch.isfinite(lp).all(), f"likelihood {info.name!r}: non-finite log_prob"
+    lp.sum().backward()
+    assert params.grad is not None and torch.isfinite(params.grad).all()
+    assert lik.mean(params).shape == (BATCH,) + tuple(data_shape), f"likelihood {info.name!r}: mean has the wrong shape"
+    return lik
+
+
+def check_regularizer(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int, ...] = (1, 28, 28)) -> Regularizer:
+    reg = _build(info, latent_dim=latent_dim, data_shape=data_shape)
+    assert isinstance(reg, Regularizer), f"regularizer {info.name!r} must subclass vaekit.Regularizer"
+    x = torch.rand((BATCH,) + tuple(data_shape))
+    assert reg.corrupt(x).shape == x.shape, f"regularizer {info.name!r}: corrupt changed the shape"
+    z = torch.randn(BATCH, latent_dim, requires_grad=True)
+    assert reg.transform_latent(z).shape == z.shape, f"regularizer {info.name!r}: transform_latent changed the shape"
+    record = StepOutput(x, x, torch.randn(BATCH, 8), torch.randn(BATCH, 2 * latent_dim), z, torch.zeros(BATCH),
+                        torch.randn((BATCH,) + tuple(data_shape)), torch.zeros(BATCH))
+    penalty = reg.penalty(record)
+    if penalty is not None:
+        assert penalty.dim() == 0 and torch.isfinite(penalty), f"regularizer {info.name!r}: penalty must be a finite scalar"
+    return reg
+
+
+def check_dataset(info: PluginInfo, **options) -> DataBundle:
+    """Build the dataset with its defaults overridden by ``options`` and validate the bundle."""
+    defaults = {name: opt.default for name, opt in info.options.items()}
+    bundle = info.factory(**{**defaults, **options})
+    assert isinstance(bundle, DataBundle), f"dataset {info.name!r} must return a DataBundle"
+    bundle.validate()
+    assert bundle.train_x.dtype == torch.float32 and bundle.test_x.dtype == torch.float32
+    return bundle
+
+
+CHECKS = {
+    "encoder": check_encoder,
+    "decoder": check_decoder,
+    "prior": check_prior,
+    "likelihood": check_likelihood,
+    "regularizer": check_regularizer,
+    "dataset": check_dataset,
+}
