@@ -33,7 +33,7 @@ def iwae_log_likelihood(
     x: torch.Tensor,
     num_samples: int = 1000,
     batch_size: int = 100,
-    max_rows: int = 8192,
+    max_rows: int = 1024,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Importance-sampled ``log p(x) ≈ log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)``, per sample ``[N]`` nats.
