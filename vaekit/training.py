@@ -152,9 +152,12 @@ class Trainer:
     def _run_info(self) -> dict[str, Any]:
         cfg = self.config
         reg = self.pm.registries
+        data_spec = resolve_data_spec(cfg.data, self.pm)
+        data_options = reg["dataset"].resolve_options(data_spec)
+        if isinstance(data_options.get("path"), str) and data_options["path"]:
+            data_options["path"] = str(Path(data_options["path"]).expanduser().resolve())  # usable from any cwd
         resolved = cfg.replace(
-            data=PluginSpec(resolve_data_spec(cfg.data, self.pm).name,
-                            reg["dataset"].resolve_options(resolve_data_spec(cfg.data, self.pm))),
+            data=PluginSpec(data_spec.name, data_options),
             encoder=PluginSpec(cfg.encoder.name, reg["encoder"].resolve_options(cfg.encoder)),
             decoder=PluginSpec(cfg.decoder_spec.name, reg["decoder"].resolve_options(cfg.decoder_spec)),
             prior=PluginSpec(cfg.prior.name, reg["prior"].resolve_options(cfg.prior)),
@@ -199,6 +202,21 @@ class Trainer:
             f"{list(self.data.shape)} ({n} train, {len(self.test_x)} test), latent {cfg.latent_dim}, "
             f"{self.device}, run dir {self.run_dir}"
         )
+        try:
+            self._epochs(n, steps_per_epoch)
+        except KeyboardInterrupt:
+            self.console.print(f"interrupted: {self._kept()}; continue with vaekit run --resume {self.run_dir}")
+            raise
+        if self.figures:
+            from . import viz
+
+            viz.write_run_figures(self.run_dir, self.model, self.data, self.test_x.cpu(), self.history)
+        last = self.history[-1] if self.history else {}
+        self.pm.hook.vaekit_fit_end(trainer=self, metrics=last)
+        return TrainResult(self.run_dir, self.model, self.history)
+
+    def _epochs(self, n: int, steps_per_epoch: int) -> None:
+        cfg = self.config
         with self._progress(steps_per_epoch) as bar:
             for epoch in range(self.start_epoch, cfg.epochs + 1):
                 train_means, seconds = self._train_epoch(epoch, bar)
@@ -214,13 +232,6 @@ class Trainer:
                 with open(self.run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
                 self.console.print(_epoch_line(record, cfg.epochs))
-        if self.figures:
-            from . import viz
-
-            viz.write_run_figures(self.run_dir, self.model, self.data, self.test_x.cpu(), self.history)
-        last = self.history[-1] if self.history else {}
-        self.pm.hook.vaekit_fit_end(trainer=self, metrics=last)
-        return TrainResult(self.run_dir, self.model, self.history)
 
     def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float]:
         cfg, model = self.config, self.model

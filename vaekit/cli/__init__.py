@@ -11,14 +11,13 @@ import os
 import sys
 from typing import Annotated
 
-import click
 import typer
 from typer.core import TyperGroup
 
 from ..errors import VaekitError
 
 
-def _debug_requested(ctx: click.Context | None) -> bool:
+def _debug_requested(ctx: typer.Context | None) -> bool:
     if os.environ.get("VAEKIT_DEBUG", "") not in ("", "0"):
         return True
     return bool(ctx is not None and ctx.params.get("debug"))
@@ -31,19 +30,19 @@ def report_error(e: BaseException) -> None:
     else:
         first = (str(e).strip().splitlines() or [""])[0]
         msg = f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)"
-    click.echo(f"error: {msg}", err=True)
+    typer.echo(f"error: {msg}", err=True)
 
 
 class VaekitGroup(TyperGroup):
     """Root command group that turns errors from any command (plugins' too) into one line and exit 1."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors and exits: Typer's own handling
             raise
         except KeyboardInterrupt:
-            click.echo("error: interrupted", err=True)
+            typer.echo("error: interrupted", err=True)
             raise typer.Exit(130)
         except Exception as e:  # noqa: BLE001 - the CLI's one place that reports every failure
             if _debug_requested(ctx):
