@@ -45,6 +45,8 @@ def iwae_log_likelihood(
     """
     if not model.prior.stochastic:
         raise ConfigError("the importance-sampled NLL needs a prior and posterior; this is a deterministic autoencoder (prior 'none')")
+    if not model.likelihood.normalized:
+        raise ConfigError(f"the NLL is undefined for the {type(model.likelihood).__name__}: it is a loss, not a normalised density")
     if num_samples < 1:
         raise ConfigError(f"the number of importance samples must be at least 1, got {num_samples}")
     was_training = model.training

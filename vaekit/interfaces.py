@@ -112,15 +112,20 @@ class Prior(nn.Module):
         if generator is None:
             return p.sample((n,))
         # torch.distributions take no generator: draw standard noise and push it through.
-        return _sample_with_generator(p, n, generator)
+        return sample_with_generator(p, n, generator)
 
 
-def _sample_with_generator(p: Distribution, n: int, generator: torch.Generator) -> torch.Tensor:
+def sample_with_generator(p: Distribution, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` reproducible draws from a (possibly ``Independent``) Normal or Uniform ``p``, using ``generator``."""
     base = p.base_dist if hasattr(p, "base_dist") else p
     if isinstance(base, torch.distributions.Normal):
         shape = (n,) + tuple(p.batch_shape) + tuple(p.event_shape)
         eps = torch.randn(shape, generator=generator, device=generator.device).to(base.loc.device)
         return base.loc + base.scale * eps
+    if isinstance(base, torch.distributions.Uniform):
+        shape = (n,) + tuple(p.batch_shape) + tuple(p.event_shape)
+        u = torch.rand(shape, generator=generator, device=generator.device).to(base.low.device)
+        return base.low + (base.high - base.low) * u
     raise NotImplementedError(f"seeded sampling of {type(base).__name__} is not implemented")
 
 
@@ -178,6 +183,14 @@ class StepOutput:
     c: torch.Tensor | None = None
 
 
+def standard_normal(latent_dim: int, like: torch.Tensor) -> Distribution:
+    """N(0, I) over ``[latent_dim]`` on the device and dtype of ``like``."""
+    zeros = like.new_zeros(latent_dim)
+    return torch.distributions.Independent(
+        torch.distributions.Normal(zeros, torch.ones_like(zeros), validate_args=False), 1, validate_args=False
+    )
+
+
 class Regularizer(nn.Module):
     """A named, weighted addition to the training step.
 
@@ -220,6 +233,17 @@ class Regularizer(nn.Module):
     def update(self, record: StepOutput, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """One step of the regularizer's own optimizer (before the model's step); returns metrics."""
         return {}
+
+    def bind(self, prior: Prior) -> None:
+        """Called once when the regularizer is composed into a model, with the model's prior."""
+        object.__setattr__(self, "_prior", prior)  # a reference, not a sub-module (no duplicate state)
+
+    def latent_prior(self) -> Distribution | None:
+        """The distribution this regularizer pushes the codes towards, if any (AAE, WAE).
+
+        Models whose prior is ``none`` sample from it. Default: None.
+        """
+        return None
 
     def on_fit_start(self, trainer: "Trainer") -> None:
         """Called before training starts."""

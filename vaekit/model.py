@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .interfaces import Decoder, Encoder, Likelihood, Prior, Regularizer, StepOutput
+from torch.distributions import Distribution
+
+from .interfaces import Decoder, Encoder, Likelihood, Prior, Regularizer, StepOutput, sample_with_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
@@ -39,6 +41,8 @@ class VAEModel(nn.Module):
         self.decoder = decoder
         self.likelihood = likelihood
         self.regularizers = nn.ModuleList(regularizers)
+        for reg in self.regularizers:
+            reg.bind(prior)
 
     @property
     def latent_dim(self) -> int:
@@ -70,14 +74,30 @@ class VAEModel(nn.Module):
         """``E[x|z = posterior mean]`` ``[B, *S]``."""
         return self.likelihood.mean(self.decoder(self.embed(x)))
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples' likelihood means ``[n, *S]``, z drawn from the prior.
+    def sampling_distribution(self) -> Distribution | None:
+        """p(z) to generate from: the prior's, else the latent target of a regularizer (AAE, WAE), else None."""
+        if self.prior.stochastic:
+            return self.prior.distribution()
+        for reg in self.regularizers:
+            target = reg.latent_prior()
+            if target is not None:
+                return target
+        return None
 
-        Raises ConfigError for a deterministic autoencoder (no prior to sample).
+    @property
+    def can_sample(self) -> bool:
+        return self.sampling_distribution() is not None
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` samples' likelihood means ``[n, *S]``, z drawn from :meth:`sampling_distribution`.
+
+        Raises ConfigError for a plain deterministic autoencoder (nothing to sample z from).
         """
-        if not self.prior.stochastic:
-            raise ConfigError("this model has no prior distribution to sample from (prior 'none')")
-        return self.decode_mean(self.prior.sample(n, generator))
+        p = self.sampling_distribution()
+        if p is None:
+            raise ConfigError("this model has no prior distribution to sample from (prior 'none' and no latent target)")
+        z = p.sample((n,)) if generator is None else sample_with_generator(p, n, generator)
+        return self.decode_mean(z)
 
     def _transform(self, z: torch.Tensor) -> torch.Tensor:
         for reg in self.regularizers:
@@ -108,7 +128,11 @@ class VAEModel(nn.Module):
         for reg in self.regularizers:
             penalty = reg.penalty(record)
             if penalty is not None:
-                terms[reg.name] = penalty
+                name, n = reg.name, 1
+                while name in terms:  # the same regularizer twice: mmd, mmd_2
+                    n += 1
+                    name = f"{reg.name}_{n}"
+                terms[name] = penalty
                 loss = loss + reg.weight * penalty
         terms["loss"] = loss
         return loss, terms

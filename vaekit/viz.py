@@ -134,7 +134,6 @@ def plot_manifold(model, path: Path, n: int = 20) -> bool:
     device = next(model.parameters()).device
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
     zz = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
-    zz = zz[:, [0, 1]]
     return save_grid(model.decode_mean(zz.to(device)).cpu(), path, nrow=n, title="learned manifold, z over N(0, I) quantiles")
 
 
@@ -161,11 +160,11 @@ def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history:
     written = []
     if plot_reconstructions(model, test_x, run_dir / "reconstructions.png"):
         written.append("reconstructions.png")
-    if model.prior.stochastic and plot_samples(model, run_dir / "samples.png"):
+    if model.can_sample and plot_samples(model, run_dir / "samples.png"):
         written.append("samples.png")
     plot_latent(model, test_x, data.test_y, run_dir / "latent.png")
     written.append("latent.png")
-    if model.prior.stochastic and plot_manifold(model, run_dir / "manifold.png"):
+    if model.can_sample and plot_manifold(model, run_dir / "manifold.png"):
         written.append("manifold.png")
     if history:
         plot_loss(history, run_dir / "loss.png")

@@ -5,5 +5,6 @@ DEFAULT_PLUGINS = (
     "vaekit.plugins.decoders",
     "vaekit.plugins.priors",
     "vaekit.plugins.likelihoods",
+    "vaekit.plugins.regularizers",
     "vaekit.plugins.datasets",
 )

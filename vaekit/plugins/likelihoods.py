@@ -79,7 +79,41 @@ class GaussianLikelihood(Likelihood):
         return params
 
 
+class MCCLikelihood(Likelihood):
+    """Maximum correntropy criterion (Qi et al., ICASSP 2014): a robust reconstruction loss, not a density.
+
+    ``loss = −Σ_k K_σ(x_k − x̂_k)`` with the Gaussian kernel
+    ``K_σ(a) = exp(−a² / 2σ²) / (√(2π) σ)``, summed over data dimensions; ``x̂`` is the
+    decoder's output.  Large errors (outliers) saturate the kernel and stop pulling on the
+    model, so MCC ignores corrupted training samples that squared error would fit.  The
+    "log-likelihood" this plugin reports is ``Σ_k K_σ(x_k − x̂_k)``: it is not normalised, so
+    ELBO and NLL are not defined for it and evaluation reports ``loss_recon`` instead.
+
+    :param sigma: kernel width σ, in data units.
+    """
+
+    normalized = False
+
+    def __init__(self, data_shape, *, sigma: float = 0.5):
+        super().__init__(data_shape)
+        if sigma <= 0:
+            raise ConfigError(f"mcc likelihood: sigma must be > 0, got {sigma}")
+        self.sigma = float(sigma)
+
+    def distribution(self, params: torch.Tensor) -> Distribution:
+        raise NotImplementedError("the mcc likelihood is a robust loss, not a distribution")
+
+    def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a = (x - params).flatten(1)
+        kernel = torch.exp(-a.square() / (2 * self.sigma**2)) / (math.sqrt(2 * math.pi) * self.sigma)
+        return kernel.sum(1)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return params
+
+
 @hookimpl
 def vaekit_register_likelihoods(registry):
     registry.register("bernoulli", BernoulliLikelihood)
     registry.register("gaussian", GaussianLikelihood)
+    registry.register("mcc", MCCLikelihood)

