@@ -187,3 +187,20 @@ def test_sample_from_an_autoencoder_is_refused(tmp_path):
     assert_one_line_error(invoke("sample", tmp_path / "ae"), "no prior distribution to sample from")
     ev = invoke("eval", tmp_path / "ae", "--json")
     assert ev.exit_code == 0 and "nll" not in json.loads(ev.stdout)
+
+
+@pytest.mark.parametrize(
+    "args,figure",
+    [(["--likelihood", "mcc", "--prior", "none"], "reconstructions.png"),
+     (["--regularizer", "sparsity", "--prior", "none", "--latent-dim", "800"], "reconstructions.png"),
+     (["--regularizer", "adversarial", "--prior", "none"], "samples.png"),
+     (["--regularizer", "mmd:kernel=rbf", "--prior", "none"], "samples.png")],
+    ids=["mcc", "sparsity", "adversarial", "mmd"],
+)
+def test_method_plugins_run_from_the_cli(args, figure, tmp_path):
+    res = invoke("run", *TINY, "--encoder", "mlp:hidden=64", *args, "--out", tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    for name in ("config.json", "model.safetensors", "metrics.jsonl", "loss.png", figure):
+        assert (tmp_path / "r" / name).exists(), name
+    ev = invoke("eval", tmp_path / "r", "-k", "5", "--json")
+    assert ev.exit_code == 0, ev.output

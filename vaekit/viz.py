@@ -147,8 +147,10 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
         ax.plot(epochs, [-m["test_elbo"] for m in history], marker="o", label="test −ELBO")
     elif history and "test_log_px" in history[0]:
         ax.plot(epochs, [-m["test_log_px"] for m in history], marker="o", label="test −log p(x|z)")
+    elif history and "test_loss_recon" in history[0]:
+        ax.plot(epochs, [m["test_loss_recon"] for m in history], marker="o", label="test reconstruction loss")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("nats per sample")
+    ax.set_ylabel("loss per sample" if history and "test_loss_recon" in history[0] else "nats per sample")
     ax.legend()
     ax.grid(alpha=0.3)
     save_figure(fig, path)

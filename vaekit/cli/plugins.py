@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -14,11 +15,18 @@ def register(app: typer.Typer) -> None:
 
 def list_plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    docs: Annotated[Optional[Path], typer.Option(help="Write one Markdown page per plugin kind into this folder.")] = None,
 ) -> None:
     """List encoders, decoders, priors, likelihoods, regularizers and datasets, and where each came from."""
     from ..manager import get_plugin_manager
 
     pm = get_plugin_manager()
+    if docs is not None:
+        docs.mkdir(parents=True, exist_ok=True)
+        for kind, registry in pm.registries.items():
+            (docs / f"{kind}s.md").write_text(render_markdown(kind, registry))
+        typer.echo(f"wrote {len(pm.registries)} pages to {docs}")
+        return
     listing = {
         kind: [
             {
@@ -56,3 +64,44 @@ def list_plugins(
 
 def _fmt(v) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+_INTROS = {
+    "encoder": "Encoders map data `x [B, *S]` to features `h [B, F]`; the prior's posterior head turns `h` into "
+               "the posterior's parameters. Choose with `--encoder NAME:key=value,...`.",
+    "decoder": "Decoders map codes `z [B, d]` to the likelihood's parameters. `--decoder` defaults to the "
+               "encoder's name.",
+    "prior": "A prior fixes p(z) and the posterior family q(z|x). Choose with `--prior`.",
+    "likelihood": "A likelihood turns the decoder's output into log p(x|z) per sample (nats, summed over data "
+                  "dimensions). Choose with `--likelihood`.",
+    "regularizer": "Regularizers add named, weighted penalties (and may corrupt inputs, transform codes or own an "
+                   "optimizer). Combine several with repeated `--regularizer`.",
+    "dataset": "Datasets are held in memory; nothing is downloaded. Choose with `--data NAME:key=value` or `--data PATH`.",
+}
+
+
+def render_markdown(kind: str, registry) -> str:
+    """One Markdown page for a plugin kind, from each plugin's docstring and options."""
+    import inspect
+
+    lines = [f"# {kind.capitalize()}s", "",
+             _INTROS.get(kind, ""), "",
+             "Generated from the plugins' docstrings by `vaekit plugins --docs docs/plugins`; edit the docstrings, "
+             "not this page.", ""]
+    for info in registry:
+        doc = inspect.getdoc(info.factory) or info.summary
+        body = "\n".join(line for line in doc.splitlines() if not line.strip().startswith(":param ")).rstrip().splitlines()
+        lines += [f"## {info.name}", "", *[line.replace("``", "`") for line in body], ""]
+        if info.options:
+            lines += ["| option | type | default | meaning |", "|---|---|---|---|"]
+            for o in info.options.values():
+                default = _fmt(list(o.default) if isinstance(o.default, tuple) else o.default)
+                meaning = o.help.replace("``", "`").replace("|", "\\|")
+                type_name = o.type_name.replace("|", "\\|")
+                lines.append(f"| `{o.name}` | `{type_name}` | `{default}` | {meaning} |")
+            lines.append("")
+        else:
+            lines += ["No options.", ""]
+        flag = "--data" if kind == "dataset" else f"--{kind}"
+        lines += [f"Usage: `{flag} {info.name}`", ""]
+    return "\n".join(lines).rstrip() + "\n"

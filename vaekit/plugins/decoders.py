@@ -33,7 +33,8 @@ class ConvDecoder(Decoder):
 
     A linear layer maps ``z`` to a ``[channels[0], H/2^n, W/2^n]`` map; each
     transposed convolution (kernel 4, stride 2, padding 1) doubles H and W;
-    the last one outputs the likelihood's ``C'`` channels, with no activation.
+    the last one outputs the likelihood's ``C'`` channels, with no activation (the
+    likelihood applies its link, e.g. the Bernoulli's sigmoid).
 
     :param channels: channels of the feature maps, from the smallest map outwards.
     :param hidden: width of a linear layer before the first map (0: none).

@@ -35,7 +35,8 @@ class ConvEncoder(Encoder):
 
     Each of the ``len(channels)`` convolutions halves H and W (kernel 4,
     padding 1), so H and W must be divisible by ``2**len(channels)`` (4 by
-    default).  Output ``h [B, hidden]``.
+    default).  Output ``h [B, hidden]``.  Convolutional autoencoders: Masci et al. 2011,
+    "Stacked convolutional auto-encoders for hierarchical feature extraction".
 
     :param channels: output channels of each stride-2 convolution.
     :param hidden: width of the linear layer after the convolutions (0: none).

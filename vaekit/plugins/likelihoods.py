@@ -20,7 +20,8 @@ class BernoulliLikelihood(Likelihood):
     ``binary_cross_entropy_with_logits`` (via ``torch.distributions.Bernoulli``).
     Data must lie in [0, 1]; non-binary values are allowed (the cross-entropy
     of grey levels), though the figure is then not a normalised log-density.
-    Its mean is ``sigmoid(logits)``.
+    Its mean is ``sigmoid(logits)``.  Source: Kingma & Welling 2014, "Auto-Encoding
+    Variational Bayes", appendix C.1.
     """
 
     default_binarize = "dynamic"
@@ -48,7 +49,9 @@ class GaussianLikelihood(Likelihood):
 
     ``log p = −Σ_j [ (x_j − μ_j)² / 2σ_j² + log σ_j + ½ log 2π ]`` nats.  With a
     fixed σ this is squared error up to constants; with ``learn_sigma`` a
-    per-pixel log σ is a learned parameter (bounded below by ``min_sigma``).
+    per-pixel log σ is a learned parameter (bounded below by ``min_sigma``).  Source: Kingma
+    & Welling 2014, appendix C.2 (there σ comes from the decoder; here it is fixed or learned
+    per pixel).
 
     :param sigma: the fixed σ, or the initial σ when learned (data units).
     :param learn_sigma: learn one σ per data dimension.
