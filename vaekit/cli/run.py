@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..config import RunConfig
+from ..registry import PluginSpec
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +32,7 @@ def run(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     binarize: Annotated[Optional[str], typer.Option(help="dynamic, static, none, or auto (the likelihood's default).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<time>-<encoder>-<prior>).")] = None,
+    no_fused_op: Annotated[bool, typer.Option("--no-fused-op", help="Use the eager reparameterize + KL formula instead of the fused op (sets the prior's fused=false).")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Per-epoch lines only, no progress bar.")] = False,
@@ -40,7 +42,7 @@ def run(
     from ..training import train
 
     if resume is not None:
-        given = {k: v for k, v in dict(config=config, data=data, encoder=encoder, decoder=decoder, prior=prior,
+        given = {k: v for k, v in dict(no_fused_op=no_fused_op, config=config, data=data, encoder=encoder, decoder=decoder, prior=prior,
                                        likelihood=likelihood, regularizer=regularizer, latent_dim=latent_dim,
                                        beta=beta, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                        binarize=binarize, out=out).items() if v}
@@ -56,6 +58,8 @@ def run(
             regularizers=regularizer, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
             lr=lr, seed=seed, device=device, binarize=binarize, out=None if out is None else str(out),
         )
+        if no_fused_op:  # the prior's own option; a prior without one says so
+            cfg = cfg.replace(prior=PluginSpec(cfg.prior.name, {**cfg.prior.options, "fused": False}))
         cfg = RunConfig.from_dict(cfg.to_dict())  # re-validate the flags
         result = train(cfg, quiet=quiet, progress=not no_progress)
     if not quiet:

@@ -1,13 +1,15 @@
 """Numerical kernels of the training pipeline.
 
-``reparameterize_kl`` draws ``z = μ + exp(½ log σ²) ⊙ ε`` and computes
-``KL(N(μ, σ²) ‖ N(0, I))`` per sample.  This is the eager reference
-implementation; the fused custom op (CPU and CUDA kernels) replaces it behind
-the same signature.  ``mmd2_unbiased`` is the kernel two-sample statistic of
+``reparameterize_kl`` is the fused custom op ``vaekit::reparameterize_kl`` (C++ kernel on the
+CPU, Triton on CUDA): ``z = μ + exp(½ log σ²) ⊙ ε`` and ``KL(N(μ, σ²) ‖ N(0, I))`` per sample,
+forward and backward in one pass each.  ``reparameterize_kl_eager`` is the unfused formula (the
+oracle and the ``--no-fused-op`` path).  ``mmd2_unbiased`` is the kernel two-sample statistic of
 WAE-MMD and of the latent-space evaluation.
 """
 
+from .fused import reparameterize_kl
 from .mmd import kernel_matrix, mmd2_unbiased
-from .reference import gaussian_kl, reparameterize_kl
+from .reference import LOGVAR_MAX, LOGVAR_MIN, gaussian_kl, reparameterize_kl_eager
 
-__all__ = ["gaussian_kl", "kernel_matrix", "mmd2_unbiased", "reparameterize_kl"]
+__all__ = ["LOGVAR_MAX", "LOGVAR_MIN", "gaussian_kl", "kernel_matrix", "mmd2_unbiased", "reparameterize_kl",
+           "reparameterize_kl_eager"]

@@ -7,34 +7,35 @@ from torch.distributions import Distribution, Independent, Normal
 
 from .. import hookimpl
 from ..interfaces import Prior
-from ..ops import reparameterize_kl
+from ..ops import LOGVAR_MAX, LOGVAR_MIN, reparameterize_kl, reparameterize_kl_eager
 
 
 class GaussianPrior(Prior):
     """Standard normal prior p(z) = N(0, I) with a diagonal-Gaussian posterior (Kingma & Welling 2014).
 
     The posterior head outputs ``[μ, log σ²]`` (``[B, 2d]``); a sample is
-    ``z = μ + σ ⊙ ε`` and ``KL = ½ Σ_k (σ_k² + μ_k² − 1 − log σ_k²)`` nats,
-    both from :func:`vaekit.ops.reparameterize_kl`.
+    ``z = μ + σ ⊙ ε`` and ``KL = ½ Σ_k (σ_k² + μ_k² − 1 − log σ_k²)`` nats, both from the fused
+    op :func:`vaekit.ops.reparameterize_kl` (one kernel forward and one backward), or from the
+    unfused eager formula with ``fused=false`` (``vaekit run --no-fused-op``); both draw ε from
+    the same random stream.  log σ² is clamped to [−30, 30] before exponentiating.
 
-    :param logvar_min: lower clamp of log σ² (stabilises early training).
-    :param logvar_max: upper clamp of log σ².
+    :param fused: use the fused reparameterize + KL op.
     """
 
-    def __init__(self, latent_dim, *, logvar_min: float = -30.0, logvar_max: float = 20.0):
+    def __init__(self, latent_dim, *, fused: bool = True):
         super().__init__(latent_dim)
         self.param_dim = 2 * self.latent_dim
-        self.logvar_min = float(logvar_min)
-        self.logvar_max = float(logvar_max)
+        self.fused = bool(fused)
 
     def split(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``params [B, 2d] -> (μ [B, d], log σ² [B, d])``."""
         mu, logvar = params.chunk(2, dim=-1)
-        return mu, logvar.clamp(self.logvar_min, self.logvar_max)
+        return mu, logvar
 
     def posterior(self, params: torch.Tensor) -> Distribution:
         mu, logvar = self.split(params)
-        return Independent(Normal(mu, torch.exp(0.5 * logvar), validate_args=False), 1, validate_args=False)
+        std = torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+        return Independent(Normal(mu, std, validate_args=False), 1, validate_args=False)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return self.split(params)[0]
@@ -45,7 +46,9 @@ class GaussianPrior(Prior):
 
     def rsample_kl(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.split(params)
-        return reparameterize_kl(mu, logvar)
+        if self.fused:
+            return reparameterize_kl(mu, logvar)
+        return reparameterize_kl_eager(mu, logvar, torch.randn_like(mu))
 
 
 class NoPrior(Prior):

@@ -1,0 +1,139 @@
+"""``vaekit::reparameterize_kl``: reparameterised sample and KL to N(0, I) in one fused op.
+
+Registered with ``torch.library.custom_op`` (schema, fake/meta implementation, fused autograd),
+with a vectorised C++ kernel on the CPU and Triton kernels on CUDA; any other device uses the
+eager formulas.  The backward pass is an op of its own, ``vaekit::reparameterize_kl_backward``,
+so both directions are one pass over memory and both trace under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cpu_kernel
+from .reference import reparameterize_kl_backward_eager, reparameterize_kl_eager
+
+def _rows(t: Tensor) -> Tensor:
+    """``[..., d]`` -> contiguous ``[rows, d]``."""
+    return t.reshape(-1, t.shape[-1]).contiguous() if t.dim() else t.reshape(1, 1)
+
+
+# --- forward ---------------------------------------------------------------------------------
+# The CPU kernels are registered from C++ (cpu_kernel.py) the first time the op runs on the CPU;
+# until then, and on devices without a kernel, the op runs these default implementations.
+
+def _cpu_kernel_ready(t: Tensor) -> bool:
+    return t.device.type == "cpu" and cpu_kernel.load()
+
+
+@torch.library.custom_op("vaekit::reparameterize_kl", mutates_args=())
+def _op(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """Default implementation: the eager formulas (or, on the first CPU call, the just-built kernel)."""
+    if _cpu_kernel_ready(mu):
+        return torch.ops.vaekit.reparameterize_kl.default(mu, logvar, eps)
+    z, kl = reparameterize_kl_eager(mu, logvar, eps)
+    return z.contiguous(), kl.contiguous()
+
+
+@_op.register_fake
+def _(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(mu.shape[:-1])
+
+
+# --- backward ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("vaekit::reparameterize_kl_backward", mutates_args=())
+def _backward_op(grad_z: Tensor, grad_kl: Tensor, mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. μ and log σ² (default implementation: the eager formulas)."""
+    if _cpu_kernel_ready(mu):
+        return torch.ops.vaekit.reparameterize_kl_backward.default(grad_z, grad_kl, mu, logvar, eps)
+    gmu, glv = reparameterize_kl_backward_eager(grad_z, grad_kl, mu, logvar, eps)
+    return gmu.contiguous(), glv.contiguous()
+
+
+@_backward_op.register_fake
+def _(grad_z, grad_kl, mu, logvar, eps):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), torch.empty_like(mu, memory_format=torch.contiguous_format)
+
+
+# --- CUDA (Triton) ------------------------------------------------------------------------------
+
+def _register_triton() -> bool:
+    try:
+        from . import triton_kernels
+    except Exception:  # noqa: BLE001 - no triton: CUDA uses the default implementation
+        return False
+    from torch.library import wrap_triton
+
+    @_op.register_kernel("cuda")
+    def _(mu, logvar, eps):
+        z, kl = triton_kernels.forward(*(_rows(t) for t in (mu, logvar, eps)), launch=wrap_triton)
+        return z.view(mu.shape), kl.view(mu.shape[:-1])
+
+    @_backward_op.register_kernel("cuda")
+    def _(grad_z, grad_kl, mu, logvar, eps):
+        gmu, glv = triton_kernels.backward(_rows(grad_z), grad_kl.reshape(-1).contiguous(),
+                                           *(_rows(t) for t in (mu, logvar, eps)), launch=wrap_triton)
+        return gmu.view(mu.shape), glv.view(mu.shape)
+
+    return True
+
+
+TRITON_REGISTERED = torch.cuda.is_available() and _register_triton()
+
+
+# --- autograd -----------------------------------------------------------------------------------
+
+def _setup_context(ctx, inputs, output) -> None:
+    mu, logvar, eps = inputs
+    ctx.save_for_backward(mu, logvar, eps)
+
+
+def _backward(ctx, grad_z: Tensor, grad_kl: Tensor):
+    mu, logvar, eps = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: stay differentiable (double backward)
+        gmu, glv = reparameterize_kl_backward_eager(grad_z, grad_kl, mu, logvar, eps)
+    else:
+        gmu, glv = _backward_op(grad_z, grad_kl, mu, logvar, eps)
+    geps = None
+    if ctx.needs_input_grad[2]:
+        geps = grad_z * torch.exp(0.5 * logvar.clamp(-30.0, 30.0))
+    return gmu, glv, geps
+
+
+_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- public wrapper -----------------------------------------------------------------------------
+
+def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reparameterised sample and KL to the standard normal, fused (Kingma & Welling 2014).
+
+    ``z = μ + exp(½ log σ²) ⊙ ε`` and ``KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ_k (σ_k² + μ_k² − 1 − log σ_k²)``.
+
+    mu, logvar: ``[..., d]``, same shape and floating dtype (float16/bfloat16 are computed and
+    the KL summed in float32); eps: ``[..., d]`` standard-normal noise, or None to draw it here
+    with ``torch.randn_like(mu)`` from torch's global RNG (``torch.manual_seed`` makes it
+    reproducible; the op itself is deterministic).  Returns ``z [..., d]`` and ``kl [...]`` in
+    nats.  Any leading batch dimensions, non-contiguous inputs and empty batches are accepted.
+
+    Numerics: log σ² is clamped to [−30, 30] before exponentiating, so no value overflows and no
+    gradient becomes NaN however far outside that range it is; the gradient is taken at the
+    clamped value and passed straight through, so the KL still pulls log σ² back into range.
+
+    Raises ValueError if the shapes or dtypes of ``mu``, ``logvar`` (and ``eps``) differ.
+    """
+    if mu.shape != logvar.shape or mu.dtype != logvar.dtype:
+        raise ValueError(
+            f"mu and logvar must match: mu {tuple(mu.shape)} {mu.dtype}, logvar {tuple(logvar.shape)} {logvar.dtype}"
+        )
+    if not mu.dtype.is_floating_point:
+        raise ValueError(f"mu and logvar must be floating point, got {mu.dtype}")
+    if mu.dim() == 0:
+        raise ValueError("mu and logvar must have a latent dimension: shape [..., d]")
+    if eps is None:
+        eps = torch.randn_like(mu)
+    elif eps.shape != mu.shape or eps.dtype != mu.dtype:
+        raise ValueError(f"eps must match mu: mu {tuple(mu.shape)} {mu.dtype}, eps {tuple(eps.shape)} {eps.dtype}")
+    return _op(mu, logvar, eps)
