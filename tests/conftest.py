@@ -38,3 +38,8 @@ def fresh_pm():
     from vaekit.manager import PluginManager
 
     return PluginManager(autoload=False)
+
+# The Triton kernels run on the CPU through Triton's interpreter when no GPU is present; this
+# must be set before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

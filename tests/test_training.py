@@ -150,3 +150,18 @@ def test_bernoulli_rejects_data_outside_unit_interval(tmp_path):
     np.save(tmp_path / "big.npy", np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32))
     with pytest.raises(vaekit.DataError, match="bernoulli likelihood needs the training data in \\[0, 1\\]"):
         vaekit.train(data=str(tmp_path / "big.npy"), encoder="mlp", out=str(tmp_path / "r"), quiet=True)
+
+
+def test_fused_op_and_eager_formula_train_to_the_same_figures(tmp_path, monkeypatch):
+    import vaekit.plugins.priors as priors
+
+    calls = []
+    real = priors.reparameterize_kl
+    monkeypatch.setattr(priors, "reparameterize_kl", lambda mu, lv: calls.append(1) or real(mu, lv))
+    fused = vaekit.train(epochs=2, out=str(tmp_path / "fused"), **FAST)
+    n = len(calls)
+    assert n >= fused.metrics["step"]  # the gaussian prior goes through the op by default (train and test)
+    eager = vaekit.train(epochs=2, prior="gaussian:fused=false", out=str(tmp_path / "eager"), **FAST)
+    assert len(calls) == n
+    assert eager.metrics["test_elbo"] == pytest.approx(fused.metrics["test_elbo"], abs=0.05)
+    assert eager.metrics["train_kl"] == pytest.approx(fused.metrics["train_kl"], abs=0.05)

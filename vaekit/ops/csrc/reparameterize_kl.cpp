@@ -26,7 +26,8 @@ using at::vec::Vectorized;
 constexpr double kLogvarMin = -30.0;
 constexpr double kLogvarMax = 30.0;
 
-int64_t grain_for(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
+// rows per task: about at::internal::GRAIN_SIZE (32768) elements, as ATen's own elementwise kernels use
+int64_t grain_for(int64_t d) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)); }
 
 template <typename T>
 void forward_rows(const T* mu, const T* lv, const T* eps, T* z, T* kl, int64_t rows, int64_t d) {
