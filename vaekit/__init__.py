@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from . import config, training
 
         return {"train": training.train, "RunConfig": config.RunConfig}[name]
+    if name in ("export_torchscript", "load_exported"):
+        from . import export
+
+        return getattr(export, name)
     if name in ("load_run", "VAEModel"):
         from . import checkpoint, model
 
@@ -56,6 +60,8 @@ __all__ = [
     "__version__",
     "get_plugin_manager",
     "hookimpl",
+    "export_torchscript",
+    "load_exported",
     "load_run",
     "train",
 ]

@@ -54,7 +54,7 @@ class VaekitGroup(TyperGroup):
 def build_app(pm=None) -> typer.Typer:
     """The root Typer app with the core commands and those plugins add through ``vaekit_register_commands``."""
     from ..manager import get_plugin_manager
-    from . import evaluate, plugins, run, sample
+    from . import evaluate, export, plugins, run, sample
 
     app = typer.Typer(
         cls=VaekitGroup,
@@ -72,7 +72,7 @@ def build_app(pm=None) -> typer.Typer:
     ) -> None:
         """vaekit: train, evaluate, sample and inspect autoencoders built from plugins."""
 
-    for module in (run, evaluate, sample, plugins):
+    for module in (run, evaluate, sample, export, plugins):
         module.register(app)
     (pm or get_plugin_manager()).hook.vaekit_register_commands(app=app)
     return app

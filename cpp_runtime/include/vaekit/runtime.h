@@ -1,0 +1,64 @@
+// vaekit runtime: run a model exported by `vaekit export` (TorchScript) with libtorch alone.
+//
+//   vaekit::Model model = vaekit::Model::load("model.pt");      // throws vaekit::Error
+//   auto [mu, logvar] = model.encode(x);                          // x: [B, C, H, W] float32
+//   torch::Tensor images = model.sample(/*n=*/16, /*seed=*/0);    // same samples as Python
+#pragma once
+
+#include <torch/script.h>
+
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace vaekit {
+
+// Every failure of the runtime (missing file, not a vaekit archive, wrong input shape) is an Error
+// with a one-line message.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+class Model {
+ public:
+  // Load an archive written by `vaekit export`. Throws Error if the file is missing, unreadable or
+  // not a vaekit model.
+  static Model load(const std::string& path);
+
+  // The run's config.json, as exported.
+  const std::string& config_json() const { return config_json_; }
+  // Shape of one sample, e.g. {1, 28, 28}; inputs are [B, ...this shape].
+  const std::vector<int64_t>& input_shape() const { return input_shape_; }
+  int64_t latent_dim() const { return latent_dim_; }
+  // True for a deterministic autoencoder: encode returns (z, an empty [B, 0] tensor).
+  bool deterministic() const { return deterministic_; }
+  bool can_sample() const { return can_sample_; }
+
+  // x [B, *input_shape] -> (mu [B, d], logvar [B, d]).
+  std::pair<torch::Tensor, torch::Tensor> encode(const torch::Tensor& x);
+  // z [B, d] -> the likelihood's mean [B, *input_shape].
+  torch::Tensor decode(const torch::Tensor& z);
+  // x -> decode(mu).
+  torch::Tensor reconstruct(const torch::Tensor& x);
+  // n samples decoded from z ~ N(0, I) drawn with a generator seeded with `seed`.
+  torch::Tensor sample(int64_t n, int64_t seed);
+
+ private:
+  torch::jit::Module module_;
+  std::string config_json_;
+  std::vector<int64_t> input_shape_;
+  int64_t latent_dim_ = 0;
+  bool deterministic_ = false;
+  bool can_sample_ = false;
+
+  void check_input(const torch::Tensor& x) const;
+  void check_latent(const torch::Tensor& z) const;
+};
+
+// Tensor files: what Python's torch.save writes (read with torch::pickle_load), and the reverse.
+torch::Tensor load_tensor(const std::string& path);
+void save_tensor(const torch::Tensor& tensor, const std::string& path);
+
+}  // namespace vaekit

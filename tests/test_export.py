@@ -1,0 +1,178 @@
+"""Export to TorchScript and the C++ runtime: parity with Python on real digits, one-line errors."""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import vaekit
+from vaekit.errors import CheckpointError, ConfigError
+from vaekit.export import export_torchscript, load_exported
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    model = vaekit.load_run(trained_run)
+    path = export_torchscript(model, tmp_path_factory.mktemp("export") / "model.pt")
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def digits(small_mnist):
+    return small_mnist.test_x[:20]
+
+
+def test_exported_methods_match_the_python_model(exported, digits):
+    model, path = exported
+    module = load_exported(path)
+    assert module.input_shape == [1, 28, 28] and module.latent_dim == 2 and not module.deterministic
+    mu, logvar = module.encode(digits)
+    with torch.no_grad():
+        params = model.encode(digits)
+        assert torch.allclose(mu, params[:, :2], atol=1e-6) and torch.allclose(logvar, params[:, 2:], atol=1e-6)
+        assert torch.allclose(module.decode(mu), model.decode_mean(mu), atol=1e-6)
+        assert torch.allclose(module.reconstruct(digits), model.reconstruct(digits), atol=1e-6)
+    assert torch.equal(module.sample(5, 3), module.sample(5, 3))
+    assert module.config["config"]["encoder"]["name"] == "mlp"
+    assert "vaekit::" not in module.code and "vaekit::" not in module.encode_net.code
+
+
+def test_deterministic_autoencoder_export(tmp_path, small_mnist):
+    run = vaekit.train(data="mnist:train_per_class=10,test_per_class=2", encoder="conv:channels=4,8,hidden=16",
+                       prior="none", latent_dim=3, epochs=1, out=str(tmp_path / "ae"), quiet=True, figures=False)
+    module = load_exported(export_torchscript(vaekit.load_run(run.run_dir), tmp_path / "ae.pt"))
+    z, empty = module.encode(small_mnist.test_x[:4])
+    assert z.shape == (4, 3) and empty.shape == (4, 0) and module.deterministic and not module.can_sample
+    with pytest.raises(Exception, match="no prior to sample from"):
+        module.sample(2, 0)
+
+
+def test_cli_export_and_bad_archives(trained_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from vaekit.cli import build_app
+
+    app, runner = build_app(), CliRunner()
+    res = runner.invoke(app, ["export", str(trained_run), "--out", str(tmp_path / "m.pt")])
+    assert res.exit_code == 0, res.output
+    assert load_exported(tmp_path / "m.pt").latent_dim == 2
+    res = runner.invoke(app, ["export", str(trained_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 1 and "unknown export format 'onnx'" in res.stderr
+    (tmp_path / "junk.pt").write_text("junk")
+    with pytest.raises(CheckpointError, match="not a TorchScript archive"):
+        load_exported(tmp_path / "junk.pt")
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "other.pt"))
+    with pytest.raises(CheckpointError, match="not a vaekit model"):
+        load_exported(tmp_path / "other.pt")
+
+
+class _Unexportable(vaekit.Encoder):
+    """Neither scriptable (uses **kwargs) nor traceable (refuses to be traced)."""
+
+    def __init__(self, input_shape):
+        super().__init__(input_shape)
+        self.lin = torch.nn.Linear(784, 8)
+        self.out_features = 8
+
+    def forward(self, x, **kwargs):
+        if torch.jit.is_tracing():
+            raise RuntimeError("this encoder cannot be traced")
+        return self.lin(x.flatten(1))
+
+
+def test_unexportable_plugin_is_named(trained_run, monkeypatch):
+    model = vaekit.load_run(trained_run)
+    model.encoder = _Unexportable((1, 28, 28))
+    model.head = torch.nn.Linear(8, 4)
+    with pytest.raises(ConfigError, match="cannot export the encoder 'mlp'"):
+        export_torchscript(model, "/tmp/never-written.pt")
+
+
+# --- the C++ runtime ------------------------------------------------------------------------------
+
+def _need_toolchain():
+    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
+    if missing:
+        if os.environ.get("VAEKIT_REQUIRE_CPP", "") not in ("", "0"):
+            pytest.fail(f"VAEKIT_REQUIRE_CPP is set but {', '.join(missing)} is missing")
+        pytest.skip(f"{', '.join(missing)} not installed")
+
+
+@pytest.fixture(scope="session")
+def cpp_build(tmp_path_factory):
+    """cpp_runtime built once per pytest run, in a temporary build directory."""
+    _need_toolchain()
+    build = tmp_path_factory.mktemp("cpp_build")
+    prefix = torch.utils.cmake_prefix_path
+    for cmd in (["cmake", "-S", str(ROOT / "cpp_runtime"), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
+                 "-DCMAKE_BUILD_TYPE=Release"],
+                ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)]):
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return build
+
+
+def _runner(build, *args):
+    return subprocess.run([str(build / "vaekit-runner"), *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_cpp_runner_matches_python(cpp_build, exported, digits, tmp_path):
+    model, path = exported
+    torch.save(digits, tmp_path / "x.pt")
+    z = torch.randn(7, 2, generator=torch.Generator().manual_seed(0))
+    torch.save(z, tmp_path / "z.pt")
+    for command, inp in (("encode", "x.pt"), ("decode", "z.pt"), ("reconstruct", "x.pt")):
+        res = _runner(cpp_build, path, command, "--in", tmp_path / inp, "--out", tmp_path / f"{command}.pt")
+        assert res.returncode == 0, res.stderr
+    with torch.no_grad():
+        params = model.encode(digits)
+        expected = {
+            "encode": params[:, :2], "encode.logvar": params[:, 2:],
+            "decode": model.decode_mean(z), "reconstruct": model.reconstruct(digits),
+        }
+    for name, value in expected.items():
+        got = torch.load(tmp_path / f"{name}.pt")
+        assert (got - value).abs().max() <= 1e-5, name
+    res = _runner(cpp_build, path, "sample", "-n", 6, "--seed", 11, "--out", tmp_path / "s.pt")
+    assert res.returncode == 0, res.stderr
+    assert torch.equal(torch.load(tmp_path / "s.pt"), load_exported(path).sample(6, 11))
+
+
+def test_cpp_runner_bad_input_is_one_line(cpp_build, exported, tmp_path):
+    _, path = exported
+    torch.save(torch.rand(3, 5), tmp_path / "wrong.pt")
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "other.pt"))
+    cases = [
+        ((tmp_path / "missing.pt", "encode", "--in", tmp_path / "wrong.pt"), "cannot open model file"),
+        ((path, "encode", "--in", tmp_path / "missing.pt"), "cannot open tensor file"),
+        ((path, "encode", "--in", tmp_path / "wrong.pt"), "wrong input shape: expected [N, 1, 28, 28], got [3, 5]"),
+        ((tmp_path / "wrong.pt", "encode", "--in", tmp_path / "wrong.pt"), "not a TorchScript archive"),
+        ((tmp_path / "other.pt", "encode", "--in", tmp_path / "wrong.pt"), "not a vaekit model"),
+    ]
+    for args, fragment in cases:
+        res = _runner(cpp_build, *args, "--out", tmp_path / "o.pt")
+        assert res.returncode == 1, (args, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], res.stderr
+
+
+def test_ctest_and_the_embedding_example(cpp_build, exported):
+    _, path = exported
+    env = dict(os.environ, VAEKIT_TEST_MODEL=str(path))
+    res = subprocess.run(["ctest", "--test-dir", str(cpp_build), "--output-on-failure"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = subprocess.run([str(cpp_build / "vaekit-embed-example"), str(path)], capture_output=True, text=True)
+    assert res.returncode == 0 and "samples [8, 1, 28, 28]" in res.stdout, res.stdout + res.stderr
+
+
+def test_readme_example_is_the_compiled_one():
+    readme = (ROOT / "cpp_runtime" / "README.md").read_text()
+    example = (ROOT / "cpp_runtime" / "examples" / "embed.cpp").read_text()
+    assert f"```cpp\n{example}```" in readme
+    assert len(example.strip().splitlines()) <= 25
