@@ -176,3 +176,50 @@ def test_readme_example_is_the_compiled_one():
     example = (ROOT / "cpp_runtime" / "examples" / "embed.cpp").read_text()
     assert f"```cpp\n{example}```" in readme
     assert len(example.strip().splitlines()) <= 25
+
+
+# --- the AOTInductor package ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def aoti_package(trained_run, tmp_path_factory):
+    from vaekit.export import export_aoti
+
+    return export_aoti(vaekit.load_run(trained_run), tmp_path_factory.mktemp("aoti") / "model.pt2")
+
+
+@pytest.mark.slow
+def test_aoti_package_matches_the_python_model(aoti_package, exported, digits):
+    model, ts_path = exported
+    package = load_exported(aoti_package)
+    assert package.input_shape == [1, 28, 28] and package.latent_dim == 2
+    assert package.config["config"]["encoder"]["name"] == "mlp"
+    mu, logvar = package.encode(digits)
+    with torch.no_grad():
+        params = model.encode(digits)
+        assert (mu - params[:, :2]).abs().max() <= 1e-5 and (logvar - params[:, 2:]).abs().max() <= 1e-5
+        assert (package.reconstruct(digits) - model.reconstruct(digits)).abs().max() <= 1e-5
+    # the same seeded draw of z as the TorchScript archive
+    assert (package.sample(4, 9) - load_exported(ts_path).sample(4, 9)).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_cpp_runtime_runs_the_aoti_package(cpp_build, aoti_package, digits, tmp_path):
+    torch.save(digits, tmp_path / "x.pt")
+    package = load_exported(aoti_package)
+    res = _runner(cpp_build, aoti_package, "reconstruct", "--in", tmp_path / "x.pt", "--out", tmp_path / "r.pt")
+    assert res.returncode == 0, res.stderr
+    assert (torch.load(tmp_path / "r.pt") - package.reconstruct(digits)).abs().max() <= 1e-5
+    res = _runner(cpp_build, aoti_package, "sample", "-n", 5, "--seed", 2, "--out", tmp_path / "s.pt")
+    assert res.returncode == 0, res.stderr
+    assert torch.equal(torch.load(tmp_path / "s.pt"), package.sample(5, 2))
+    env = dict(os.environ, VAEKIT_TEST_MODEL=str(aoti_package))
+    res = subprocess.run(["ctest", "--test-dir", str(cpp_build), "--output-on-failure"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_aoti_needs_a_pt2_name(trained_run, tmp_path):
+    from vaekit.export import export_aoti
+
+    with pytest.raises(ConfigError, match="must end in .pt2"):
+        export_aoti(vaekit.load_run(trained_run), tmp_path / "model.pt")

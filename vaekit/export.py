@@ -1,4 +1,4 @@
-"""Export a trained model as a self-describing TorchScript archive (and an AOTInductor package).
+"""Export a trained model as a self-describing TorchScript archive or AOTInductor package.
 
 The archive is one scripted module with the methods
 
@@ -12,6 +12,12 @@ The archive is one scripted module with the methods
 plus attributes ``vaekit_format``, ``input_shape``, ``latent_dim``, ``deterministic``,
 ``can_sample`` and the run's ``config.json`` as an extra file.  Only plain tensor ops are
 recorded (the fused op is replaced by its formula), so libtorch alone runs it.
+
+The AOTInductor package (``.pt2``, :func:`export_aoti`) holds two compiled models, ``encode``
+and ``decode`` (dynamic batch size), compiled for a portable CPU target (x86-64-v3, i.e. AVX2,
+rather than ``-march=native``), with the same attributes as package metadata; ``reconstruct``
+and ``sample`` are composed from them by the loaders (:class:`AOTIModel` here, ``vaekit::Model``
+in C++), with the same seeded generator as the TorchScript archive.
 """
 
 import json
@@ -24,6 +30,7 @@ from torch import nn
 from .errors import CheckpointError, ConfigError
 
 FORMAT = "vaekit-torchscript/1"
+AOTI_FORMAT = "vaekit-aoti/1"
 
 
 class _Encode(nn.Module):
@@ -151,14 +158,120 @@ def export_torchscript(model, out) -> Path:
     return out
 
 
-def load_exported(path) -> torch.jit.ScriptModule:
-    """Load an exported archive; the module gets a ``config`` attribute (the run's config.json as a dict).
+def _metadata(model, info: dict) -> dict:
+    return {
+        "vaekit_format": AOTI_FORMAT,
+        "input_shape": ",".join(str(s) for s in model.data_shape),
+        "latent_dim": str(model.latent_dim),
+        "deterministic": str(int(not model.prior.stochastic)),
+        "can_sample": str(int(_uses_standard_normal(model))),
+        "config_json": json.dumps(info),
+    }
 
-    Raises CheckpointError if the file is missing or not a vaekit archive.
+
+def export_aoti(model, out) -> Path:
+    """Compile ``model`` with AOTInductor into a ``.pt2`` package at ``out`` (about 30 s on 2 cores).
+
+    Raises ConfigError if a plugin cannot be exported by ``torch.export`` or the output name
+    does not end in ``.pt2``.
+    """
+    import logging
+    import platform
+    import tempfile
+    import warnings
+
+    import torch._inductor
+    from torch._inductor.package import package_aoti
+
+    out = Path(out)
+    if out.suffix != ".pt2":
+        raise ConfigError(f"an AOTInductor package must end in .pt2, got {str(out)!r}")
+    model = model.cpu().eval()
+    shape = list(model.data_shape)
+    info = getattr(model, "run_info", {})
+    batch = torch.export.Dim("batch", min=1, max=1 << 20)
+    parts = {"encode": (_Encode(model), torch.rand([2] + shape), "x"),
+             "decode": (_Decode(model), torch.randn(2, model.latent_dim), "z")}
+    options = {"aot_inductor.package": True, "aot_inductor.metadata": _metadata(model, info)}
+    if platform.machine() in ("x86_64", "AMD64"):
+        options.update({"cpp.march": "x86-64-v3", "cpp.simdlen": 256})  # portable AVX2, not -march=native
+    files = {}
+    logging.getLogger("torch._inductor").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")  # torch-internal pytree notice
+    for name, (module, example, arg) in parts.items():
+        try:
+            program = torch.export.export(module.eval(), (example,), dynamic_shapes={arg: {0: batch}})
+        except Exception as e:  # noqa: BLE001 - name the part that failed
+            raise ConfigError(f"cannot export the model's {name} part with torch.export: {_first(e)}") from None
+        files[name] = torch._inductor.aot_compile(
+            program.module(), program.example_inputs[0],
+            options=dict(options, **{"aot_inductor.model_name_for_generated_files": name}))
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        package_aoti(str(staged), files)
+        staged.replace(out)  # atomic: a kill never leaves half a package
+    return out
+
+
+class AOTIModel:
+    """A loaded ``.pt2`` package with the TorchScript archive's methods and attributes."""
+
+    def __init__(self, path: Path) -> None:
+        import logging
+
+        from torch._inductor.package import load_package
+
+        logging.getLogger("torch.export.pt2_archive").setLevel(logging.ERROR)
+        self._encode = load_package(str(path), "encode")
+        self._decode = load_package(str(path), "decode")
+        meta = self._encode.get_metadata()
+        if meta.get("vaekit_format") != AOTI_FORMAT:
+            raise CheckpointError(f"{str(path)!r} is an AOTInductor package but not a vaekit model")
+        self.vaekit_format = AOTI_FORMAT
+        self.input_shape = [int(s) for s in meta["input_shape"].split(",")]
+        self.latent_dim = int(meta["latent_dim"])
+        self.deterministic = meta["deterministic"] == "1"
+        self.can_sample = meta["can_sample"] == "1"
+        self.config = json.loads(meta["config_json"])
+
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        params = self._encode(x.float().contiguous())
+        if self.deterministic:
+            return params, params.new_empty([params.shape[0], 0])
+        mu, logvar = params.chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self._decode(z.float().contiguous())
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x)[0].contiguous())
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        if not self.can_sample:
+            raise RuntimeError("this model has no prior to sample from (a plain deterministic autoencoder)")
+        g = torch.Generator()
+        g.manual_seed(seed)
+        return self.decode(torch.randn([n, self.latent_dim], generator=g))
+
+
+def load_exported(path):
+    """Load an exported model: a TorchScript archive (``.pt``) or an AOTInductor package (``.pt2``).
+
+    Both have ``encode``, ``decode``, ``reconstruct``, ``sample(n, seed)``, ``input_shape``,
+    ``latent_dim`` and ``config`` (the run's config.json as a dict).  Raises CheckpointError if
+    the file is missing or not a vaekit model.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"exported model {str(path)!r} does not exist")
+    if path.suffix == ".pt2":
+        try:
+            return AOTIModel(path)
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{str(path)!r} is not a loadable AOTInductor package ({_first(e)})") from None
     extra = {"config.json": ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)

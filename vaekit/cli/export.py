@@ -12,19 +12,21 @@ def register(app: typer.Typer) -> None:
 
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'vaekit run'.")],
-    out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN_DIR/model.pt).")] = None,
-    format: Annotated[str, typer.Option("--format", help="torchscript (the .pt2 AOTInductor format is planned).")] = "torchscript",
+    out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN_DIR/model.pt, or model.pt2 for aoti).")] = None,
+    format: Annotated[str, typer.Option("--format", help="torchscript (.pt) or aoti (.pt2, AOTInductor, compiled ahead of time).")] = "torchscript",
 ) -> None:
-    """Export encode/decode/reconstruct/sample as one TorchScript archive with the run's config inside."""
+    """Export encode/decode/reconstruct/sample with the run's config inside, for Python or the C++ runtime."""
     from ..checkpoint import load_run
     from ..errors import ConfigError
-    from ..export import export_torchscript
+    from ..export import export_aoti, export_torchscript
 
-    if format != "torchscript":
-        raise ConfigError(f"unknown export format {format!r}; formats: torchscript")
+    writers = {"torchscript": (export_torchscript, "model.pt"), "aoti": (export_aoti, "model.pt2")}
+    if format not in writers:
+        raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(writers)}")
+    write, default_name = writers[format]
     model = load_run(run_dir)
-    path = out if out is not None else Path(run_dir) / "model.pt"
+    path = out if out is not None else Path(run_dir) / default_name
     if not path.parent.exists():
         raise ConfigError(f"output folder {str(path.parent)!r} does not exist")
-    export_torchscript(model, path)
+    write(model, path)
     typer.echo(f"exported to {path}")

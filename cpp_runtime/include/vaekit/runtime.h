@@ -1,4 +1,5 @@
-// vaekit runtime: run a model exported by `vaekit export` (TorchScript) with libtorch alone.
+// vaekit runtime: run a model exported by `vaekit export` with libtorch alone: a TorchScript
+// archive (.pt) or, when built with VAEKIT_WITH_AOTI (the default), an AOTInductor package (.pt2).
 //
 //   vaekit::Model model = vaekit::Model::load("model.pt");      // throws vaekit::Error
 //   auto [mu, logvar] = model.encode(x);                          // x: [B, C, H, W] float32
@@ -7,6 +8,7 @@
 
 #include <torch/script.h>
 
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -23,9 +25,11 @@ class Error : public std::runtime_error {
 
 class Model {
  public:
-  // Load an archive written by `vaekit export`. Throws Error if the file is missing, unreadable or
-  // not a vaekit model.
+  // Load an archive written by `vaekit export` (.pt2: the AOTInductor package). Throws Error if the
+  // file is missing, unreadable or not a vaekit model.
   static Model load(const std::string& path);
+  // "torchscript" or "aoti".
+  const std::string& format() const { return format_; }
 
   // The run's config.json, as exported.
   const std::string& config_json() const { return config_json_; }
@@ -47,12 +51,16 @@ class Model {
 
  private:
   torch::jit::Module module_;
+  std::shared_ptr<void> aoti_encode_, aoti_decode_;  // AOTIModelPackageLoader, when format_ == "aoti"
+  std::string format_ = "torchscript";
   std::string config_json_;
   std::vector<int64_t> input_shape_;
   int64_t latent_dim_ = 0;
   bool deterministic_ = false;
   bool can_sample_ = false;
 
+  static Model load_aoti(const std::string& path);
+  torch::Tensor run_aoti(const std::shared_ptr<void>& loader, const torch::Tensor& input);
   void check_input(const torch::Tensor& x) const;
   void check_latent(const torch::Tensor& z) const;
 };
