@@ -16,6 +16,16 @@ LOGVAR_MAX = 30.0
 
 
 @triton.jit
+def _load_inputs(mu_ptr, lv_ptr, eps_ptr, offs, mask, ACC: tl.constexpr):
+    """μ, clamped log σ², ε and σ = exp(½ log σ²) for one block of a row, in the accumulation type."""
+    m = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
+    lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(ACC)
+    e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(ACC)
+    lv = tl.minimum(tl.maximum(lv, LOGVAR_MIN), LOGVAR_MAX)
+    return m, lv, e, tl.exp(0.5 * lv)
+
+
+@triton.jit
 def _forward_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, d, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc = tl.zeros([BLOCK_D], dtype=ACC)
@@ -23,11 +33,7 @@ def _forward_kernel(mu_ptr, lv_ptr, eps_ptr, z_ptr, kl_ptr, d, BLOCK_D: tl.const
         cols = start + tl.arange(0, BLOCK_D)
         mask = cols < d
         offs = row * d + cols
-        m = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(ACC)
-        e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lv = tl.minimum(tl.maximum(lv, LOGVAR_MIN), LOGVAR_MAX)
-        s = tl.exp(0.5 * lv)
+        m, lv, e, s = _load_inputs(mu_ptr, lv_ptr, eps_ptr, offs, mask, ACC)
         tl.store(z_ptr + offs, (m + s * e).to(z_ptr.dtype.element_ty), mask=mask)
         acc += tl.where(mask, s * s + m * m - 1.0 - lv, 0.0)
     tl.store(kl_ptr + row, (0.5 * tl.sum(acc, axis=0)).to(kl_ptr.dtype.element_ty))
@@ -42,12 +48,8 @@ def _backward_kernel(gz_ptr, gkl_ptr, mu_ptr, lv_ptr, eps_ptr, gmu_ptr, glv_ptr,
         cols = start + tl.arange(0, BLOCK_D)
         mask = cols < d
         offs = row * d + cols
-        m = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lv = tl.load(lv_ptr + offs, mask=mask, other=0.0).to(ACC)
-        e = tl.load(eps_ptr + offs, mask=mask, other=0.0).to(ACC)
+        m, lv, e, s = _load_inputs(mu_ptr, lv_ptr, eps_ptr, offs, mask, ACC)
         gz = tl.load(gz_ptr + offs, mask=mask, other=0.0).to(ACC)
-        lv = tl.minimum(tl.maximum(lv, LOGVAR_MIN), LOGVAR_MAX)
-        s = tl.exp(0.5 * lv)
         tl.store(gmu_ptr + offs, (gz + g * m).to(gmu_ptr.dtype.element_ty), mask=mask)
         tl.store(glv_ptr + offs, (0.5 * (gz * s * e + g * (s * s - 1.0))).to(glv_ptr.dtype.element_ty), mask=mask)
 
