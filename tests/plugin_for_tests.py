@@ -7,7 +7,7 @@ from torch import nn
 
 import vaekit
 from vaekit.data import DataBundle
-from vaekit.interfaces import Likelihood, Regularizer
+from vaekit.interfaces import Regularizer
 from vaekit.plugins.likelihoods import BernoulliLikelihood
 
 CALLS: list[tuple] = []

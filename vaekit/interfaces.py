@@ -7,9 +7,8 @@ for the latent dimension.  Log-densities are in nats, one value per sample.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -250,6 +249,3 @@ class Regularizer(nn.Module):
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
         """Called after each epoch."""
-
-
-LOG_2PI = math.log(2 * math.pi)
