@@ -34,6 +34,20 @@ def _flags() -> tuple[str, list[str]]:
     return f"vaekit_reparameterize_kl_{tag}", flags
 
 
+def _ninja_on_path() -> None:
+    """torch's JIT build runs ``ninja`` from PATH; the ``ninja`` wheel's binary may not be on it (an
+    unactivated virtual environment), so add its folder."""
+    import shutil
+
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
+
 def load() -> bool:
     """Build (first time) and load the kernels; True if they are registered (see :func:`status`)."""
     global _module, _status
@@ -46,6 +60,7 @@ def load() -> bool:
             _status = "torch fallback (VAEKIT_DISABLE_CPP_KERNEL is set)"
             return None
         name, flags = _flags()
+        _ninja_on_path()
         try:
             from torch.utils.cpp_extension import get_default_build_root
             from torch.utils.cpp_extension import load as load_extension
