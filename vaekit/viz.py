@@ -117,8 +117,15 @@ def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> N
         ax.set_xlabel("z1")
         ax.set_ylabel("z2")
         ax.set_title("posterior means")
-    if y is not None:
-        sc = ax.scatter(z2[:, 0], z2[:, 1], c=y.numpy(), cmap="tab10", s=6, alpha=0.8)
+    if y is not None and int(y.max()) < 20:  # a legend per class
+        labels = y.numpy()
+        cmap = plt.get_cmap("tab20" if labels.max() >= 10 else "tab10")
+        for c in np.unique(labels):
+            pts = z2[labels == c]
+            ax.scatter(pts[:, 0], pts[:, 1], color=cmap(int(c)), s=6, alpha=0.8, label=str(c))
+        ax.legend(title="label", markerscale=3, fontsize="small", loc="center left", bbox_to_anchor=(1.0, 0.5))
+    elif y is not None:
+        sc = ax.scatter(z2[:, 0], z2[:, 1], c=y.numpy(), cmap="viridis", s=6, alpha=0.8)
         fig.colorbar(sc, ax=ax, label="label")
     else:
         ax.scatter(z2[:, 0], z2[:, 1], s=6, alpha=0.8)
