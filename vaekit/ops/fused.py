@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernel
-from .reference import reparameterize_kl_backward_eager, reparameterize_kl_eager
+from .reference import LOGVAR_MAX, LOGVAR_MIN, reparameterize_kl_backward_eager, reparameterize_kl_eager
 
 def _rows(t: Tensor) -> Tensor:
     """``[..., d]`` -> contiguous ``[rows, d]``."""
@@ -98,7 +98,7 @@ def _backward(ctx, grad_z: Tensor, grad_kl: Tensor):
         gmu, glv = _BACKWARD(grad_z, grad_kl, mu, logvar, eps)
     geps = None
     if ctx.needs_input_grad[2]:
-        geps = grad_z * torch.exp(0.5 * logvar.clamp(-30.0, 30.0))
+        geps = grad_z * torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
     return gmu, glv, geps
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.distributions import Distribution, Independent, Normal
 
 from .. import hookimpl
-from ..interfaces import Prior
+from ..interfaces import Prior, standard_normal
 from ..ops import LOGVAR_MAX, LOGVAR_MIN, reparameterize_kl, reparameterize_kl_eager
 
 
@@ -41,8 +41,7 @@ class GaussianPrior(Prior):
         return self.split(params)[0]
 
     def distribution(self) -> Distribution:
-        zeros = self._device_anchor.new_zeros(self.latent_dim)
-        return Independent(Normal(zeros, torch.ones_like(zeros), validate_args=False), 1, validate_args=False)
+        return standard_normal(self.latent_dim, self._device_anchor)
 
     def rsample_kl(self, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.split(params)
