@@ -9,7 +9,7 @@ WAE-MMD and of the latent-space evaluation.
 
 from .fused import reparameterize_kl
 from .mmd import kernel_matrix, mmd2_unbiased
-from .reference import LOGVAR_MAX, LOGVAR_MIN, gaussian_kl, reparameterize_kl_eager
+from .reference import LOGVAR_MAX, LOGVAR_MIN, clamp_logvar, gaussian_kl, logvar_bounds, reparameterize_kl_eager
 
-__all__ = ["LOGVAR_MAX", "LOGVAR_MIN", "gaussian_kl", "kernel_matrix", "mmd2_unbiased", "reparameterize_kl",
-           "reparameterize_kl_eager"]
+__all__ = ["LOGVAR_MAX", "LOGVAR_MIN", "clamp_logvar", "gaussian_kl", "kernel_matrix", "logvar_bounds",
+           "mmd2_unbiased", "reparameterize_kl", "reparameterize_kl_eager"]

@@ -1,30 +1,60 @@
 """The vectorised C++ CPU kernels of the fused op, compiled on first use and cached.
 
 ``torch.utils.cpp_extension.load`` builds ``csrc/reparameterize_kl.cpp`` against the installed
-torch (about 30 s on 2 cores, once; cached under ``torch.utils.cpp_extension.get_default_build_root()``)
-and loads it as a library whose ``TORCH_LIBRARY_IMPL(vaekit, CPU, …)`` registers the CPU kernels
-of ``vaekit::reparameterize_kl`` and its backward, so CPU calls never pass through Python.
-Where that is impossible (no C++ compiler or ninja, or ``VAEKIT_DISABLE_CPP_KERNEL=1``) the ops
-keep their eager implementation and :func:`status` says why.
+torch (about 30 s on 2 cores, once) and loads it as a library whose
+``TORCH_LIBRARY_IMPL(vaekit, CPU, …)`` registers the CPU kernels of ``vaekit::reparameterize_kl``
+and its backward, so CPU calls never pass through Python.
+
+The build is safe against kills, races and other installs:
+
+* **Cache key.**  Kernels live in ``$VAEKIT_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/vaekit`` or
+  ``~/.cache/vaekit``) under ``<name>-<key>``, the key hashing the source, the flags, the clamp
+  bounds, torch's and Python's versions: two checkouts or versions never rebuild each other's
+  kernel.
+* **Atomic publish.**  A build runs in a private folder ``<name>-<key>.build-<pid>`` and is renamed
+  into place only once the library has loaded, so a kill at any moment leaves either no kernel
+  or a complete one, never a half-built one that is trusted.
+* **A lock that cannot go stale.**  Builders serialise on ``fcntl.flock`` of ``<name>-<key>.lock``,
+  which the operating system releases when its holder dies (SIGKILL and OOM included); the next
+  builder removes the dead one's folder.  A process that waits longer than
+  ``$VAEKIT_KERNEL_BUILD_TIMEOUT`` seconds (default 300) for a live builder gives up and uses the
+  eager formula, with one warning line.
+
+Where the kernel is impossible (no C++ compiler or ninja, or ``VAEKIT_DISABLE_CPP_KERNEL=1``) the
+ops keep their eager implementation and :func:`status` says why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import platform
+import shutil
 import sys
 import threading
+import time
 from pathlib import Path
+
 import torch
 
+from .reference import LOGVAR_MAX, LOGVAR_MAX_FLOAT16, LOGVAR_MIN
+
 SOURCE = Path(__file__).parent / "csrc" / "reparameterize_kl.cpp"
+DEFAULT_TIMEOUT_S = 300.0
 _lock = threading.Lock()
 _module: bool = False
 _status: str | None = None
 
 
 def _flags() -> tuple[str, list[str]]:
-    """Extension name and compiler flags for this CPU: AVX2 (with Sleef exp) where the CPU has it."""
-    flags = ["-O3"]
+    """Extension name and compiler flags for this CPU: AVX2 (with Sleef exp) where the CPU has it.
+
+    The clamp bounds of :mod:`vaekit.ops.reference` are passed as definitions, so the C++ kernel
+    cannot disagree with the eager and Triton implementations.
+    """
+    flags = ["-O3", f"-DVAEKIT_LOGVAR_MIN={LOGVAR_MIN!r}", f"-DVAEKIT_LOGVAR_MAX={LOGVAR_MAX!r}",
+             f"-DVAEKIT_LOGVAR_MAX_FLOAT16={LOGVAR_MAX_FLOAT16!r}"]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
@@ -34,11 +64,71 @@ def _flags() -> tuple[str, list[str]]:
     return f"vaekit_reparameterize_kl_{tag}", flags
 
 
+def cache_root() -> Path:
+    """Where built kernels are kept: ``$VAEKIT_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/vaekit``, else ``~/.cache/vaekit``."""
+    if os.environ.get("VAEKIT_KERNEL_CACHE"):
+        return Path(os.environ["VAEKIT_KERNEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vaekit"
+
+
+def cache_key(source: bytes, flags: list[str]) -> str:
+    """16 hex digits identifying a build: source, flags, torch, Python ABI and machine."""
+    h = hashlib.sha256(source)
+    for part in (*flags, torch.__version__, sys.implementation.cache_tag, platform.machine(),
+                 os.environ.get("CXX", "")):
+        h.update(b"\0" + part.encode())
+    return h.hexdigest()[:16]
+
+
+def kernel_dir() -> Path:
+    """The folder this install's kernel is published in (``<cache_root>/<name>-<key>``); the build
+    lock is that path plus ``.lock``, builds in progress that path plus ``.build-<pid>``."""
+    name, flags = _flags()
+    return cache_root() / f"{name}-{cache_key(SOURCE.read_bytes(), flags)}"
+
+
+def _timeout() -> float:
+    try:
+        return float(os.environ.get("VAEKIT_KERNEL_BUILD_TIMEOUT", DEFAULT_TIMEOUT_S))
+    except ValueError:
+        return DEFAULT_TIMEOUT_S
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, timeout: float, on_wait):
+    """Hold ``flock(path)`` exclusively; yields False if another holder kept it past ``timeout`` s.
+
+    The kernel drops the lock when its holder's process ends, however it ends.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: builds still publish atomically
+        yield True
+        return
+    with open(path, "a") as f:
+        deadline, waited = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                if not waited:
+                    on_wait()
+                    waited = True
+                time.sleep(0.2)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _ninja_on_path() -> None:
     """torch's JIT build runs ``ninja`` from PATH; the ``ninja`` wheel's binary may not be on it (an
     unactivated virtual environment), so add its folder."""
-    import shutil
-
     if shutil.which("ninja") is None:
         try:
             import ninja
@@ -46,6 +136,45 @@ def _ninja_on_path() -> None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         except ImportError:
             pass
+
+
+def _say(message: str) -> None:
+    print(f"vaekit: {message}", file=sys.stderr, flush=True)
+
+
+def _build(name: str, flags: list[str], final: Path) -> str:
+    """Load the cached kernel, building it first if needed; returns how it was obtained.
+
+    Raises TimeoutError if another live process holds the build lock past the timeout, or any
+    error of the compiler or loader.
+    """
+    root = final.parent
+    library = final / f"{name}.so"
+    if library.is_file():
+        torch.ops.load_library(str(library))
+        return "cached"
+    root.mkdir(parents=True, exist_ok=True)
+    timeout = _timeout()
+    wait_note = lambda: _say(f"waiting up to {timeout:g} s for another process building the fused CPU kernel")  # noqa: E731
+    with _exclusive(root / f"{final.name}.lock", timeout, wait_note) as acquired:
+        if not acquired:
+            raise TimeoutError(f"another process held the kernel build lock for {timeout:g} s")
+        if library.is_file():  # built by the process we waited for
+            torch.ops.load_library(str(library))
+            return "cached"
+        for stale in root.glob(f"{final.name}.build-*"):  # left by builders that were killed
+            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        build = root / f"{final.name}.build-{os.getpid()}"
+        build.mkdir()
+        _say(f"compiling the fused CPU kernel (first use only, cached in {final})")
+        _ninja_on_path()
+        from torch.utils.cpp_extension import load as load_extension
+
+        load_extension(name=name, sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(build),
+                       is_python_module=False, verbose=False)
+        os.replace(build, final)  # publish: complete and loadable, or absent
+        return "built"
 
 
 def load() -> bool:
@@ -58,24 +187,16 @@ def load() -> bool:
             return _module
         if os.environ.get("VAEKIT_DISABLE_CPP_KERNEL", "") not in ("", "0"):
             _status = "torch fallback (VAEKIT_DISABLE_CPP_KERNEL is set)"
-            return None
+            return False
         name, flags = _flags()
-        _ninja_on_path()
         try:
-            from torch.utils.cpp_extension import get_default_build_root
-            from torch.utils.cpp_extension import load as load_extension
-
-            root = Path(get_default_build_root())
-            if not any(root.glob(f"*/{name}/{name}.so")):
-                print(f"vaekit: compiling the fused CPU kernel (first use only, cached in {root})",
-                      file=sys.stderr, flush=True)
-            load_extension(name=name, sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False)
+            how = _build(name, flags, kernel_dir())
             _module = True
-            _status = f"C++ kernel ({name})"
+            _status = f"C++ kernel ({name}, {how})"
         except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             _status = f"torch fallback (C++ kernel unavailable: {first})"
-            print(f"vaekit: {_status}", file=sys.stderr, flush=True)
+            _say(f"{_status}; training continues with the eager formula")
             _module = False
     return bool(_module)
 

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernel
-from .reference import LOGVAR_MAX, LOGVAR_MIN, reparameterize_kl_backward_eager, reparameterize_kl_eager
+from .reference import clamp_logvar, compute_dtype, reparameterize_kl_backward_eager, reparameterize_kl_eager
+
 
 def _rows(t: Tensor) -> Tensor:
     """``[..., d]`` -> contiguous ``[rows, d]``."""
@@ -38,7 +39,13 @@ def _op(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
 
 @_op.register_fake
 def _(mu: Tensor, logvar: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(mu, memory_format=torch.contiguous_format), mu.new_empty(mu.shape[:-1])
+    return (torch.empty_like(mu, memory_format=torch.contiguous_format),
+            mu.new_empty(mu.shape[:-1], dtype=compute_dtype(mu.dtype)))
+
+
+# Under autocast the op runs in float32, like torch's own exp/sum (its KL is a loss term).
+for _device_type in ("cpu", "cuda"):
+    torch.library.register_autocast("vaekit::reparameterize_kl", _device_type, torch.float32)
 
 
 # --- backward ---------------------------------------------------------------------------------
@@ -98,7 +105,7 @@ def _backward(ctx, grad_z: Tensor, grad_kl: Tensor):
         gmu, glv = _BACKWARD(grad_z, grad_kl, mu, logvar, eps)
     geps = None
     if ctx.needs_input_grad[2]:
-        geps = grad_z * torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+        geps = grad_z * torch.exp(0.5 * clamp_logvar(logvar))
     return gmu, glv, geps
 
 
@@ -116,15 +123,19 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> 
 
     ``z = μ + exp(½ log σ²) ⊙ ε`` and ``KL(N(μ, σ²) ‖ N(0, I)) = ½ Σ_k (σ_k² + μ_k² − 1 − log σ_k²)``.
 
-    mu, logvar: ``[..., d]``, same shape and floating dtype (float16/bfloat16 are computed and
-    the KL summed in float32); eps: ``[..., d]`` standard-normal noise, or None to draw it here
-    with ``torch.randn_like(mu)`` from torch's global RNG (``torch.manual_seed`` makes it
-    reproducible; the op itself is deterministic).  Returns ``z [..., d]`` and ``kl [...]`` in
-    nats.  Any leading batch dimensions, non-contiguous inputs and empty batches are accepted.
+    mu, logvar: ``[..., d]``, same shape and floating dtype; eps: ``[..., d]`` standard-normal
+    noise, or None to draw it here with ``torch.randn_like(mu)`` (the RNG of ``mu``'s device, so
+    ``torch.manual_seed`` makes it reproducible; the op itself is deterministic).  Returns
+    ``z [..., d]`` in the dtype of ``mu`` and ``kl [...]`` in nats.  Any leading batch
+    dimensions, non-contiguous inputs and empty batches are accepted.
 
-    Numerics: log σ² is clamped to [−30, 30] before exponentiating, so no value overflows and no
-    gradient becomes NaN however far outside that range it is; the gradient is taken at the
-    clamped value and passed straight through, so the KL still pulls log σ² back into range.
+    Numerics (the same in the C++, Triton and eager implementations, see
+    :mod:`vaekit.ops.reference`): float16/bfloat16 inputs are computed in float32 and the KL is
+    returned in float32; log σ² is clamped to [−30, 30] ([−30, 11] for float16, so σ² fits the
+    dtype) before exponentiating, so no value or gradient overflows however far outside that
+    range it is; the gradient w.r.t. log σ² passes straight through the clamp (evaluated at the
+    clamped value), so the KL still pulls an out-of-range log σ² back.  Under
+    ``torch.autocast`` the op runs in float32.
 
     Raises ValueError if the shapes or dtypes of ``mu``, ``logvar`` (and ``eps``) differ.
     """

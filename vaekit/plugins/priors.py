@@ -7,7 +7,7 @@ from torch.distributions import Distribution, Independent, Normal
 
 from .. import hookimpl
 from ..interfaces import Prior, standard_normal
-from ..ops import LOGVAR_MAX, LOGVAR_MIN, reparameterize_kl, reparameterize_kl_eager
+from ..ops import clamp_logvar, reparameterize_kl, reparameterize_kl_eager
 
 
 class GaussianPrior(Prior):
@@ -17,7 +17,8 @@ class GaussianPrior(Prior):
     ``z = μ + σ ⊙ ε`` and ``KL = ½ Σ_k (σ_k² + μ_k² − 1 − log σ_k²)`` nats, both from the fused
     op :func:`vaekit.ops.reparameterize_kl` (one kernel forward and one backward), or from the
     unfused eager formula with ``fused=false`` (``vaekit run --no-fused-op``); both draw ε from
-    the same random stream.  log σ² is clamped to [−30, 30] before exponentiating.
+    the same random stream.  log σ² is clamped as in :mod:`vaekit.ops.reference` (the same
+    bounds and straight-through gradient for the fused op, the eager formula and :meth:`posterior`).
 
     :param fused: use the fused reparameterize + KL op.
     """
@@ -34,7 +35,7 @@ class GaussianPrior(Prior):
 
     def posterior(self, params: torch.Tensor) -> Distribution:
         mu, logvar = self.split(params)
-        std = torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+        std = torch.exp(0.5 * clamp_logvar(logvar))
         return Independent(Normal(mu, std, validate_args=False), 1, validate_args=False)
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 // Fused reparameterize + KL for a diagonal Gaussian posterior and a standard-normal prior.
 //
-//   forward:  lv_c = clamp(logvar, -30, 30),  s = exp(lv_c / 2)
+//   forward:  lv_c = clamp(logvar, lo, hi),  s = exp(lv_c / 2)
 //             z  = mu + s * eps
 //             kl = 1/2 * sum_k (s_k^2 + mu_k^2 - 1 - lv_c_k)              (one value per row)
 //   backward: grad_mu     = grad_z + grad_kl * mu
@@ -8,7 +8,9 @@
 //
 // One pass over the inputs each way, vectorised with ATen's Vectorized (Sleef exp where the CPU
 // has AVX2/AVX-512), rows split across threads with at::parallel_for. Inputs are [rows, d],
-// contiguous, float32 or float64 (the Python wrapper upcasts half types and accumulates in float32).
+// contiguous, float32 or float64: half types are computed in float32, z is rounded back to the input
+// dtype and the KL returned in float32. The bounds [lo, hi] come from vaekit/ops/reference.py
+// (logvar_bounds) as compiler definitions, so every implementation clamps alike.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
@@ -18,23 +20,30 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <utility>
 
 namespace {
 
 using at::vec::Vectorized;
 
-constexpr double kLogvarMin = -30.0;
-constexpr double kLogvarMax = 30.0;
+#if !defined(VAEKIT_LOGVAR_MIN) || !defined(VAEKIT_LOGVAR_MAX) || !defined(VAEKIT_LOGVAR_MAX_FLOAT16)
+#error "build through vaekit/ops/cpu_kernel.py, which defines the clamp bounds from vaekit/ops/reference.py"
+#endif
+
+// the clamp (lo, hi) for inputs of `dtype`: vaekit.ops.reference.logvar_bounds
+std::pair<double, double> logvar_bounds(at::ScalarType dtype) {
+  return {VAEKIT_LOGVAR_MIN, dtype == at::kHalf ? VAEKIT_LOGVAR_MAX_FLOAT16 : VAEKIT_LOGVAR_MAX};
+}
 
 // rows per task: about at::internal::GRAIN_SIZE (32768) elements, as ATen's own elementwise kernels use
 int64_t grain_for(int64_t d) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)); }
 
 template <typename T>
-void forward_rows(const T* mu, const T* lv, const T* eps, T* z, T* kl, int64_t rows, int64_t d) {
+void forward_rows(const T* mu, const T* lv, const T* eps, T* z, T* kl, int64_t rows, int64_t d, T lo_, T hi_) {
   using Vec = Vectorized<T>;
   const int64_t n = Vec::size();
   at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
-    const Vec half{T(0.5)}, one{T(1)}, lo{T(kLogvarMin)}, hi{T(kLogvarMax)};
+    const Vec half{T(0.5)}, one{T(1)}, lo{lo_}, hi{hi_};
     for (int64_t r = begin; r < end; ++r) {
       const T* m = mu + r * d;
       const T* l = lv + r * d;
@@ -51,7 +60,7 @@ void forward_rows(const T* mu, const T* lv, const T* eps, T* z, T* kl, int64_t r
       }
       T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
       for (; k < d; ++k) {
-        T vl = std::min(std::max(l[k], T(kLogvarMin)), T(kLogvarMax));
+        T vl = std::min(std::max(l[k], lo_), hi_);
         T s = std::exp(T(0.5) * vl);
         zr[k] = m[k] + s * e[k];
         sum += s * s + m[k] * m[k] - T(1) - vl;
@@ -63,11 +72,11 @@ void forward_rows(const T* mu, const T* lv, const T* eps, T* z, T* kl, int64_t r
 
 template <typename T>
 void backward_rows(const T* gz, const T* gkl, const T* mu, const T* lv, const T* eps, T* gmu, T* glv,
-                   int64_t rows, int64_t d) {
+                   int64_t rows, int64_t d, T lo_, T hi_) {
   using Vec = Vectorized<T>;
   const int64_t n = Vec::size();
   at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
-    const Vec half{T(0.5)}, one{T(1)}, lo{T(kLogvarMin)}, hi{T(kLogvarMax)};
+    const Vec half{T(0.5)}, one{T(1)}, lo{lo_}, hi{hi_};
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * d;
       const T g = gkl[r];
@@ -82,7 +91,7 @@ void backward_rows(const T* gz, const T* gkl, const T* mu, const T* lv, const T*
         (half * (vgz * s * Vec::loadu(eps + o + k) + vg * (s * s - one))).store(glv + o + k);
       }
       for (; k < d; ++k) {
-        T vl = std::min(std::max(lv[o + k], T(kLogvarMin)), T(kLogvarMax));
+        T vl = std::min(std::max(lv[o + k], lo_), hi_);
         T s = std::exp(T(0.5) * vl);
         gmu[o + k] = gz[o + k] + g * mu[o + k];
         glv[o + k] = T(0.5) * (gz[o + k] * s * eps[o + k] + g * (s * s - T(1)));
@@ -119,12 +128,13 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& mu, const at::Tenso
   at::Tensor m = as_rows(mu, rows, d, compute), l = as_rows(logvar, rows, d, compute), e = as_rows(eps, rows, d, compute);
   at::Tensor z = at::empty({rows, d}, m.options());
   at::Tensor kl = at::empty({rows}, m.options());
+  const std::pair<double, double> bounds = logvar_bounds(mu.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(compute, "reparameterize_kl_forward", [&] {
     forward_rows<scalar_t>(m.data_ptr<scalar_t>(), l.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(),
-                           z.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(), rows, d);
+                           z.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(), rows, d, scalar_t(bounds.first), scalar_t(bounds.second));
   });
   auto batch = mu.sizes().slice(0, mu.dim() - 1);
-  return {z.view(mu.sizes()).to(mu.scalar_type()), kl.view(batch).to(mu.scalar_type())};
+  return {z.view(mu.sizes()).to(mu.scalar_type()), kl.view(batch)};  // the KL stays in the compute dtype
 }
 
 // grad_z [..., d], grad_kl [...], inputs [..., d] -> (grad_mu, grad_logvar); CPU kernel of
@@ -139,10 +149,11 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_z, const at::
   at::Tensor gk = grad_kl.reshape({rows}).to(compute).contiguous();
   at::Tensor gmu = at::empty({rows, d}, m.options());
   at::Tensor glv = at::empty({rows, d}, m.options());
+  const std::pair<double, double> bounds = logvar_bounds(mu.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(compute, "reparameterize_kl_backward", [&] {
     backward_rows<scalar_t>(gz.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(), m.data_ptr<scalar_t>(),
                             l.data_ptr<scalar_t>(), e.data_ptr<scalar_t>(), gmu.data_ptr<scalar_t>(),
-                            glv.data_ptr<scalar_t>(), rows, d);
+                            glv.data_ptr<scalar_t>(), rows, d, scalar_t(bounds.first), scalar_t(bounds.second));
   });
   return {gmu.view(mu.sizes()).to(mu.scalar_type()), glv.view(mu.sizes()).to(mu.scalar_type())};
 }

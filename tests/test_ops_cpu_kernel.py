@@ -1,0 +1,114 @@
+"""The fused op's C++ kernel build: keyed cache, a lock that cannot go stale, kills at any moment."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vaekit.ops import cpu_kernel
+
+# What a vaekit command does with the kernel: run the op once on the CPU and report which path ran.
+SCRIPT = """
+import torch
+from vaekit.ops import cpu_kernel, reparameterize_kl
+z, kl = reparameterize_kl(torch.zeros(4, 3), torch.zeros(4, 3), torch.ones(4, 3))
+assert torch.equal(z, torch.ones(4, 3)) and torch.allclose(kl, torch.zeros(4))
+print("STATUS", cpu_kernel.status())
+"""
+
+
+def _env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "VAEKIT_DISABLE_CPP_KERNEL"}
+    return {**env, "VAEKIT_KERNEL_CACHE": str(cache), **extra}
+
+
+def _run(env, timeout=400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _kernel_dir(cache: Path) -> Path:
+    old = os.environ.get("VAEKIT_KERNEL_CACHE")
+    os.environ["VAEKIT_KERNEL_CACHE"] = str(cache)
+    try:
+        return cpu_kernel.kernel_dir()
+    finally:
+        if old is None:
+            del os.environ["VAEKIT_KERNEL_CACHE"]
+        else:
+            os.environ["VAEKIT_KERNEL_CACHE"] = old
+
+
+def test_cache_key_separates_sources_flags_and_torch_versions(monkeypatch):
+    source, flags = b"int f() { return 1; }", ["-O3"]
+    key = cpu_kernel.cache_key(source, flags)
+    assert key == cpu_kernel.cache_key(source, list(flags))
+    assert key != cpu_kernel.cache_key(source + b" ", flags)  # another checkout or version of the kernel
+    assert key != cpu_kernel.cache_key(source, ["-O2"])
+    monkeypatch.setattr(cpu_kernel.torch, "__version__", "0.0.0")
+    assert key != cpu_kernel.cache_key(source, flags)
+
+
+def test_a_live_builder_gets_a_bounded_wait_then_the_eager_path(tmp_path):
+    """Another process holding the build lock past the timeout: the run goes on with the eager formula."""
+    if not hasattr(fcntl, "flock"):
+        pytest.skip("no flock")
+    lock = _kernel_dir(tmp_path).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        start = time.monotonic()
+        out = _run(_env(tmp_path, VAEKIT_KERNEL_BUILD_TIMEOUT="2"), timeout=120)
+        waited = time.monotonic() - start
+    assert out.returncode == 0, out.stderr
+    assert "STATUS torch fallback" in out.stdout and "held the kernel build lock for 2 s" in out.stdout
+    assert waited < 60
+    fallback = [line for line in out.stderr.splitlines() if "fallback" in line]
+    assert len(fallback) == 1, out.stderr
+
+
+def _wait_for(predicate, proc, limit=300.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        assert proc.poll() is None, "the build finished before the moment of the kill"
+        assert time.monotonic() < deadline, "timed out waiting for the moment of the kill"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kills_during_a_cold_cache_build_never_hang_a_later_run(tmp_path):
+    """SIGKILL a cold-cache build at several moments (the python process alone, as the OOM killer does,
+    or its whole process group): the next run completes, with the compiled kernel, and later runs reuse it."""
+    env = _env(tmp_path)
+    final = _kernel_dir(tmp_path)
+    building = lambda: list(tmp_path.glob(final.name + ".build-*"))  # noqa: E731
+    moments = [
+        ("while the compiler starts", lambda: bool(building()), False),
+        ("after the object file is written (linking/loading)",
+         lambda: any(p.glob("*.o") for p in building()), True),
+    ]
+    for what, moment, whole_group in moments:
+        proc = subprocess.Popen([sys.executable, "-c", SCRIPT], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            _wait_for(moment, proc)
+        finally:
+            if whole_group:
+                os.killpg(proc.pid, signal.SIGKILL)
+            else:
+                proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+        assert not final.exists(), f"a build killed {what} published a kernel"
+    out = _run(env)
+    assert out.returncode == 0, out.stderr
+    assert "STATUS C++ kernel" in out.stdout and "built" in out.stdout, out.stdout + out.stderr
+    assert (final / f"{final.name.rsplit('-', 1)[0]}.so").is_file()
+    assert not building(), "the killed builds' folders were not cleaned up"
+    again = _run(env)
+    assert "STATUS C++ kernel" in again.stdout and "cached" in again.stdout, again.stdout + again.stderr
