@@ -154,23 +154,51 @@ def unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def rng_states(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random stream a run draws from: the CPU's (``rng.torch``), each initialised CUDA
+    device's (``rng.cuda.<i>``: the noise ε and prior draws of a CUDA run) and the run's own
+    shuffling/binarization ``generator`` (``rng.generator``)."""
+    states = {"rng.torch": torch.get_rng_state(), "rng.generator": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"rng.cuda.{i}"] = state
+    return states
+
+
+def set_rng_states(tensors: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """Restore what :func:`rng_states` saved (CUDA devices that exist here; KeyError if the CPU's is missing)."""
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.generator"])
+    for name, state in tensors.items():
+        if name.startswith("rng.cuda."):
+            index = int(name.rsplit(".", 1)[1])
+            if torch.cuda.is_available() and index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(state, index)
+
+
 def save_trainer_state(run_dir: Path, epoch: int, step: int, optimizers: dict[str, torch.optim.Optimizer],
-                       generator: torch.Generator) -> None:
-    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state(), "rng.generator": generator.get_state()}
+                       generator: torch.Generator, amp=None) -> None:
+    """Write optimizers, every RNG stream (:func:`rng_states`), the gradient scaler of ``amp``
+    (:class:`~vaekit.precision.MixedPrecision`) and the epoch/step reached, atomically."""
+    tensors: dict[str, torch.Tensor] = rng_states(generator)
     meta: dict[str, str] = {"epoch": str(epoch), "step": str(step)}
+    if amp is not None:
+        meta["scaler"] = json.dumps(amp.state_dict())
     for name, opt in optimizers.items():
         flatten_optimizer(f"optim.{name}", opt, tensors, meta)
     save_tensors(Path(run_dir) / STATE, tensors, meta)
 
 
-def load_trainer_state(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator) -> tuple[int, int]:
-    """Restore optimizers and RNG states; return ``(epoch, step)`` reached."""
+def load_trainer_state(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
+                       amp=None) -> tuple[int, int]:
+    """Restore optimizers, RNG states and the gradient scaler; return ``(epoch, step)`` reached."""
     tensors, meta = load_tensors(Path(run_dir) / STATE, "trainer state")
     try:
         for name, opt in optimizers.items():
             unflatten_optimizer(f"optim.{name}", opt, tensors, meta)
-        torch.set_rng_state(tensors["rng.torch"])
-        generator.set_state(tensors["rng.generator"])
+        set_rng_states(tensors, generator)
+        if amp is not None:
+            amp.load_state_dict(json.loads(meta.get("scaler", "{}")))
         return int(meta["epoch"]), int(meta["step"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"trainer state in {str(run_dir)!r} does not match this run ({_short(e)})") from None

@@ -19,6 +19,7 @@ else:  # pragma: no cover
 
 Binarize = Literal["auto", "dynamic", "static", "none"]
 Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 _SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood")
 
@@ -30,7 +31,9 @@ class RunConfig:
     Plugin fields are :class:`~vaekit.registry.PluginSpec` (``"conv:channels=32,64"``);
     ``decoder=None`` means "the decoder of the encoder's name".  ``binarize``
     ``auto`` picks the likelihood's default (dynamic for Bernoulli, none
-    otherwise).  ``out=None`` means ``runs/<timestamp>-<encoder>-<prior>``.
+    otherwise).  ``out=None`` means ``runs/<timestamp>-<encoder>-<prior>``.  ``precision``
+    ``bf16``/``fp16`` trains under ``torch.autocast`` (fp16 with a gradient scaler); evaluation
+    stays in float32.
     """
 
     data: PluginSpec = field(default_factory=lambda: PluginSpec("mnist"))
@@ -47,6 +50,7 @@ class RunConfig:
     seed: int = 0
     device: Device = "auto"
     binarize: Binarize = "auto"
+    precision: Precision = "fp32"
     out: str | None = None
 
     def __post_init__(self) -> None:
@@ -58,7 +62,7 @@ class RunConfig:
             self.regularizers = [self.regularizers]
         self.regularizers = [_parse_spec(r, "regularizer") for r in self.regularizers]
         hints = {"latent_dim": int, "beta": float, "epochs": int, "batch_size": int, "lr": float, "seed": int,
-                 "device": Device, "binarize": Binarize}
+                 "device": Device, "binarize": Binarize, "precision": Precision}
         for name, typ in hints.items():
             setattr(self, name, coerce(getattr(self, name), typ, name.replace("_", "-")))
         if self.latent_dim < 1:

@@ -21,6 +21,7 @@ from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluation import elbo_terms
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model
+from .precision import MixedPrecision
 from .registry import PluginSpec
 
 TEST_BINARIZE_SEED = 1234  # the test set is binarized once, identically for every run
@@ -93,6 +94,7 @@ class Trainer:
         cfg = self.config
         self.data = load_data(cfg.data, self.pm)
         self.device = resolve_device(cfg.device)
+        self.amp = MixedPrecision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.shape, self.pm).to(self.device)
@@ -123,8 +125,10 @@ class Trainer:
     @torch.no_grad()
     def _warm_up(self) -> None:
         """One forward pass on two samples before any timing: builds lazily compiled kernels (the fused
-        op's C++ kernel on first use) without touching the RNG streams or normalisation statistics."""
-        with torch.random.fork_rng(devices=[]):
+        op's C++ kernel on first use, Triton's on CUDA) without touching the RNG streams (CPU and
+        the training device's) or normalisation statistics."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self.amp.autocast():
             self.model.eval()
             self.model(self.train_x[:2])
             self.model.train()
@@ -192,7 +196,7 @@ class Trainer:
 
     def _restore(self) -> None:
         checkpoint.load_model_weights(self.run_dir, self.model)
-        epoch, self.step = checkpoint.load_trainer_state(self.run_dir, self.optimizers, self.generator)
+        epoch, self.step = checkpoint.load_trainer_state(self.run_dir, self.optimizers, self.generator, self.amp)
         self.start_epoch = epoch + 1
         self.history = [m for m in _read_metrics(self.run_dir) if m.get("epoch", 0) <= epoch]
         _write_metrics(self.run_dir, self.history)  # drop lines of an epoch that had not been checkpointed
@@ -259,19 +263,20 @@ class Trainer:
             idx = perm[b0 : b0 + cfg.batch_size]
             x = x_all[idx]
             c = None if self.train_y is None else self.train_y[idx]
-            record = model(x, c)
+            with self.amp.autocast():
+                record = model(x, c)
             extra: dict[str, float] = {}
             for reg, opt in reg_opts:
                 if opt is not None:
                     extra.update(reg.update(record, opt))
-            loss, terms = model.loss(record, cfg.beta)
+            with self.amp.autocast():
+                loss, terms = model.loss(record, cfg.beta)
             value = loss.item()
             self.step += 1
             if not math.isfinite(value):
                 raise TrainingError(self._nan_message(value, epoch))
             main_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            main_opt.step()
+            self.amp.step(loss, main_opt)
             bs = x.shape[0]
             count += bs
             for k, v in terms.items():
@@ -298,7 +303,7 @@ class Trainer:
             if not torch.isfinite(p).all():
                 raise TrainingError(f"parameter {name} became NaN/inf in epoch {epoch}; " + self._kept())
         checkpoint.save_model(self.run_dir, self.model, epoch)
-        checkpoint.save_trainer_state(self.run_dir, epoch, self.step, self.optimizers, self.generator)
+        checkpoint.save_trainer_state(self.run_dir, epoch, self.step, self.optimizers, self.generator, self.amp)
 
     def _kept(self) -> str:
         if self.history:

@@ -89,9 +89,11 @@ def plot_reconstructions(model, x: torch.Tensor, path: Path, n: int = 8) -> bool
 
 @torch.no_grad()
 def plot_samples(model, path: Path, n: int = 64, seed: int = 0) -> bool:
+    """``n`` samples ``E[x|z]`` as a grid; z comes from a CPU generator seeded with ``seed``, as in
+    ``vaekit sample`` and the exported ``sample(n, seed)``, so the same seed gives the same
+    samples whatever device the model is on."""
     model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     return save_grid(model.sample(n, gen).cpu(), path, nrow=int(math.sqrt(n)) or 1, title="samples: E[x|z], z ~ p(z)")
 
 

@@ -31,6 +31,7 @@ def run(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (runs are deterministic on the CPU).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     binarize: Annotated[Optional[str], typer.Option(help="dynamic, static, none, or auto (the likelihood's default).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast; CPU and CUDA) or fp16 (autocast + gradient scaler; for CUDA).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<time>-<encoder>-<prior>).")] = None,
     no_fused_op: Annotated[bool, typer.Option("--no-fused-op", help="Use the eager reparameterize + KL formula instead of the fused op (sets the prior's fused=false).")] = False,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
@@ -45,7 +46,7 @@ def run(
         given = {k: v for k, v in dict(no_fused_op=no_fused_op, config=config, data=data, encoder=encoder, decoder=decoder, prior=prior,
                                        likelihood=likelihood, regularizer=regularizer, latent_dim=latent_dim,
                                        beta=beta, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                       binarize=binarize, out=out).items() if v}
+                                       binarize=binarize, precision=precision, out=out).items() if v}
         if given:
             from ..errors import ConfigError
 
@@ -56,7 +57,7 @@ def run(
         cfg = base.replace(
             data=data, encoder=encoder, decoder=decoder, prior=prior, likelihood=likelihood,
             regularizers=regularizer, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
-            lr=lr, seed=seed, device=device, binarize=binarize, out=None if out is None else str(out),
+            lr=lr, seed=seed, device=device, binarize=binarize, precision=precision, out=None if out is None else str(out),
         )
         if no_fused_op:  # the prior's own option; a prior without one says so
             cfg = cfg.replace(prior=PluginSpec(cfg.prior.name, {**cfg.prior.options, "fused": False}))

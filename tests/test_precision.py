@@ -1,0 +1,109 @@
+"""--precision (autocast + gradient scaler) and exact resume on every device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import vaekit
+from vaekit.config import RunConfig
+from vaekit.training import Trainer
+
+from conftest import SMALL_MNIST
+
+FAST = dict(data=SMALL_MNIST, encoder="mlp:hidden=64", latent_dim=4, batch_size=50, quiet=True, figures=False)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _weights(run):
+    return load_file(run.run_dir / "model.safetensors")
+
+
+def _same(a, b) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _OutputDtypes:
+    """Records the dtypes of every nn.Linear output while it is active (a global forward hook)."""
+
+    def __enter__(self):
+        self.seen = set()
+        self.handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: self.seen.add(o.dtype) if isinstance(m, torch.nn.Linear) else None)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_bf16_trains_under_autocast_and_resumes_exactly_on_the_cpu(tmp_path):
+    with _OutputDtypes() as dtypes:
+        full = vaekit.train(epochs=2, precision="bf16", out=str(tmp_path / "full"), **FAST)
+    assert torch.bfloat16 in dtypes.seen  # the layers really ran in bfloat16
+    info = json.loads((full.run_dir / "config.json").read_text())
+    assert info["config"]["precision"] == "bf16"
+    vaekit.train(epochs=1, precision="bf16", out=str(tmp_path / "part"), **FAST)
+    resumed = vaekit.training.resume(tmp_path / "part", epochs=2, quiet=True, figures=False)
+    assert _same(_weights(full), _weights(resumed))  # resume honours bf16 from config.json
+    fp32 = vaekit.train(epochs=2, out=str(tmp_path / "fp32"), **FAST)
+    assert not _same(_weights(full), _weights(fp32))
+    assert full.metrics["test_elbo"] == pytest.approx(fp32.metrics["test_elbo"], rel=0.05)  # learns as fp32 does
+    assert full.history[1]["test_elbo"] > full.history[0]["test_elbo"] + 20  # nats
+
+
+def test_fp16_uses_a_gradient_scaler_whose_state_is_checkpointed(tmp_path):
+    run = vaekit.train(epochs=1, precision="fp16", out=str(tmp_path / "r"), **FAST)
+    assert torch.isfinite(torch.tensor(run.metrics["test_elbo"]))
+    with safe_open(run.run_dir / "trainer_state.safetensors", "pt") as f:
+        scaler = json.loads(f.metadata()["scaler"])
+    assert scaler["scale"] > 1 and "_growth_tracker" in scaler
+
+
+def test_precision_is_validated_and_fixed_on_resume(tmp_path):
+    from typer.testing import CliRunner
+
+    from vaekit.cli import build_app
+
+    with pytest.raises(vaekit.ConfigError, match="precision"):
+        RunConfig(precision="fp8")
+    runner = CliRunner()
+    out = tmp_path / "r"
+    ok = runner.invoke(build_app(), ["run", "--data", SMALL_MNIST, "--encoder", "mlp:hidden=32", "--epochs", "1",
+                                     "--precision", "bf16", "--out", str(out), "--quiet"])
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(build_app(), ["run", "--resume", str(out), "--epochs", "2", "--precision", "fp32"])
+    assert bad.exit_code == 1 and "only --epochs may change (got --precision)" in bad.output
+
+
+def test_checkpoint_holds_every_random_stream(tmp_path):
+    run = vaekit.train(epochs=1, out=str(tmp_path / "r"), **FAST)
+    with safe_open(run.run_dir / "trainer_state.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert {"rng.torch", "rng.generator"} <= names
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        assert "rng.cuda.0" in names
+
+
+@cuda
+def test_cuda_resume_is_exact_and_warm_up_leaves_the_cuda_stream_alone(tmp_path):
+    full = vaekit.train(epochs=2, device="cuda", out=str(tmp_path / "full"), **FAST)
+    vaekit.train(epochs=1, device="cuda", out=str(tmp_path / "part"), **FAST)
+    torch.cuda.manual_seed_all(12345)  # a resumed process starts with another CUDA stream
+    resumed = vaekit.training.resume(tmp_path / "part", epochs=2, quiet=True, figures=False)
+    assert _same(_weights(full), _weights(resumed))
+    t = Trainer(RunConfig(**{**FAST, "device": "cuda", "out": str(tmp_path / "w")}), quiet=True)
+    t.setup()
+    before = torch.cuda.get_rng_state()
+    t._warm_up()
+    assert torch.equal(before, torch.cuda.get_rng_state())
+
+
+@cuda
+def test_bf16_and_fp16_train_on_cuda(tmp_path):
+    for precision in ("bf16", "fp16"):
+        run = vaekit.train(epochs=1, device="cuda", precision=precision, out=str(tmp_path / precision), **FAST)
+        assert torch.isfinite(torch.tensor(run.metrics["test_elbo"]))
