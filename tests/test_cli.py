@@ -44,6 +44,7 @@ def test_run_writes_a_complete_run_directory(cli_run):
     out, result = cli_run
     assert f"run written to {out}" in result.stdout
     assert "epoch 2/2" in result.stderr and "test_elbo" in result.stderr
+    assert "pixels uint8 / 255" in " ".join(result.stderr.split())  # the header line, wrapped by the console
     for name in ("config.json", "model.safetensors", "trainer_state.safetensors", "metrics.jsonl",
                  "reconstructions.png", "samples.png", "latent.png", "manifold.png", "loss.png"):
         assert (out / name).is_file(), name
@@ -51,7 +52,8 @@ def test_run_writes_a_complete_run_directory(cli_run):
     assert info["config"]["encoder"] == {"name": "conv", "options": {"channels": [8, 16], "hidden": 64, "activation": "relu"}}
     assert info["config"]["decoder"]["name"] == "conv"
     assert info["config"]["binarize"] == "dynamic"
-    assert info["data"] == {"name": "mnist", "shape": [1, 28, 28], "n_train": 300, "n_test": 100, "num_classes": 10}
+    assert info["data"] == {"name": "mnist", "shape": [1, 28, 28], "n_train": 300, "n_test": 100, "num_classes": 10,
+                            "scaling": "uint8 / 255"}
     assert set(info["versions"]) == {"vaekit", "torch", "python"}
 
 

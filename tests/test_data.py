@@ -113,3 +113,109 @@ def test_images_of_different_sizes(tmp_path):
     Image.fromarray(np.zeros((9, 8), dtype=np.uint8)).save(tmp_path / "b.png")
     with pytest.raises(DataError, match="differ in size"):
         load_path(str(tmp_path))
+
+
+def test_bundled_datasets_say_how_they_were_scaled():
+    assert load_mnist5k(1, 1).scaling == "uint8 / 255"
+    assert load_sklearn_digits().scaling == "0..16 / 16"
+
+
+def test_16_bit_png_folder_is_scaled_by_65535(tmp_path):
+    # a gradient over the whole 16-bit range; Pillow writes uint16 arrays as mode I;16 PNGs
+    ramp = np.linspace(0, 65535, 6 * 8 * 8).round().astype(np.uint16).reshape(6, 8, 8)
+    for i, arr in enumerate(ramp):
+        im = Image.fromarray(arr)
+        assert im.mode == "I;16"
+        im.save(tmp_path / f"{i}.png")
+    d = load_path(str(tmp_path), test_fraction=0.5)
+    loaded = torch.cat([d.train_x, d.test_x]).squeeze(1).double()
+    expected = torch.from_numpy(ramp.astype(np.float64) / 65535)
+    # the split permutes the images: match each loaded image to the one it came from by its first pixel
+    order = torch.argsort(loaded[:, 0, 0])
+    assert torch.allclose(loaded[order], expected, atol=1e-6, rtol=0)
+    assert d.scaling == "16-bit images / 65535"
+
+
+def test_mode_i_images_are_scaled_by_their_range(tmp_path):
+    arr = np.arange(64, dtype=np.int32).reshape(8, 8) * 1000  # 0 .. 63,000: 16-bit values in a 32-bit image
+    for i in range(2):
+        Image.fromarray(arr).save(tmp_path / f"{i}.tif")
+    assert Image.open(tmp_path / "0.tif").mode == "I"
+    d = load_path(str(tmp_path), test_fraction=0.5)
+    assert torch.allclose(d.train_x[0, 0].double(), torch.from_numpy(arr / 65535), atol=1e-6, rtol=0)
+    assert d.scaling == "16-bit images / 65535"
+    Image.fromarray(arr * 30000).save(tmp_path / "1.tif")  # up to 1.89e9: the full 32-bit range
+    d = load_path(str(tmp_path), test_fraction=0.5)
+    assert d.scaling == "32-bit integer images / 2147483647"
+    Image.fromarray(arr - 1).save(tmp_path / "1.tif")
+    with pytest.raises(DataError, match="negative pixel values"):
+        load_path(str(tmp_path))
+
+
+def test_8_bit_folder_is_scaled_by_255(tmp_path):
+    imgs = np.arange(2 * 64, dtype=np.uint8).reshape(2, 8, 8) * 2
+    for i, arr in enumerate(imgs):
+        Image.fromarray(arr).save(tmp_path / f"{i}.png")
+    d = load_path(str(tmp_path), test_fraction=0.5)
+    loaded = torch.cat([d.train_x, d.test_x]).squeeze(1)
+    order = torch.argsort(loaded[:, 0, 0])
+    assert torch.equal(loaded[order], torch.from_numpy(imgs.astype(np.float32) / 255))
+    assert d.scaling == "8-bit images / 255"
+
+
+def test_folder_mixing_bit_depths_and_colour(tmp_path):
+    Image.fromarray(np.full((8, 8), 51, dtype=np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.full((8, 8), 13107, dtype=np.uint16)).save(tmp_path / "b.png")
+    d = load_path(str(tmp_path), test_fraction=0.5)
+    assert d.shape == (1, 8, 8)
+    assert torch.allclose(torch.cat([d.train_x, d.test_x]), torch.full((2, 1, 8, 8), 0.2))
+    assert d.scaling == "per image: 16-bit images / 65535; 8-bit images / 255"
+    Image.fromarray(np.full((8, 8, 3), 102, dtype=np.uint8)).save(tmp_path / "c.png")
+    d = load_path(str(tmp_path), test_fraction=0.34)
+    assert d.shape == (3, 8, 8)
+    values = sorted(float(v) for v in torch.cat([d.train_x, d.test_x]).amax((1, 2, 3)))
+    assert values == pytest.approx([0.2, 0.2, 0.4])
+
+
+@pytest.mark.parametrize(
+    "array,expected,scaling",
+    [
+        (np.array([[0, 1], [1, 0], [1, 1]], dtype=np.uint8), [[0, 1], [1, 0], [1, 1]], "none (integers already 0/1)"),
+        (np.array([[0, 255], [51, 0], [255, 102]], dtype=np.uint8), [[0, 1], [0.2, 0], [1, 0.4]], "uint8 / 255"),
+        (np.array([[0, 65535], [13107, 0], [65535, 0]], dtype=np.uint16), [[0, 1], [0.2, 0], [1, 0]],
+         "uint16 / 65535"),
+        (np.array([[True, False], [False, True], [True, True]]), [[1, 0], [0, 1], [1, 1]], "none (boolean 0/1)"),
+        (np.array([[0, 255], [51, 0], [255, 102]], dtype=np.int64), [[0, 1], [0.2, 0], [1, 0.4]],
+         "int64 in [0, 255] / 255"),
+        (np.array([[0, 300], [-3, 0], [1, 2]], dtype=np.int32), [[0, 300], [-3, 0], [1, 2]],
+         "none (int32 in [-3, 300])"),
+        (np.array([[0, 255], [51, 0], [255, 102]], dtype=np.float32), [[0, 255], [51, 0], [255, 102]],
+         "none (float data)"),
+    ],
+    ids=["uint8-0/1", "uint8", "uint16", "bool", "int64-8bit", "int32-other", "float"],
+)
+def test_arrays_are_scaled_by_their_dtype(tmp_path, array, expected, scaling):
+    np.savez(tmp_path / "d.npz", x_train=array[:2], x_test=array[2:])
+    d = load_path(str(tmp_path / "d.npz"))
+    assert torch.allclose(torch.cat([d.train_x, d.test_x]), torch.tensor(expected, dtype=torch.float32), atol=1e-7)
+    assert d.scaling == scaling
+
+
+def test_npy_uint8_binary_loads_as_exact_0_1(tmp_path):
+    x = (np.random.default_rng(0).random((20, 4, 4)) > 0.5).astype(np.uint8)
+    np.save(tmp_path / "b.npy", x)
+    d = load_path(str(tmp_path / "b.npy"))
+    assert set(torch.cat([d.train_x, d.test_x]).unique().tolist()) == {0.0, 1.0}
+    assert float(torch.cat([d.train_x, d.test_x]).sum()) == float(x.sum())
+    assert d.scaling == "none (integers already 0/1)"
+
+
+def test_train_and_test_are_scaled_together(tmp_path):
+    # a test split that happens to hold only 0 and 1 is still uint8 / 255, like its train split
+    train, test = np.array([[0, 255]], dtype=np.uint8), np.array([[0, 1]], dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=train, x_test=test)
+    d = load_path(str(tmp_path / "d.npz"))
+    assert d.test_x[0].tolist() == pytest.approx([0.0, 1 / 255]) and d.scaling == "uint8 / 255"
+    np.savez(tmp_path / "e.npz", x_train=np.array([[0, 255]], dtype=np.uint8), x_test=np.array([[0, 0.5]]))
+    with pytest.raises(DataError, match="train data \\(uint8\\) would be scaled as 'uint8 / 255' but test data"):
+        load_path(str(tmp_path / "e.npz"))

@@ -42,6 +42,24 @@ def test_exported_methods_match_the_python_model(exported, digits):
     assert "vaekit::" not in module.code and "vaekit::" not in module.encode_net.code
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_export_leaves_the_callers_model_alone(trained_run, digits, tmp_path, device):
+    model = vaekit.load_run(trained_run).to(device).train()
+    params = dict(model.named_parameters())
+    values = {name: p.detach().clone() for name, p in params.items()}
+    module = load_exported(export_torchscript(model, tmp_path / "model.pt"))
+    # still training, on its device, with the very same parameter tensors holding the same values
+    assert all(m.training for m in model.modules())
+    for name, p in model.named_parameters():
+        assert p is params[name] and p.device.type == device and torch.equal(p, values[name]), name
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(module.reconstruct(digits), model.reconstruct(digits.to(device)).cpu(), atol=1e-5)
+        z = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(module.decode(z), model.decode_mean(z.to(device)).cpu(), atol=1e-5)
+
+
 def test_deterministic_autoencoder_export(tmp_path, small_mnist):
     run = vaekit.train(data="mnist:train_per_class=10,test_per_class=2", encoder="conv:channels=4,8,hidden=16",
                        prior="none", latent_dim=3, epochs=1, out=str(tmp_path / "ae"), quiet=True, figures=False)

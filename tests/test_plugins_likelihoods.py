@@ -27,6 +27,60 @@ def test_mcc_matches_the_correntropy_formula():
     assert not lik.normalized
 
 
+def _gaussian(**options):
+    return PM.likelihoods.build(vaekit.PluginSpec("gaussian", {k: str(v) for k, v in options.items()}), data_shape=(2,))
+
+
+def test_fixed_gaussian_sigma_is_used_as_given_even_below_min_sigma():
+    lik = PM.likelihoods.build(vaekit.PluginSpec("gaussian", {"sigma": "0.005"}), data_shape=(1, 2, 3))
+    g = torch.Generator().manual_seed(0)
+    mean = torch.rand(4, 1, 2, 3, generator=g)
+    x = mean + 0.01 * torch.randn(4, 1, 2, 3, generator=g)
+    expected = torch.distributions.Normal(mean.double(), 0.005).log_prob(x.double()).flatten(1).sum(1)
+    assert torch.allclose(lik.log_prob(mean, x).double(), expected, rtol=1e-5)
+
+
+def _fit_sigma(lik, residuals, steps):
+    """Maximise the mean log-likelihood of ``residuals`` around a zero mean over σ with Adam (lr decayed 100x)."""
+    opt = torch.optim.Adam(lik.parameters(), lr=0.05)
+    decay = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, 0.01 ** ((2 * t - steps) / steps)))
+    zero = torch.zeros_like(residuals)
+    for _ in range(steps):
+        opt.zero_grad()
+        (-lik.log_prob(zero, residuals).mean()).backward()
+        opt.step()
+        decay.step()
+    return lik.sigma().detach()
+
+
+def _rms(residuals):
+    # the maximum-likelihood σ of N(0, σ²) for each data dimension
+    return torch.from_numpy(np.sqrt(np.mean(residuals.double().numpy() ** 2, axis=0))).float()
+
+
+def test_learned_gaussian_sigma_converges_to_the_maximum_likelihood_sigma():
+    residuals = torch.randn(500, 2, generator=torch.Generator().manual_seed(1)) * torch.tensor([0.3, 0.02])
+    sigma = _fit_sigma(_gaussian(sigma=0.1, learn_sigma=True, min_sigma=0.01), residuals, 400)
+    assert torch.allclose(sigma, _rms(residuals), rtol=1e-3), (sigma, _rms(residuals))
+
+
+def test_learned_gaussian_sigma_that_reached_its_floor_can_rise_again():
+    g = torch.Generator().manual_seed(2)
+    lik = _gaussian(sigma=0.05, learn_sigma=True, min_sigma=0.01)
+    # residuals far smaller than the floor drive σ down to min_sigma (its constrained maximum-likelihood value) ...
+    assert (_fit_sigma(lik, 0.002 * torch.randn(500, 2, generator=g), 200) < 0.012).all()
+    # ... and once the residuals grow, σ must still follow them (a clamped σ would stay at the floor)
+    residuals = torch.randn(500, 2, generator=g) * torch.tensor([0.02, 0.05])
+    sigma = _fit_sigma(lik, residuals, 400)
+    assert torch.allclose(sigma, _rms(residuals), rtol=1e-3), (sigma, _rms(residuals))
+    assert (sigma > 0.01).all()
+
+
+def test_learned_gaussian_sigma_must_start_above_its_floor():
+    with pytest.raises(ConfigError, match="must be above its floor min_sigma=0.01"):
+        _gaussian(sigma=0.01, learn_sigma=True, min_sigma=0.01)
+
+
 @pytest.fixture(scope="module")
 def corrupted_mnist(tmp_path_factory):
     """1,000 real training digits, 10% of them replaced by Gaussian noise N(0.5, 1); clean test digits."""

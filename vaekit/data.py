@@ -1,7 +1,8 @@
 """Datasets held in memory as tensors: the bundled MNIST digits, scikit-learn digits, files on disk.
 
-Every loader returns a :class:`DataBundle` with pixels scaled to [0, 1] for
-image data.  Nothing is ever downloaded.
+Every loader returns a :class:`DataBundle` whose ``scaling`` says how raw values became the
+floats it holds (image pixels end up in [0, 1]; see :func:`load_path` for the rules on files).
+Nothing is ever downloaded.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ class DataBundle:
 
     train_x: ``[N, *S]`` float32; test_x: ``[M, *S]`` float32; train_y/test_y:
     ``[N]``/``[M]`` int64 labels or None; ``S`` is ``(C, H, W)`` for images or
-    ``(D,)`` for vectors.
+    ``(D,)`` for vectors.  scaling: how the raw values were mapped to these floats, in words
+    (``"uint8 / 255"``, ``"none (float data)"``, …); a run records it in ``config.json`` and
+    prints it in its first line.
     """
 
     name: str
@@ -35,6 +38,7 @@ class DataBundle:
     test_x: torch.Tensor
     train_y: torch.Tensor | None = None
     test_y: torch.Tensor | None = None
+    scaling: str = "as given by the dataset"
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -87,7 +91,7 @@ def load_mnist5k(train_per_class: int = 400, test_per_class: int = 100) -> DataB
 
     The first ``train_per_class`` rows of each digit train, the last
     ``test_per_class`` test; test rows are interleaved by class (0, 1, …, 9,
-    0, 1, …) so any prefix is balanced.  Images ``[1, 28, 28]`` in [0, 1].
+    0, 1, …) so any prefix is balanced.  Images ``[1, 28, 28]`` in [0, 1] (uint8 / 255).
     """
     if train_per_class < 1 or test_per_class < 1 or train_per_class + test_per_class > 500:
         raise DataError(
@@ -104,7 +108,7 @@ def load_mnist5k(train_per_class: int = 400, test_per_class: int = 100) -> DataB
     test = np.stack(test_idx, axis=1).reshape(-1)  # interleave by class
     images = torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
     labels = torch.from_numpy(y)
-    return DataBundle("mnist", images[train], images[test], labels[train], labels[test]).validate()
+    return DataBundle("mnist", images[train], images[test], labels[train], labels[test], "uint8 / 255").validate()
 
 
 def load_sklearn_digits(test_fraction: float = 0.2) -> DataBundle:
@@ -121,7 +125,7 @@ def load_sklearn_digits(test_fraction: float = 0.2) -> DataBundle:
         train.append(rows[: len(rows) - n_test])
         test.append(rows[len(rows) - n_test:])
     train_i, test_i = torch.cat(train), torch.cat(test)
-    return DataBundle("digits", x[train_i], x[test_i], y[train_i], y[test_i]).validate()
+    return DataBundle("digits", x[train_i], x[test_i], y[train_i], y[test_i], "0..16 / 16").validate()
 
 
 # --- files on disk ------------------------------------------------------------------------------
@@ -136,24 +140,43 @@ def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()
     * a folder of PNG/JPG images, all the same size; images in sub-folders are
       labelled by sub-folder name (sorted).
 
-    Integer data is divided by 255; ``[N, H, W]`` becomes ``[N, 1, H, W]`` and
-    channels-last ``[N, H, W, C]`` becomes channels-first.  Data without a
-    split is split by a fixed permutation, ``test_fraction`` held out.
-    ``shape`` reshapes each sample (e.g. ``1,28,28`` for flat MNIST rows).
+    Arrays are scaled by their dtype, decided once for train and test together:
 
-    Raises DataError if the path is missing, unreadable or of an unknown kind.
+    * float data is never rescaled; bool becomes 0/1;
+    * integers whose values all lie in {0, 1} are kept as they are (already 0/1);
+    * otherwise uint8 is divided by 255 and uint16 by 65535 (their full ranges);
+    * other integer dtypes (int8 … int64, uint32, uint64) are divided by 255 when every
+      value lies in [0, 255] (8-bit pixels saved with a wider dtype, e.g. numpy's default
+      int64), and otherwise kept unscaled (no range can be assumed for them).
+
+    Images are scaled by their mode's range, image by image: 8-bit modes (``1``, ``L``, ``P``,
+    which become grayscale, and RGB/RGBA/other colour modes, which become RGB) / 255; 16-bit
+    modes (``I;16``, ``I;16B``, ``I;16L``) / 65535; 32-bit integer mode ``I`` (Pillow's mode
+    for some 16-bit files) / 65535 when every such image in the folder lies in [0, 65535],
+    else / (2³¹ − 1); float mode ``F`` is not rescaled.  In a folder that mixes grayscale and
+    colour, grayscale images are repeated over three channels.  The bundle's ``scaling`` says
+    which rule applied.
+
+    ``[N, H, W]`` becomes ``[N, 1, H, W]`` and channels-last ``[N, H, W, C]`` becomes
+    channels-first.  Data without a split is split by a fixed permutation, ``test_fraction``
+    held out.  ``shape`` reshapes each sample (e.g. ``1,28,28`` for flat MNIST rows).
+
+    Raises DataError if the path is missing, unreadable or of an unknown kind, if the data is
+    not numeric, if train and test would be scaled differently, or if a mode-``I`` image has
+    negative values.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist")
     name = p.name
+    scaling = None  # an image folder scales each image itself and says how
     try:
         if p.is_dir():
             idx = _find_idx_split(p)
             if idx is not None:
                 arrays = idx
             else:
-                arrays = _load_image_folder(p)
+                arrays, scaling = _load_image_folder(p)
         elif _is_idx(p):
             arrays = _load_idx_file(p)
         elif p.suffix == ".npy":
@@ -171,12 +194,15 @@ def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()
     train_x, test_x, train_y, test_y = arrays
     if train_x is not None and test_x is None:
         train_x, test_x, train_y, test_y = _holdout(train_x, train_y, test_fraction)
-    tx, vx = _to_tensor(train_x, shape, name), _to_tensor(test_x, shape, name)
+    divisor = 1.0
+    if scaling is None:
+        divisor, scaling = _value_scaling(train_x, test_x, name)
+    tx, vx = _to_tensor(train_x, shape, name, divisor), _to_tensor(test_x, shape, name, divisor)
     ty = None if train_y is None else torch.as_tensor(np.asarray(train_y, dtype=np.int64))
     vy = None if test_y is None else torch.as_tensor(np.asarray(test_y, dtype=np.int64))
     if (ty is None) != (vy is None):
         ty = vy = None
-    return DataBundle(name, tx, vx, ty, vy).validate()
+    return DataBundle(name, tx, vx, ty, vy, scaling).validate()
 
 
 def _split_arrays(x, y):
@@ -209,18 +235,53 @@ def _holdout(x, y, test_fraction):
     return x[tr], x[te], (None if y is None else y[tr]), (None if y is None else y[te])
 
 
-def _to_tensor(a, shape: tuple[int, ...], name: str) -> torch.Tensor:
+def _value_scaling(train, test, name: str) -> tuple[float, str]:
+    """The divisor that maps the raw values of ``train`` and ``test`` to floats, and its label.
+
+    Decided on both splits together (the rules are in :func:`load_path`), so a split that
+    happens to hold only 0 and 1 is not scaled differently from the other.
+    """
+    arrays = [np.asarray(a) for a in (train, test)]
+    for a in arrays:
+        if a.dtype.kind not in "biuf":
+            raise DataError(f"{name}: expected a numeric array, got dtype {a.dtype}")
+    ints = [a for a in arrays if a.dtype.kind in "iu" and a.size]
+    lo = min((int(a.min()) for a in ints), default=0)
+    hi = max((int(a.max()) for a in ints), default=0)
+    rules = [_dtype_scaling(a.dtype, lo, hi) for a in arrays]
+    if rules[0][0] != rules[1][0]:
+        raise DataError(
+            f"{name}: train data ({arrays[0].dtype}) would be scaled as {rules[0][1]!r} but test data "
+            f"({arrays[1].dtype}) as {rules[1][1]!r}; save both splits with the same dtype"
+        )
+    return rules[0]
+
+
+def _dtype_scaling(dtype: np.dtype, lo: int, hi: int) -> tuple[float, str]:
+    """One array's divisor and label from its dtype and the integer range ``[lo, hi]`` of the data."""
+    if dtype.kind == "f":
+        return 1.0, "none (float data)"
+    if dtype.kind == "b":
+        return 1.0, "none (boolean 0/1)"
+    if lo >= 0 and hi <= 1:
+        return 1.0, "none (integers already 0/1)"
+    if dtype == np.uint8:
+        return 255.0, "uint8 / 255"
+    if dtype == np.uint16:
+        return 65535.0, "uint16 / 65535"
+    if lo >= 0 and hi <= 255:
+        return 255.0, f"{dtype} in [0, 255] / 255"
+    return 1.0, f"none ({dtype} in [{lo}, {hi}])"
+
+
+def _to_tensor(a, shape: tuple[int, ...], name: str, divisor: float = 1.0) -> torch.Tensor:
     a = np.asarray(a)
-    if a.dtype.kind not in "biuf":
-        raise DataError(f"{name}: expected a numeric array, got dtype {a.dtype}")
     if a.ndim < 2:
         raise DataError(f"{name}: expected an array of shape [N, ...] with N samples, got shape {list(a.shape)}")
-    if a.dtype.kind in "iu" or a.dtype.kind == "b":
-        if a.dtype.kind != "b" and (a.min() < 0 or a.max() > 255):
-            a = a.astype(np.float32)
-        else:
-            a = a.astype(np.float32) / (1.0 if a.dtype.kind == "b" else 255.0)
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    a = a.astype(np.float32, copy=False)
+    if divisor != 1.0:
+        a = a / np.float32(divisor)
+    t = torch.from_numpy(np.ascontiguousarray(a))
     if shape:
         if math.prod(shape) != math.prod(t.shape[1:]):
             raise DataError(f"{name}: cannot reshape samples of shape {list(t.shape[1:])} to {list(shape)}")
@@ -289,22 +350,60 @@ def _find_idx_split(folder: Path):
     )
 
 
+_INT32_MAX = 2**31 - 1
+
+
+def _image_pixels(im) -> tuple[np.ndarray, float, str]:
+    """An opened image's pixels ``[H, W]`` or ``[H, W, 3]``, the divisor of its mode's range, and a label.
+
+    Mode ``I`` is returned as int32 with divisor 0: :func:`_load_image_folder` picks its divisor
+    from the whole folder.
+    """
+    mode = im.mode
+    if mode in ("1", "L", "P"):
+        return np.asarray(im.convert("L")), 255.0, "8-bit images / 255"
+    if mode.startswith("I;16"):
+        return np.asarray(im), 65535.0, "16-bit images / 65535"
+    if mode == "I":
+        return np.asarray(im), 0.0, ""
+    if mode == "F":
+        return np.asarray(im), 1.0, "none (32-bit float images)"
+    return np.asarray(im.convert("RGB")), 255.0, "8-bit images / 255"
+
+
 def _load_image_folder(folder: Path):
+    """All images under ``folder`` as float32 ``[N, H, W]`` or ``[N, H, W, 3]``, scaled per :func:`load_path`.
+
+    Returns ``((x, None, y, None), scaling)``.
+    """
     from PIL import Image, UnidentifiedImageError
 
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images (PNG/JPG/…) or IDX files in folder {str(folder)!r}")
     classes = sorted({f.parent.relative_to(folder).parts[0] for f in files if f.parent != folder})
-    images = []
+    pixels = []
     for f in files:
         try:
             with Image.open(f) as im:
-                images.append(im.convert("L") if im.mode in ("1", "L", "P", "I;16", "I") else im.convert("RGB"))
+                pixels.append(_image_pixels(im))
         except (UnidentifiedImageError, OSError) as e:
             raise DataError(f"cannot read image {str(f)!r}: {e}") from None
-    gray = all(im.mode == "L" for im in images)
-    arrays = [np.asarray(im if gray else im.convert("RGB")) for im in images]
+    wide = [(f, a) for f, (a, divisor, _) in zip(files, pixels) if divisor == 0.0]
+    if wide:
+        lo, hi = min(int(a.min()) for _, a in wide), max(int(a.max()) for _, a in wide)
+        if lo < 0:
+            first = next(f for f, a in wide if a.min() < 0)
+            raise DataError(f"image {str(first)!r} (32-bit integer mode 'I') has negative pixel values; "
+                            "vaekit maps images to [0, 1] and cannot guess their range")
+        if hi <= 65535:
+            rule = (65535.0, "16-bit images / 65535")
+        else:
+            rule = (float(_INT32_MAX), f"32-bit integer images / {_INT32_MAX}")
+        pixels = [(a, *rule) if divisor == 0.0 else (a, divisor, label) for a, divisor, label in pixels]
+    arrays = [a.astype(np.float32) / np.float32(divisor) for a, divisor, _ in pixels]
+    if any(a.ndim == 3 for a in arrays):
+        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
     sizes = {a.shape for a in arrays}
     if len(sizes) > 1:
         raise DataError(f"images in {str(folder)!r} differ in size: {', '.join(str(s) for s in sorted(sizes)[:3])}")
@@ -313,7 +412,9 @@ def _load_image_folder(folder: Path):
     if classes and all(f.parent != folder for f in files):
         index = {c: i for i, c in enumerate(classes)}
         y = np.array([index[f.parent.relative_to(folder).parts[0]] for f in files], dtype=np.int64)
-    return x, None, y, None
+    labels = sorted({label for _, _, label in pixels})
+    scaling = labels[0] if len(labels) == 1 else "per image: " + "; ".join(labels)
+    return (x, None, y, None), scaling
 
 
 def looks_like_path(value: str) -> bool:

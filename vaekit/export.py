@@ -20,6 +20,7 @@ and ``sample`` are composed from them by the loaders (:class:`AOTIModel` here, `
 in C++), with the same seeded generator as the TorchScript archive.
 """
 
+import copy
 import json
 from pathlib import Path
 from typing import List, Tuple
@@ -134,12 +135,18 @@ def _uses_standard_normal(model) -> bool:
             and bool((base.scale == 1).all()))
 
 
+def _cpu_eval_copy(model):
+    """A CPU copy of ``model`` in eval mode (with its ``run_info``); the caller's model keeps its device and mode."""
+    return copy.deepcopy(model).cpu().eval()
+
+
 def export_torchscript(model, out) -> Path:
     """Write ``model`` (from :func:`vaekit.load_run`) as a TorchScript archive at ``out``.
 
+    Exports a CPU copy in eval mode: ``model`` itself is not moved or switched out of training.
     Raises ConfigError if a plugin can be neither scripted nor traced (the message names it).
     """
-    model = model.cpu().eval()
+    model = _cpu_eval_copy(model)
     shape = list(model.data_shape)
     info = getattr(model, "run_info", {})
     names = info.get("config", {})
@@ -172,6 +179,7 @@ def _metadata(model, info: dict) -> dict:
 def export_aoti(model, out) -> Path:
     """Compile ``model`` with AOTInductor into a ``.pt2`` package at ``out`` (about 30 s on 2 cores).
 
+    Compiles a CPU copy in eval mode: ``model`` itself is not moved or switched out of training.
     Raises ConfigError if a plugin cannot be exported by ``torch.export`` or the output name
     does not end in ``.pt2``.
     """
@@ -186,7 +194,7 @@ def export_aoti(model, out) -> Path:
     out = Path(out)
     if out.suffix != ".pt2":
         raise ConfigError(f"an AOTInductor package must end in .pt2, got {str(out)!r}")
-    model = model.cpu().eval()
+    model = _cpu_eval_copy(model)
     shape = list(model.data_shape)
     info = getattr(model, "run_info", {})
     batch = torch.export.Dim("batch", min=1, max=1 << 20)

@@ -188,7 +188,8 @@ class Trainer:
             "created": datetime.now().isoformat(timespec="seconds"),
             "config": resolved.to_dict(),
             "data": {"name": self.data.name, "shape": list(self.data.shape), "n_train": len(self.data.train_x),
-                     "n_test": len(self.data.test_x), "num_classes": self.data.num_classes},
+                     "n_test": len(self.data.test_x), "num_classes": self.data.num_classes,
+                     "scaling": self.data.scaling},
             "plugin_sources": sources,
             "device": str(self.device),
             "versions": {"vaekit": __version__, "torch": torch.__version__, "python": platform.python_version()},
@@ -214,7 +215,7 @@ class Trainer:
         self.console.print(
             f"[bold]vaekit[/] {cfg.encoder.name}/{cfg.prior.name}/{cfg.likelihood.name} on {self.data.name} "
             f"{list(self.data.shape)} ({n} train, {len(self.test_x)} test), latent {cfg.latent_dim}, "
-            f"{self.device}, run dir {self.run_dir}"
+            f"{self.device}, run dir {self.run_dir}, pixels {self.data.scaling}"
         )
         try:
             self._epochs(n, steps_per_epoch)

@@ -26,6 +26,9 @@ def digits(*, test_fraction: float = 0.2) -> DataBundle:
 def file(*, path: str = "", test_fraction: float = 0.1, shape: tuple[int, ...] = ()) -> DataBundle:
     """Data from disk: .npy/.npz arrays, MNIST IDX files, or a folder of images (``--data PATH``).
 
+    Values are scaled by their type: uint8 and 8-bit images / 255, uint16 and 16-bit images
+    / 65535, integers already 0/1 and floats unchanged (all rules: ``vaekit.data.load_path``).
+
     :param path: file or folder to read.
     :param test_fraction: fraction held out when the data has no train/test split.
     :param shape: reshape each sample, e.g. ``1,28,28``.

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.distributions import Bernoulli, Distribution, Independent, Normal
 
 from .. import hookimpl
@@ -48,14 +49,21 @@ class GaussianLikelihood(Likelihood):
     """Gaussian p(x|z) = N(x; μ(z), σ²) per pixel; the decoder outputs μ.
 
     ``log p = −Σ_j [ (x_j − μ_j)² / 2σ_j² + log σ_j + ½ log 2π ]`` nats.  With a
-    fixed σ this is squared error up to constants; with ``learn_sigma`` a
-    per-pixel log σ is a learned parameter (bounded below by ``min_sigma``).  Source: Kingma
-    & Welling 2014, appendix C.2 (there σ comes from the decoder; here it is fixed or learned
-    per pixel).
+    fixed σ this is squared error up to constants, and σ is used exactly as given.  With
+    ``learn_sigma`` each data dimension learns its own σ_j = min_sigma + softplus(ρ_j), which
+    stays above ``min_sigma`` and keeps a gradient however close to it σ_j gets; ρ_j starts
+    where σ_j = ``sigma``.  Source: Kingma & Welling 2014, appendix C.2 (there σ comes from
+    the decoder; here it is fixed or learned per pixel).
+
+    The state dict holds ``fixed_sigma`` (σ, a buffer of shape ``S``) when σ is fixed, or
+    ``raw_sigma`` (ρ, a parameter of shape ``S``) when it is learned.
+
+    Raises ConfigError if ``sigma`` or ``min_sigma`` is not > 0, or if a learned σ would
+    start at or below its floor (``sigma <= min_sigma``).
 
     :param sigma: the fixed σ, or the initial σ when learned (data units).
     :param learn_sigma: learn one σ per data dimension.
-    :param min_sigma: lower bound of a learned σ (keeps constant pixels from diverging).
+    :param min_sigma: floor of a learned σ, in data units (keeps constant pixels from diverging); a fixed σ ignores it.
     """
 
     def __init__(self, data_shape, *, sigma: float = 0.1, learn_sigma: bool = False, min_sigma: float = 0.01):
@@ -64,15 +72,23 @@ class GaussianLikelihood(Likelihood):
             raise ConfigError(f"gaussian likelihood: sigma and min_sigma must be > 0, got {sigma} and {min_sigma}")
         self.learn_sigma = bool(learn_sigma)
         self.min_sigma = float(min_sigma)
-        log_sigma = torch.full(self.data_shape, math.log(sigma))
         if self.learn_sigma:
-            self.log_sigma = nn.Parameter(log_sigma)
+            if sigma <= min_sigma:
+                raise ConfigError(
+                    f"gaussian likelihood: a learned sigma starts at sigma={sigma:g}, which must be above its floor "
+                    f"min_sigma={min_sigma:g}; raise sigma or lower min_sigma"
+                )
+            # ρ = softplus⁻¹(σ − min_sigma), written y + log(1 − e^(−y)) so it is exact for small and large y
+            y = float(sigma) - self.min_sigma
+            self.raw_sigma = nn.Parameter(torch.full(self.data_shape, y + math.log(-math.expm1(-y))))
         else:
-            self.register_buffer("log_sigma", log_sigma)
+            self.register_buffer("fixed_sigma", torch.full(self.data_shape, float(sigma)))
 
     def sigma(self) -> torch.Tensor:
-        """Per-dimension σ, shape ``S``."""
-        return self.log_sigma.exp().clamp_min(self.min_sigma)
+        """Per-dimension σ, shape ``S``, in data units."""
+        if self.learn_sigma:
+            return self.min_sigma + F.softplus(self.raw_sigma)
+        return self.fixed_sigma
 
     def distribution(self, params: torch.Tensor) -> Distribution:
         scale = self.sigma().expand_as(params)
