@@ -127,8 +127,8 @@ class LinearGaussian:
 
     def log_weights(self, x: torch.Tensor, q: Independent, n: int, seed: int = 2) -> torch.Tensor:
         """Reference importance log-weights ``log p(x|z) + log p(z) − log q(z|x)``, ``z ~ q``: ``[n, N]`` nats."""
-        torch.manual_seed(seed)
-        z = q.sample((n,))
+        g = torch.Generator().manual_seed(seed)
+        z = q.mean + q.stddev * torch.randn((n,) + tuple(q.mean.shape), generator=g)  # [n, N, d]
         lik = Independent(Normal(z @ self.W.T + self.b, self.sigma), 1)
         prior = Independent(Normal(torch.zeros(self.d), torch.ones(self.d)), 1)
         return lik.log_prob(x) + prior.log_prob(z) - q.log_prob(z)

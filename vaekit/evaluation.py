@@ -48,8 +48,8 @@ def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = ELBO_BATCH_SI
     ``x [N, *S]`` is evaluated in batches of ``batch_size``.  With a ``seed`` the noise of z is
     drawn from the global RNG seeded with it inside :func:`seeded_noise`, so the estimate is
     reproducible (for a given device, ``batch_size`` and model) and the caller's RNG streams are
-    left exactly as they were; ``seed=None`` draws from the caller's streams.  Kingma & Welling
-    2014, eq. 3 (one-sample estimate).
+    left exactly as they were; ``seed=None`` draws from the caller's streams.  The estimate is
+    the one-sample SGVB estimator of Kingma & Welling 2014 (§2.3), with the prior's KL.
     """
     was_training = model.training
     model.eval()
