@@ -68,6 +68,30 @@ class ZeroHalf(Regularizer):
         return z * 0.5
 
 
+class BatchRecorder(Regularizer):
+    """Records the clean training batches the model sees, epoch by epoch; changes nothing."""
+
+    name = "recorder"
+
+    def __init__(self, latent_dim, data_shape):
+        super().__init__(latent_dim, data_shape, weight=0.0)
+        self.batches: list[list[torch.Tensor]] = [[]]
+
+    def on_fit_start(self, trainer):
+        self.batches = [[]]
+
+    def corrupt(self, x):
+        self.batches[-1].append(x.detach().cpu().clone())
+        return x
+
+    def on_epoch_end(self, trainer, epoch):
+        self.batches.append([])
+
+    def seen(self) -> list[torch.Tensor]:
+        """The training inputs of each finished epoch, ``[N, *S]`` per epoch, in the order they were drawn."""
+        return [torch.cat(b) for b in self.batches if b]
+
+
 class NanAfter(BernoulliLikelihood):
     """A Bernoulli likelihood that returns NaN from the given training call on.
 
@@ -136,6 +160,15 @@ def tiny(*, n: int = 40) -> DataBundle:
     return DataBundle("tiny", x[:n], x[n:])
 
 
+def grey(*, n: int = 200) -> DataBundle:
+    """``n`` copies of one grey vector of 16 pixels, grey levels 0.05 to 0.95 in equal steps (10 test copies).
+
+    :param n: training samples.
+    """
+    ramp = torch.linspace(0.05, 0.95, 16)
+    return DataBundle("grey", ramp.repeat(n, 1), ramp.repeat(10, 1))
+
+
 @vaekit.hookimpl
 def vaekit_register_encoders(registry):
     registry.register("identity", Identity)
@@ -161,11 +194,13 @@ def vaekit_register_regularizers(registry):
     registry.register("code_l2", CodeL2)
     registry.register("tracker", MeanTracker)
     registry.register("zero_half", ZeroHalf)
+    registry.register("recorder", BatchRecorder)
 
 
 @vaekit.hookimpl
 def vaekit_register_datasets(registry):
     registry.register("tiny", tiny)
+    registry.register("grey", grey)
 
 
 @vaekit.hookimpl

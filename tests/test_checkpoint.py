@@ -1,5 +1,7 @@
 import json
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,11 +20,78 @@ def test_load_run_reproduces_the_trained_model(trained_run, small_mnist):
     assert model.config.encoder.name == "mlp"
 
 
+# bytes per element of the safetensors dtype names
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _safetensors_layout(data: bytes) -> tuple[dict, bytes]:
+    """Parse a safetensors file by its published layout, not with the safetensors library.
+
+    https://github.com/huggingface/safetensors#format: 8 bytes little-endian unsigned header size
+    N, N bytes of UTF-8 JSON ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
+    {str: str}}``, then the byte buffer the offsets index.  Returns ``(header, buffer)``.
+    """
+    n = int.from_bytes(data[:8], "little")
+    assert 2 <= n <= len(data) - 8, f"header size {n} does not fit a file of {len(data)} bytes"
+    header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    return header, data[8 + n :]
+
+
 def test_checkpoint_files_are_safetensors_and_json_not_pickles(trained_run):
+    weights = vaekit.load_run(trained_run).state_dict()
     for name in ("model.safetensors", "trainer_state.safetensors"):
-        head = (trained_run / name).read_bytes()[:16]
-        assert not head.startswith(b"\x80"), f"{name} looks like a pickle"
+        data = (trained_run / name).read_bytes()
+        assert not data.startswith(b"PK"), f"{name} is a zip archive (torch.save)"
+        assert not data.startswith(b"\x80"), f"{name} is a pickle"
+        header, buffer = _safetensors_layout(data)
+        assert all(isinstance(v, str) for v in header.pop("__metadata__", {}).values())
+        assert header, f"{name} holds no tensors"
+        spans = []
+        for tensor, entry in header.items():
+            assert set(entry) == {"dtype", "shape", "data_offsets"}, (name, tensor, entry)
+            begin, end = entry["data_offsets"]
+            assert end - begin == math.prod(entry["shape"]) * _ITEMSIZE[entry["dtype"]], (name, tensor)
+            spans.append((begin, end))
+        spans.sort()
+        # the tensors tile the buffer exactly: no gap, no overlap, nothing after
+        assert spans[0][0] == 0 and spans[-1][1] == len(buffer)
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        if name == "model.safetensors":  # every weight of the model, byte for byte
+            assert set(header) == set(weights)
+            for tensor, entry in header.items():
+                begin, end = entry["data_offsets"]
+                raw = torch.frombuffer(bytearray(buffer[begin:end]), dtype=weights[tensor].dtype)
+                assert torch.equal(raw.view(entry["shape"]), weights[tensor]), tensor
     json.loads((trained_run / "config.json").read_text())
+
+
+def _touch(path):
+    """What unpickling a :class:`_Tripwire` runs."""
+    Path(path).touch()
+
+
+class _Tripwire:
+    """Pickles to a call of :func:`_touch`: if anything unpickles the file, the marker file appears."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return _touch, (self.marker,)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-pickle"])
+def test_a_torch_save_file_for_the_weights_is_refused_without_unpickling(trained_run, tmp_path, zip_format):
+    run = _copy(trained_run, tmp_path)
+    marker = tmp_path / "unpickled"
+    weights = vaekit.load_run(trained_run).state_dict()
+    torch.save({**weights, "tripwire": _Tripwire(marker)}, run / "model.safetensors",
+               _use_new_zipfile_serialization=zip_format)
+    assert (run / "model.safetensors").read_bytes()[:2] == (b"PK" if zip_format else b"\x80\x02")
+    with pytest.raises(CheckpointError) as refused:
+        vaekit.load_run(run)
+    assert not marker.exists(), "load_run unpickled the file"
+    assert "corrupt or truncated" in str(refused.value)
 
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path):

@@ -132,13 +132,47 @@ def test_custom_dataset_encoder_decoder_prior(tmp_path, test_pm):
     assert "test_log_px" in res.metrics and "test_elbo" not in res.metrics
 
 
-def test_static_binarization_is_fixed_and_dynamic_is_fresh(tmp_path):
-    from vaekit.training import Trainer
+def _binary_rows(x):
+    """Rows of a 0/1 tensor ``[N, 16]`` as sorted integers: the multiset of rows, whatever their order."""
+    return (x.long() << torch.arange(x.shape[1])).sum(1).sort().values
+
+
+def _seen_over_epochs(tmp_path, test_pm, binarize, epochs):
+    """The inputs of each training epoch (``[200, 16]`` each) on 200 copies of the grey ramp, and the ramp."""
+    res = vaekit.train(data="grey:n=200", encoder="identity", decoder="linear", latent_dim=2, binarize=binarize,
+                       regularizers=["recorder"], epochs=epochs, batch_size=100, out=str(tmp_path / binarize),
+                       pm=test_pm, quiet=True, figures=False)
+    grey = vaekit.training.load_data(vaekit.PluginSpec.parse("grey:n=200"), test_pm).train_x[0]
+    return res.model.regularizers[0].seen(), grey
+
+
+def test_dynamic_binarization_draws_fresh_binary_samples_each_epoch(tmp_path, test_pm):
+    """Dynamic binarization: every epoch a fresh Bernoulli draw with the grey level as probability (the data are the reference)."""
+    epochs = 8
+    seen, grey = _seen_over_epochs(tmp_path, test_pm, "dynamic", epochs)
+    assert len(seen) == epochs and all(s.shape == (200, 16) for s in seen)
+    assert all(((s == 0) | (s == 1)).all() for s in seen)
+    for a, b in zip(seen, seen[1:]):
+        assert not torch.equal(_binary_rows(a), _binary_rows(b))  # fresh draws, not a reshuffle of the same ones
+    # the frequency of 1s per pixel over 8 x 200 draws is the grey level, within 4 binomial standard errors
+    freq = torch.stack(seen).mean((0, 1))
+    se = (grey * (1 - grey) / (epochs * 200)).sqrt()
+    assert ((freq - grey).abs() <= 4 * se).all(), (freq, grey)
+    # and the first epoch alone (200 draws) is further off than all eight: it approaches the grey level
+    first = seen[0].mean(0)
+    assert (first - grey).square().mean() > (freq - grey).square().mean()
+
+
+def test_static_binarization_is_fixed_and_gaussian_data_are_not_binarized(tmp_path, test_pm):
     from vaekit.config import RunConfig
+    from vaekit.training import Trainer
 
     t = Trainer(RunConfig(data=SMALL_MNIST, encoder="mlp", binarize="static", out=str(tmp_path / "s")), quiet=True)
     t.setup()
     assert set(t.train_x.unique().tolist()) == {0.0, 1.0}
+    seen, grey = _seen_over_epochs(tmp_path, test_pm, "static", 2)
+    assert all(((s == 0) | (s == 1)).all() for s in seen)
+    assert torch.equal(_binary_rows(seen[0]), _binary_rows(seen[1]))  # the same draws, reshuffled
     t = Trainer(RunConfig(data=SMALL_MNIST, encoder="mlp", likelihood="gaussian", out=str(tmp_path / "g")), quiet=True)
     t.setup()
     assert t.binarize == "none" and len(t.train_x.unique()) > 2

@@ -3,25 +3,63 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 from .errors import ConfigError
 from .model import VAEModel
 
+EVAL_SEED = 0
+"""Seed of the test-set ELBO's noise: training's per-epoch ``test_elbo`` and ``vaekit eval`` (``--seed``, default 0) both use it."""
+
+ELBO_BATCH_SIZE = 500
+"""Data points per forward pass of the test-set ELBO (training and :func:`evaluate` alike: the batches lay out the noise)."""
+
+
+@contextmanager
+def seeded_noise(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Run the body with torch's global RNG seeded with ``seed``, restoring the caller's RNG state afterwards.
+
+    Plugins draw their Monte-Carlo noise (ε of the reparameterisation) from the global RNG, so this
+    makes any prior's draws reproducible without a generator argument.  The CPU stream is forked
+    always, the CUDA stream of ``device`` when it is a CUDA device (``torch.random.fork_rng``);
+    other streams are neither touched nor seeded.  ``seed=None`` runs the body unseeded, drawing
+    from (and advancing) the caller's streams.
+    """
+    if seed is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
 
 @torch.no_grad()
-def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = 500) -> dict[str, torch.Tensor]:
-    """Per-sample ``log_px`` (log p(x|z), one z ~ q(z|x)), ``kl`` and ``elbo = log_px − kl``, each ``[N]`` nats."""
+def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = ELBO_BATCH_SIZE,
+               seed: int | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample ``log_px`` (log p(x|z), one z ~ q(z|x)), ``kl`` and ``elbo = log_px − kl``, each ``[N]`` nats.
+
+    ``x [N, *S]`` is evaluated in batches of ``batch_size``.  With a ``seed`` the noise of z is
+    drawn from the global RNG seeded with it inside :func:`seeded_noise`, so the estimate is
+    reproducible (for a given device, ``batch_size`` and model) and the caller's RNG streams are
+    left exactly as they were; ``seed=None`` draws from the caller's streams.  The estimate is
+    the one-sample SGVB estimator of Kingma & Welling 2014 (§2.3), with the prior's KL.
+    """
     was_training = model.training
     model.eval()
     log_px, kl = [], []
     device = _device(model)
-    for i in range(0, len(x), batch_size):
-        rec = model(x[i : i + batch_size].to(device))
-        log_px.append(rec.log_px.cpu())
-        kl.append(rec.kl.cpu())
+    with seeded_noise(seed, device):
+        for i in range(0, len(x), batch_size):
+            rec = model(x[i : i + batch_size].to(device))
+            log_px.append(rec.log_px.cpu())
+            kl.append(rec.kl.cpu())
     model.train(was_training)
     lp, k = torch.cat(log_px), torch.cat(kl)
     return {"log_px": lp, "kl": k, "elbo": lp - k}
@@ -89,14 +127,18 @@ def reconstruction_error(model: VAEModel, x: torch.Tensor, batch_size: int = 500
 
 
 def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_size: int = 100,
-             progress: Callable[[int], None] | None = None) -> dict[str, float]:
+             progress: Callable[[int], None] | None = None, seed: int = EVAL_SEED) -> dict[str, float]:
     """Test-set summary: ``elbo``, ``log_px``, ``kl``, ``nll`` (importance-sampled, K = ``nll_samples``; 0 skips it), ``recon_mse``.
 
     Values are means over the samples, nats (``recon_mse`` in data units²).
     For likelihoods that are not normalised densities the nats figures are
-    reported under ``loss_*`` names instead.
+    reported under ``loss_*`` names instead.  The ELBO terms are the seeded
+    estimate of :func:`elbo_terms` (``seed``, batches of :data:`ELBO_BATCH_SIZE`),
+    the very estimate training logs as ``test_elbo`` each epoch (:data:`EVAL_SEED`),
+    so on the same device the two agree.  ``batch_size`` is the importance
+    sampler's; its noise comes from the caller's global RNG.
     """
-    terms = elbo_terms(model, x, batch_size=max(batch_size, 100))
+    terms = elbo_terms(model, x, seed=seed)
     normalized = model.likelihood.normalized
     stochastic = model.prior.stochastic
     out: dict[str, float] = {"n": len(x)}

@@ -291,7 +291,11 @@ class Trainer:
         return {k: v / count for k, v in sums.items()}, seconds
 
     def _test_metrics(self) -> dict[str, float]:
-        terms = elbo_terms(self.model, self.test_x)
+        """Test-set ELBO terms, nats: the seeded estimate (:data:`~vaekit.evaluation.EVAL_SEED`) that
+        ``vaekit eval`` reports too, drawn without touching the training RNG streams."""
+        from .evaluation import EVAL_SEED
+
+        terms = elbo_terms(self.model, self.test_x, seed=EVAL_SEED)
         if not self.model.likelihood.normalized:
             return {"test_loss_recon": float(-terms["log_px"].mean())}
         if not self.model.prior.stochastic:
