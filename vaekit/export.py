@@ -20,6 +20,7 @@ and ``sample`` are composed from them by the loaders (:class:`AOTIModel` here, `
 in C++), with the same seeded generator as the TorchScript archive.
 """
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -206,19 +207,40 @@ def export_aoti(model, out) -> Path:
     files = {}
     logging.getLogger("torch._inductor").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")  # torch-internal pytree notice
-    for name, (module, example, arg) in parts.items():
-        try:
-            program = torch.export.export(module.eval(), (example,), dynamic_shapes={arg: {0: batch}})
-        except Exception as e:  # noqa: BLE001 - name the part that failed
-            raise ConfigError(f"cannot export the model's {name} part with torch.export: {_first(e)}") from None
-        files[name] = torch._inductor.aot_compile(
-            program.module(), program.example_inputs[0],
-            options=dict(options, **{"aot_inductor.model_name_for_generated_files": name}))
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    # Inductor writes "<model_name_for_generated_files>" into its cache folder and keeps a file that is
+    # already there, so a shared cache can hand back another model's compiled code and weights: compile
+    # in a private cache that lives only for this export.
+    with _private_inductor_cache(), tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        for name, (module, example, arg) in parts.items():
+            try:
+                program = torch.export.export(module.eval(), (example,), dynamic_shapes={arg: {0: batch}})
+            except Exception as e:  # noqa: BLE001 - name the part that failed
+                raise ConfigError(f"cannot export the model's {name} part with torch.export: {_first(e)}") from None
+            files[name] = torch._inductor.aot_compile(
+                program.module(), program.example_inputs[0],
+                options=dict(options, **{"aot_inductor.model_name_for_generated_files": name, "fx_graph_cache": False}))
         staged = Path(tmp) / out.name
         package_aoti(str(staged), files)
         staged.replace(out)  # atomic: a kill never leaves half a package
     return out
+
+
+@contextlib.contextmanager
+def _private_inductor_cache():
+    """Point ``TORCHINDUCTOR_CACHE_DIR`` at a fresh temporary folder for the duration (then restore it)."""
+    import os
+    import tempfile
+
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="vaekit-inductor-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield cache
+        finally:
+            if old is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
 class AOTIModel:
