@@ -269,3 +269,29 @@ def test_nll_is_refused_for_a_deterministic_autoencoder(tmp_path):
         iwae_log_likelihood(model, torch.rand(2, 1, 28, 28), 5)
     out = evaluate(model, torch.rand(4, 1, 28, 28).round(), nll_samples=5)
     assert "nll" not in out and "elbo" not in out and "log_px" in out
+
+
+def test_bernoulli_on_grey_levels_is_reported_as_a_loss_not_a_density(tmp_path):
+    """With --binarize none a Bernoulli "log-likelihood" of grey pixels is a cross-entropy: no ELBO or
+    NLL is claimed, in training's metrics or in vaekit eval (as for the mcc loss)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vaekit.cli import build_app
+
+    from conftest import SMALL_MNIST
+
+    run = vaekit.train(data=SMALL_MNIST, encoder="mlp:hidden=32", latent_dim=2, epochs=1, binarize="none",
+                       out=str(tmp_path / "grey"), quiet=True, figures=False)
+    last = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert "test_loss_recon" in last and "test_kl" in last and "test_elbo" not in last
+    out = CliRunner().invoke(build_app(), ["eval", str(run.run_dir), "--json", "-k", "5"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output)
+    assert result["loss_recon"] == pytest.approx(last["test_loss_recon"], abs=1e-4)
+    assert "elbo" not in result and "nll" not in result
+    with pytest.raises(ConfigError, match="not a normalised density"):
+        iwae_log_likelihood(run.model, torch.full((3, 1, 28, 28), 0.5), 5)
+    # the same model on binary data is a density again
+    assert "elbo" in evaluate(run.model, torch.ones(3, 1, 28, 28), nll_samples=0)

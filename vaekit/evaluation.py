@@ -83,8 +83,9 @@ def iwae_log_likelihood(
     """
     if not model.prior.stochastic:
         raise ConfigError("the importance-sampled NLL needs a prior and posterior; this is a deterministic autoencoder (prior 'none')")
-    if not model.likelihood.normalized:
-        raise ConfigError(f"the NLL is undefined for the {type(model.likelihood).__name__}: it is a loss, not a normalised density")
+    if not model.likelihood.normalized_for(x):
+        raise ConfigError(f"the NLL is undefined for the {type(model.likelihood).__name__} on this data: "
+                          "it is a loss, not a normalised density (grey-level data under a Bernoulli likelihood: binarize it)")
     if num_samples < 1:
         raise ConfigError(f"the number of importance samples must be at least 1, got {num_samples}")
     was_training = model.training
@@ -131,30 +132,40 @@ def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_si
     """Test-set summary: ``elbo``, ``log_px``, ``kl``, ``nll`` (importance-sampled, K = ``nll_samples``; 0 skips it), ``recon_mse``.
 
     Values are means over the samples, nats (``recon_mse`` in data units²).
-    For likelihoods that are not normalised densities the nats figures are
-    reported under ``loss_*`` names instead.  The ELBO terms are the seeded
+    Where the likelihood is not a normalised density for ``x``
+    (:meth:`~vaekit.interfaces.Likelihood.normalized_for`: a robust loss such as MCC,
+    or grey-level data under a Bernoulli likelihood) the reconstruction term is
+    reported as ``loss_recon`` and no ELBO or NLL is given.  The ELBO terms are the seeded
     estimate of :func:`elbo_terms` (``seed``, batches of :data:`ELBO_BATCH_SIZE`),
     the very estimate training logs as ``test_elbo`` each epoch (:data:`EVAL_SEED`),
     so on the same device the two agree.  ``batch_size`` is the importance
     sampler's; its noise comes from the caller's global RNG.
     """
-    terms = elbo_terms(model, x, seed=seed)
-    normalized = model.likelihood.normalized
-    stochastic = model.prior.stochastic
-    out: dict[str, float] = {"n": len(x)}
-    if normalized:
-        out["elbo" if stochastic else "log_px"] = float(terms["elbo" if stochastic else "log_px"].mean())
-        if stochastic:
-            out["log_px"] = float(terms["log_px"].mean())
-    else:
-        out["loss_recon"] = float(-terms["log_px"].mean())
-    if stochastic:
-        out["kl"] = float(terms["kl"].mean())
-        if normalized and nll_samples > 0:
-            out["nll"] = float(-iwae_log_likelihood(model, x, nll_samples, batch_size, progress=progress).mean())
-            out["nll_samples"] = nll_samples
+    out: dict[str, float] = {"n": len(x), **elbo_summary(model, x, seed)}
+    if "elbo" in out and nll_samples > 0:
+        out["nll"] = float(-iwae_log_likelihood(model, x, nll_samples, batch_size, progress=progress).mean())
+        out["nll_samples"] = nll_samples
     out["recon_mse"] = float(reconstruction_error(model, x).mean())
     return out
+
+
+def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED) -> dict[str, float]:
+    """Means over ``x`` of the seeded :func:`elbo_terms`, named by what they are (nats):
+
+    ``elbo``, ``log_px``, ``kl`` for a VAE whose likelihood is a density for ``x``; ``log_px`` for
+    a deterministic autoencoder; ``loss_recon`` (= −log_prob, a loss) and, for a VAE, ``kl`` where
+    the likelihood is not a normalised density for ``x``
+    (:meth:`~vaekit.interfaces.Likelihood.normalized_for`).  Training logs it each epoch with a
+    ``test_`` prefix; :func:`evaluate` reports it as is.
+    """
+    terms = elbo_terms(model, x, seed=seed)
+    mean = {k: float(v.mean()) for k, v in terms.items()}
+    stochastic = model.prior.stochastic
+    if not model.likelihood.normalized_for(x):
+        return {"loss_recon": -mean["log_px"], **({"kl": mean["kl"]} if stochastic else {})}
+    if not stochastic:
+        return {"log_px": mean["log_px"]}
+    return {"elbo": mean["elbo"], "log_px": mean["log_px"], "kl": mean["kl"]}
 
 
 def _device(model: torch.nn.Module) -> torch.device:

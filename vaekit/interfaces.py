@@ -159,6 +159,11 @@ class Likelihood(nn.Module):
     def check_data(self, x: torch.Tensor, what: str) -> None:
         """Raise :class:`~vaekit.errors.DataError` if ``x`` is outside this likelihood's support."""
 
+    def normalized_for(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`log_prob` is a normalised log-density for data ``x [N, *S]``, so that
+        ELBO and NLL are defined; else evaluation reports it as a loss.  Default: :attr:`normalized`."""
+        return self.normalized
+
 
 @dataclass
 class StepOutput:

@@ -18,13 +18,21 @@ from . import __version__, checkpoint
 from .config import RunConfig
 from .data import DataBundle, binarize, looks_like_path
 from .errors import CheckpointError, ConfigError, TrainingError
-from .evaluation import elbo_terms
+from .evaluation import EVAL_SEED, elbo_summary
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model
 from .precision import MixedPrecision
 from .registry import PluginSpec
 
 TEST_BINARIZE_SEED = 1234  # the test set is binarized once, identically for every run
+
+
+def eval_inputs(test_x: torch.Tensor, binarize_mode: str) -> torch.Tensor:
+    """The test set a run is evaluated on: ``test_x``, binarized with the fixed
+    :data:`TEST_BINARIZE_SEED` unless ``binarize_mode`` is ``none`` (training and ``vaekit eval`` alike)."""
+    if binarize_mode == "none":
+        return test_x
+    return binarize(test_x, torch.Generator().manual_seed(TEST_BINARIZE_SEED))
 
 
 def resolve_data_spec(spec: PluginSpec, pm: PluginManager) -> PluginSpec:
@@ -106,8 +114,7 @@ class Trainer:
             raise ConfigError("binarization needs data in [0, 1]; use --binarize none")
         self.train_x = self.data.train_x
         self.test_x = self.data.test_x
-        if self.binarize != "none":
-            self.test_x = binarize(self.test_x, torch.Generator().manual_seed(TEST_BINARIZE_SEED))
+        self.test_x = eval_inputs(self.test_x, self.binarize)
         if self.binarize == "static":
             self.train_x = binarize(self.train_x, torch.Generator().manual_seed(cfg.seed))
         self.train_x = self.train_x.to(self.device)
@@ -293,15 +300,7 @@ class Trainer:
     def _test_metrics(self) -> dict[str, float]:
         """Test-set ELBO terms, nats: the seeded estimate (:data:`~vaekit.evaluation.EVAL_SEED`) that
         ``vaekit eval`` reports too, drawn without touching the training RNG streams."""
-        from .evaluation import EVAL_SEED
-
-        terms = elbo_terms(self.model, self.test_x, seed=EVAL_SEED)
-        if not self.model.likelihood.normalized:
-            return {"test_loss_recon": float(-terms["log_px"].mean())}
-        if not self.model.prior.stochastic:
-            return {"test_log_px": float(terms["log_px"].mean())}
-        return {"test_elbo": float(terms["elbo"].mean()), "test_log_px": float(terms["log_px"].mean()),
-                "test_kl": float(terms["kl"].mean())}
+        return {f"test_{k}": v for k, v in elbo_summary(self.model, self.test_x, seed=EVAL_SEED).items()}
 
     def _checkpoint(self, epoch: int) -> None:
         for name, p in self.model.named_parameters():

@@ -18,7 +18,7 @@ _LABELS = {
     "log_px": ("log p(x|z)", "nats"),
     "kl": ("KL(q(z|x) ‖ p(z))", "nats"),
     "nll": ("NLL (importance-sampled)", "nats"),
-    "loss_recon": ("reconstruction loss (not a density)", "loss units"),
+    "loss_recon": ("reconstruction loss (not a density: no ELBO or NLL)", "loss units"),
     "recon_mse": ("reconstruction MSE", "per pixel"),
     "n": ("test samples", ""),
     "nll_samples": ("importance samples K", ""),
@@ -41,17 +41,13 @@ def evaluate_run(
     import torch
 
     from ..checkpoint import load_run
-    from ..data import binarize
     from ..evaluation import evaluate
     from ..manager import get_plugin_manager
-    from ..training import TEST_BINARIZE_SEED, load_data, resolve_device
+    from ..training import load_data, resolve_device, eval_inputs
 
     model = load_run(run_dir, device=resolve_device(device))
-    info = model.run_info
     data = load_data(model.config.data, get_plugin_manager())
-    x = data.test_x
-    if info["config"].get("binarize", "none") != "none":
-        x = binarize(x, torch.Generator().manual_seed(TEST_BINARIZE_SEED))
+    x = eval_inputs(data.test_x, model.run_info["config"].get("binarize", "none"))
     torch.manual_seed(seed)  # the importance sampler's noise; the ELBO's is seeded inside evaluate()
     if as_json:
         result = evaluate(model, x, nll_samples, batch_size, seed=seed)

@@ -36,6 +36,11 @@ class BernoulliLikelihood(Likelihood):
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)
 
+    def normalized_for(self, x: torch.Tensor) -> bool:
+        """A density only for binary data: on grey levels (``--binarize none``) ``log_prob`` is a
+        cross-entropy, and evaluation reports it as a loss, not as an ELBO or NLL."""
+        return bool(((x == 0) | (x == 1)).all())
+
     def check_data(self, x: torch.Tensor, what: str) -> None:
         lo, hi = float(x.min()), float(x.max())
         if lo < 0.0 or hi > 1.0:
