@@ -55,12 +55,19 @@ def test_bf16_trains_under_autocast_and_resumes_exactly_on_the_cpu(tmp_path):
     assert full.history[1]["test_elbo"] > full.history[0]["test_elbo"] + 20  # nats
 
 
-def test_fp16_uses_a_gradient_scaler_whose_state_is_checkpointed(tmp_path):
-    run = vaekit.train(epochs=1, precision="fp16", out=str(tmp_path / "r"), **FAST)
-    assert torch.isfinite(torch.tensor(run.metrics["test_elbo"]))
-    with safe_open(run.run_dir / "trainer_state.safetensors", "pt") as f:
+def test_fp16_uses_a_gradient_scaler_whose_state_is_checkpointed_and_restored(tmp_path):
+    full = vaekit.train(epochs=2, precision="fp16", out=str(tmp_path / "full"), **FAST)
+    assert torch.isfinite(torch.tensor(full.metrics["test_elbo"]))
+    with safe_open(full.run_dir / "trainer_state.safetensors", "pt") as f:
         scaler = json.loads(f.metadata()["scaler"])
-    assert scaler["scale"] > 1 and "_growth_tracker" in scaler
+    # the scaler ran: float16 gradients overflowed at 2^16, it skipped those steps and backed off by halves
+    skipped = 16 - torch.log2(torch.tensor(scaler["scale"])).item()
+    assert skipped >= 1 and skipped == int(skipped) and 0 < scaler["_growth_tracker"] <= full.metrics["step"]
+    vaekit.train(epochs=1, precision="fp16", out=str(tmp_path / "part"), **FAST)
+    resumed = vaekit.training.resume(tmp_path / "part", epochs=2, quiet=True, figures=False)
+    assert _same(_weights(full), _weights(resumed))
+    with safe_open(resumed.run_dir / "trainer_state.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["scaler"]) == scaler  # restored, not restarted, on resume
 
 
 def test_precision_is_validated_and_fixed_on_resume(tmp_path):

@@ -18,7 +18,8 @@ The build is safe against kills, races and other installs:
   which the operating system releases when its holder dies (SIGKILL and OOM included); the next
   builder removes the dead one's folder.  A process that waits longer than
   ``$VAEKIT_KERNEL_BUILD_TIMEOUT`` seconds (default 300) for a live builder gives up and uses the
-  eager formula, with one warning line.
+  eager formula, with one warning line (a wait of over 10 s is announced first, so it is never
+  silent).
 
 Where the kernel is impossible (no C++ compiler or ninja, or ``VAEKIT_DISABLE_CPP_KERNEL=1``) the
 ops keep their eager implementation and :func:`status` says why.
@@ -42,6 +43,7 @@ from .reference import LOGVAR_MAX, LOGVAR_MAX_FLOAT16, LOGVAR_MIN
 
 SOURCE = Path(__file__).parent / "csrc" / "reparameterize_kl.cpp"
 DEFAULT_TIMEOUT_S = 300.0
+WAIT_NOTE_AFTER_S = 10.0  # a wait longer than this is announced (once), so a pause is never silent
 _lock = threading.Lock()
 _module: bool = False
 _status: str | None = None
@@ -99,7 +101,8 @@ def _timeout() -> float:
 def _exclusive(path: Path, timeout: float, on_wait):
     """Hold ``flock(path)`` exclusively; yields False if another holder kept it past ``timeout`` s.
 
-    The kernel drops the lock when its holder's process ends, however it ends.
+    The kernel drops the lock when its holder's process ends, however it ends.  ``on_wait()`` is
+    called once if the wait lasts longer than :data:`WAIT_NOTE_AFTER_S`.
     """
     try:
         import fcntl
@@ -107,18 +110,19 @@ def _exclusive(path: Path, timeout: float, on_wait):
         yield True
         return
     with open(path, "a") as f:
-        deadline, waited = time.monotonic() + timeout, False
+        start, noted = time.monotonic(), False
         while True:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
+                waited = time.monotonic() - start
+                if waited >= timeout:
                     yield False
                     return
-                if not waited:
+                if not noted and waited >= WAIT_NOTE_AFTER_S:
                     on_wait()
-                    waited = True
+                    noted = True
                 time.sleep(0.2)
         try:
             yield True

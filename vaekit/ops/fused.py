@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import cpu_kernel
-from .reference import clamp_logvar, compute_dtype, reparameterize_kl_backward_eager, reparameterize_kl_eager
+from .reference import compute_dtype, reparameterize_grad_eps, reparameterize_kl_backward_eager, reparameterize_kl_eager
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -105,7 +105,7 @@ def _backward(ctx, grad_z: Tensor, grad_kl: Tensor):
         gmu, glv = _BACKWARD(grad_z, grad_kl, mu, logvar, eps)
     geps = None
     if ctx.needs_input_grad[2]:
-        geps = grad_z * torch.exp(0.5 * clamp_logvar(logvar))
+        geps = reparameterize_grad_eps(grad_z, logvar)
     return gmu, glv, geps
 
 
@@ -132,10 +132,12 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> 
     Numerics (the same in the C++, Triton and eager implementations, see
     :mod:`vaekit.ops.reference`): float16/bfloat16 inputs are computed in float32 and the KL is
     returned in float32; log σ² is clamped to [−30, 30] ([−30, 11] for float16, so σ² fits the
-    dtype) before exponentiating, so no value or gradient overflows however far outside that
-    range it is; the gradient w.r.t. log σ² passes straight through the clamp (evaluated at the
-    clamped value), so the KL still pulls an out-of-range log σ² back.  Under
-    ``torch.autocast`` the op runs in float32.
+    dtype) before exponentiating, so no value overflows however far outside that range it is;
+    the gradient w.r.t. log σ² passes straight through the clamp (evaluated at the clamped
+    value), so the KL still pulls an out-of-range log σ² back.  That gradient is at most
+    ``½(|grad_z|·σ·|ε| + |grad_kl|·e^{hi})``: finite in float32, while a float16 gradient
+    overflows if ``|grad_kl|`` exceeds about 2 at the bound (a mean-reduced loss gives β/B).
+    Under ``torch.autocast`` the op runs in float32.
 
     Raises ValueError if the shapes or dtypes of ``mu``, ``logvar`` (and ``eps``) differ.
     """

@@ -8,13 +8,14 @@ Triton kernels get their bounds from here):
   input dtype once at the end, the KL is returned in float32 (a sum of ``d`` terms can exceed
   float16's range even when every term fits).
 * **clamp**: log σ² is clamped to :func:`logvar_bounds` (``[−30, 30]``; ``[−30, 11]`` for
-  float16, where σ² = e¹¹ ≈ 6·10⁴ is the largest that fits the dtype), so neither σ, z, the
-  KL nor any gradient overflows, however far outside the range log σ² is.
+  float16, where σ² = e¹¹ ≈ 6·10⁴ is the largest that fits the dtype), so neither σ, z nor the
+  KL overflows, however far outside the range log σ² is.
 * **gradient at the clamp: straight through.**  Values are computed at the clamped log σ², and
   the gradient w.r.t. log σ² is that of the unclamped formula evaluated there:
   ``∂KL/∂log σ² = ½(σ² − 1)``, ``∂z/∂log σ² = ½ σ ε`` with σ from the clamped value.  So a
   log σ² beyond the bound is still pulled back by the KL (a true clamp would give it gradient 0
-  forever); the pull is finite and at most ``½ e^{hi}`` per unit of incoming gradient.
+  forever); the pull is finite and at most ``½ e^{hi}`` per unit of incoming KL gradient (in
+  float16 that fits for an incoming gradient up to about 2; under autocast the op runs in float32).
 """
 
 from __future__ import annotations
@@ -94,3 +95,11 @@ def reparameterize_kl_backward_eager(
     grad_mu = grad_z + g * mu
     grad_logvar = 0.5 * (grad_z * std * eps + g * (std.square() - 1.0))
     return grad_mu.to(dtype), grad_logvar.to(dtype)
+
+
+def reparameterize_grad_eps(grad_z: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """``∂/∂ε = grad_z · σ`` with σ from the clamped log σ², computed in the compute dtype and
+    returned in the dtype of ``logvar`` (``[..., d]``)."""
+    dtype = logvar.dtype
+    grad_z, logvar = _upcast(dtype, grad_z, logvar)
+    return (grad_z * torch.exp(0.5 * clamp_logvar(logvar, dtype))).to(dtype)

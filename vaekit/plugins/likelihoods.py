@@ -56,8 +56,9 @@ class GaussianLikelihood(Likelihood):
     ``log p = −Σ_j [ (x_j − μ_j)² / 2σ_j² + log σ_j + ½ log 2π ]`` nats.  With a
     fixed σ this is squared error up to constants, and σ is used exactly as given.  With
     ``learn_sigma`` each data dimension learns its own σ_j = min_sigma + softplus(ρ_j), which
-    stays above ``min_sigma`` and keeps a gradient however close to it σ_j gets; ρ_j starts
-    where σ_j = ``sigma``.  Source: Kingma & Welling 2014, appendix C.2 (there σ comes from
+    stays above ``min_sigma`` and never loses its gradient (dσ_j/dρ_j = sigmoid(ρ_j) > 0; near
+    the floor it shrinks like σ_j − min_sigma, which Adam's normalised steps make up for, while
+    a clamp gave exactly 0); ρ_j starts where σ_j = ``sigma``.  Source: Kingma & Welling 2014, appendix C.2 (there σ comes from
     the decoder; here it is fixed or learned per pixel).
 
     The state dict holds ``fixed_sigma`` (σ, a buffer of shape ``S``) when σ is fixed, or
