@@ -32,6 +32,47 @@ def trained_run(tmp_path_factory):
     return result.run_dir
 
 
+def install_plugin_distribution(tmp_path, name: str, version: str, module: str, source: str):
+    """Build and install a throwaway distribution ``name==version`` holding one module ``module``
+    (``source``) with a ``vaekit`` entry point, as a third party's would be, into a new folder
+    under ``tmp_path``; returns that folder (put it on PYTHONPATH)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    src = tmp_path / f"{name}-src"
+    src.mkdir()
+    (src / "pyproject.toml").write_text(textwrap.dedent(f"""
+        [build-system]
+        requires = ["setuptools>=64"]
+        build-backend = "setuptools.build_meta"
+
+        [project]
+        name = "{name}"
+        version = "{version}"
+
+        [project.entry-points.vaekit]
+        {module} = "{module}"
+    """))
+    (src / f"{module}.py").write_text(textwrap.dedent(source))
+    site = tmp_path / f"{name}-site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(src)], check=True, capture_output=True, text=True)
+    return site
+
+
+def run_cli(args, *sites, **env):
+    """``python -m vaekit ARGS`` in a subprocess with ``sites`` on PYTHONPATH and entry points loaded."""
+    import subprocess
+    import sys
+
+    environ = {k: v for k, v in os.environ.items() if k != "VAEKIT_DISABLE_PLUGIN_AUTOLOAD"}
+    path = os.pathsep.join([str(s) for s in sites] + [os.environ.get("PYTHONPATH", "")])
+    environ.update(PYTHONPATH=path, **env)
+    return subprocess.run([sys.executable, "-m", "vaekit", *args], capture_output=True, text=True, env=environ,
+                          timeout=600)
+
+
 @pytest.fixture
 def fresh_pm():
     """A plugin manager of built-ins only (no entry points)."""

@@ -1,8 +1,4 @@
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -10,6 +6,7 @@ import vaekit
 from vaekit.manager import PluginManager
 
 import plugin_for_tests
+from conftest import install_plugin_distribution, run_cli
 
 
 def test_builtins_are_registered_as_plugins(fresh_pm):
@@ -54,19 +51,6 @@ def test_unknown_hook_in_a_plugin_is_rejected():
         PluginManager(extra_plugins=[Typo()], autoload=False)
 
 
-THIRD_PARTY_PYPROJECT = """
-[build-system]
-requires = ["setuptools>=64"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "vaekit-throwaway"
-version = "0.3.1"
-
-[project.entry-points.vaekit]
-throwaway = "vaekit_throwaway"
-"""
-
 THIRD_PARTY_MODULE = '''
 import torch
 import vaekit
@@ -98,23 +82,13 @@ def vaekit_register_encoders(registry):
 
 @pytest.fixture(scope="module")
 def third_party_site(tmp_path_factory):
-    """Build and install a throwaway distribution with a `vaekit` entry point into its own folder."""
-    src = tmp_path_factory.mktemp("vaekit-throwaway")
-    (src / "pyproject.toml").write_text(THIRD_PARTY_PYPROJECT)
-    (src / "vaekit_throwaway.py").write_text(textwrap.dedent(THIRD_PARTY_MODULE))
-    site = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(src)],
-        check=True, capture_output=True, text=True,
-    )
-    return site
+    """A throwaway distribution with a `vaekit` entry point, installed into its own folder."""
+    return install_plugin_distribution(tmp_path_factory.mktemp("tp"), "vaekit-throwaway", "0.3.1",
+                                       "vaekit_throwaway", THIRD_PARTY_MODULE)
 
 
 def _cli(args, site, **env):
-    environ = {k: v for k, v in os.environ.items() if k != "VAEKIT_DISABLE_PLUGIN_AUTOLOAD"}
-    environ.update(PYTHONPATH=str(site) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    return subprocess.run([sys.executable, "-m", "vaekit", *args], capture_output=True, text=True, env=environ, timeout=300)
+    return run_cli(args, site, **env)
 
 
 def test_third_party_entry_point_plugin_is_listed_and_trains(third_party_site, tmp_path):

@@ -199,3 +199,31 @@ def test_fused_op_and_eager_formula_train_to_the_same_figures(tmp_path, monkeypa
     assert len(calls) == n
     assert eager.metrics["test_elbo"] == pytest.approx(fused.metrics["test_elbo"], abs=0.05)
     assert eager.metrics["train_kl"] == pytest.approx(fused.metrics["train_kl"], abs=0.05)
+
+
+def test_a_failing_figure_never_loses_the_run(tmp_path, monkeypatch, capsys):
+    from vaekit import viz
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("seeded sampling of Weird is not implemented")
+
+    monkeypatch.setattr(viz, "plot_samples", broken)
+    result = vaekit.train(epochs=1, out=str(tmp_path / "r"), **{**FAST, "quiet": False, "figures": True},
+                          progress=False)
+    assert result.metrics["epoch"] == 1 and (result.run_dir / "model.safetensors").exists()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: samples.png not written (NotImplementedError: seeded sampling of Weird is not implemented)"]
+    assert not (result.run_dir / "samples.png").exists()
+    assert all((result.run_dir / f).exists() for f in ("reconstructions.png", "latent.png", "loss.png"))
+
+
+def test_no_figures_flag(tmp_path):
+    from typer.testing import CliRunner
+
+    from vaekit.cli import build_app
+
+    out = tmp_path / "r"
+    res = CliRunner().invoke(build_app(), ["run", "--data", SMALL_MNIST, "--encoder", "mlp:hidden=16", "--epochs", "1",
+                                           "--no-figures", "--out", str(out), "-q"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.png"))

@@ -3,41 +3,19 @@
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from .errors import ConfigError
 from .model import VAEModel
+from .rng import seeded_noise
 
 EVAL_SEED = 0
 """Seed of the test-set ELBO's noise: training's per-epoch ``test_elbo`` and ``vaekit eval`` (``--seed``, default 0) both use it."""
 
 ELBO_BATCH_SIZE = 500
 """Data points per forward pass of the test-set ELBO (training and :func:`evaluate` alike: the batches lay out the noise)."""
-
-
-@contextmanager
-def seeded_noise(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Run the body with torch's global RNG seeded with ``seed``, restoring the caller's RNG state afterwards.
-
-    Plugins draw their Monte-Carlo noise (ε of the reparameterisation) from the global RNG, so this
-    makes any prior's draws reproducible without a generator argument.  The CPU stream is forked
-    always, the CUDA stream of ``device`` when it is a CUDA device (``torch.random.fork_rng``);
-    other streams are neither touched nor seeded.  ``seed=None`` runs the body unseeded, drawing
-    from (and advancing) the caller's streams.
-    """
-    if seed is None:
-        yield
-        return
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 @torch.no_grad()

@@ -15,10 +15,29 @@ from torch import nn
 from torch.distributions import Distribution, kl_divergence
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .model import VAEModel
     from .training import Trainer
 
 
-class Encoder(nn.Module):
+class Plugin(nn.Module):
+    """What every plugin kind shares: :meth:`bind`, its view of the composed model."""
+
+    def bind(self, model: "VAEModel") -> None:
+        """Called once when this plugin is composed into ``model`` — when a model is built, and so
+        when a run is loaded, before its weights are loaded — after every piece exists.
+
+        ``model`` gives ``encoder``, ``head`` (the posterior head), ``prior``, ``decoder``,
+        ``likelihood``, ``regularizers``, ``data_shape``, ``latent_dim``; its device is wherever
+        the model is moved later, so read devices when used, not here.  Parameters and buffers
+        created here are part of the model's state (saved, loaded, moved).  Keep a reference to
+        the model or its parts with ``object.__setattr__(self, "_model", model)``, so it is not
+        registered as a sub-module twice.  Example: a VampPrior (Tomczak & Welling 2018) creates its
+        pseudo-inputs of shape ``[K, *model.data_shape]`` and evaluates ``model.encoder`` on them.
+        Default: nothing.
+        """
+
+
+class Encoder(Plugin):
     """Feature extractor ``x [B, *S] -> h [B, F]``.
 
     Subclasses call ``super().__init__(input_shape)`` and set
@@ -35,7 +54,7 @@ class Encoder(nn.Module):
         raise NotImplementedError
 
 
-class Decoder(nn.Module):
+class Decoder(Plugin):
     """Generator ``z [B, d] -> likelihood parameters [B, *output_shape]``.
 
     ``output_shape`` is the data shape with its first dimension multiplied by
@@ -52,7 +71,7 @@ class Decoder(nn.Module):
         raise NotImplementedError
 
 
-class Prior(nn.Module):
+class Prior(Plugin):
     """A prior p(z) over ``[d]`` together with its posterior family q(z|x).
 
     The pipeline builds the posterior head with :meth:`posterior_head`; the
@@ -106,29 +125,41 @@ class Prior(nn.Module):
         return z, kl
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` draws from p(z), ``[n, d]``; ``generator`` makes them reproducible."""
+        """``n`` draws from p(z), ``[n, d]``, on the prior's device; a ``generator`` (any device)
+        makes them reproducible (:func:`sample_with_generator`).  Every sampling path — samples.png,
+        ``vaekit sample``, :meth:`VAEModel.sample` — comes here; override it for a sampler of your own."""
         p = self.distribution()
         if generator is None:
             return p.sample((n,))
-        # torch.distributions take no generator: draw standard noise and push it through.
-        return sample_with_generator(p, n, generator)
+        return sample_with_generator(p, n, generator, self._device_anchor.device)
 
 
-def sample_with_generator(p: Distribution, n: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` reproducible draws from a (possibly ``Independent``) Normal or Uniform ``p``, using ``generator``."""
-    base = p.base_dist if hasattr(p, "base_dist") else p
-    if isinstance(base, torch.distributions.Normal):
-        shape = (n,) + tuple(p.batch_shape) + tuple(p.event_shape)
+def sample_with_generator(p: Distribution, n: int, generator: torch.Generator,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` reproducible draws ``[n, *batch_shape, *event_shape]`` from any ``torch.distributions`` ``p``
+    whose parameters live on ``device``, driven by ``generator``.
+
+    An (``Independent``) Normal or Uniform draws its standard noise from ``generator`` itself
+    (``z = loc + scale·ε``, the numbers an exported model's ``sample(n, seed)`` draws too).  Any
+    other distribution — mixtures, VampPriors, flows — samples with ``p.sample`` under torch's
+    global RNG seeded from ``generator`` and forked (:func:`vaekit.rng.seeded_noise`), so the
+    result depends only on the generator and the caller's random streams are left untouched.
+    """
+    from .rng import seed_from, seeded_noise
+
+    base = p.base_dist if isinstance(p, torch.distributions.Independent) else p
+    shape = (n,) + tuple(p.batch_shape) + tuple(p.event_shape)
+    if type(base) is torch.distributions.Normal:
         eps = torch.randn(shape, generator=generator, device=generator.device).to(base.loc.device)
         return base.loc + base.scale * eps
-    if isinstance(base, torch.distributions.Uniform):
-        shape = (n,) + tuple(p.batch_shape) + tuple(p.event_shape)
+    if type(base) is torch.distributions.Uniform:
         u = torch.rand(shape, generator=generator, device=generator.device).to(base.low.device)
         return base.low + (base.high - base.low) * u
-    raise NotImplementedError(f"seeded sampling of {type(base).__name__} is not implemented")
+    with seeded_noise(seed_from(generator), torch.device(device)):
+        return p.sample((n,))
 
 
-class Likelihood(nn.Module):
+class Likelihood(Plugin):
     """The decoder's likelihood p(x|z), from the decoder's output ``params [B, k·C, ...]``.
 
     :attr:`params_per_channel` is ``k``.  :meth:`log_prob` is summed over the
@@ -195,7 +226,7 @@ def standard_normal(latent_dim: int, like: torch.Tensor) -> Distribution:
     )
 
 
-class Regularizer(nn.Module):
+class Regularizer(Plugin):
     """A named, weighted addition to the training step.
 
     A regularizer may (all optional):
@@ -238,9 +269,9 @@ class Regularizer(nn.Module):
         """One step of the regularizer's own optimizer (before the model's step); returns metrics."""
         return {}
 
-    def bind(self, prior: Prior) -> None:
-        """Called once when the regularizer is composed into a model, with the model's prior."""
-        object.__setattr__(self, "_prior", prior)  # a reference, not a sub-module (no duplicate state)
+    def bind(self, model: "VAEModel") -> None:
+        """See :meth:`Plugin.bind`; the default keeps a reference to ``model.prior`` as ``self._prior``."""
+        object.__setattr__(self, "_prior", model.prior)  # a reference, not a sub-module (no duplicate state)
 
     def latent_prior(self) -> Distribution | None:
         """The distribution this regularizer pushes the codes towards, if any (AAE, WAE).

@@ -41,8 +41,8 @@ class VAEModel(nn.Module):
         self.decoder = decoder
         self.likelihood = likelihood
         self.regularizers = nn.ModuleList(regularizers)
-        for reg in self.regularizers:
-            reg.bind(prior)
+        for plugin in (encoder, prior, decoder, likelihood, *self.regularizers):
+            plugin.bind(self)
 
     @property
     def latent_dim(self) -> int:
@@ -88,16 +88,23 @@ class VAEModel(nn.Module):
     def can_sample(self) -> bool:
         return self.sampling_distribution() is not None
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples' likelihood means ``[n, *S]``, z drawn from :meth:`sampling_distribution`.
+    def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` codes ``[n, d]`` from p(z): the prior's :meth:`~vaekit.interfaces.Prior.sample`, or for
+        prior ``none`` the latent target of a regularizer (AAE, WAE); ``generator`` makes them reproducible.
 
         Raises ConfigError for a plain deterministic autoencoder (nothing to sample z from).
         """
+        if self.prior.stochastic:
+            return self.prior.sample(n, generator)
         p = self.sampling_distribution()
         if p is None:
             raise ConfigError("this model has no prior distribution to sample from (prior 'none' and no latent target)")
-        z = p.sample((n,)) if generator is None else sample_with_generator(p, n, generator)
-        return self.decode_mean(z)
+        device = self.prior._device_anchor.device
+        return p.sample((n,)) if generator is None else sample_with_generator(p, n, generator, device)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` samples' likelihood means ``[n, *S]``, z from :meth:`sample_latent`."""
+        return self.decode_mean(self.sample_latent(n, generator))
 
     def _transform(self, z: torch.Tensor) -> torch.Tensor:
         for reg in self.regularizers:

@@ -232,7 +232,9 @@ class Trainer:
         if self.figures:
             from . import viz
 
-            viz.write_run_figures(self.run_dir, self.model, self.data, self.test_x.cpu(), self.history)
+            viz.write_run_figures(self.run_dir, self.model, self.data, self.test_x.cpu(), self.history,
+                                  warn=lambda message: self.console.print(message, markup=False, highlight=False,
+                                                                          soft_wrap=True))
         last = self.history[-1] if self.history else {}
         self.pm.hook.vaekit_fit_end(trainer=self, metrics=last)
         return TrainResult(self.run_dir, self.model, self.history)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -165,19 +166,29 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history: list[dict[str, Any]]) -> list[str]:
-    """Write every figure that applies to this run; returns the file names written."""
+def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history: list[dict[str, Any]],
+                      warn: Callable[[str], None] | None = None) -> list[str]:
+    """Write every figure that applies to this run; returns the file names written.
+
+    A figure that fails (a plugin that cannot sample, a full disk, …) is skipped with one line
+    through ``warn`` (default: stderr); the run and the other figures are never lost to it.
+    """
     run_dir = Path(run_dir)
+    can_sample = model.can_sample
+    figures = [
+        ("reconstructions.png", lambda p: plot_reconstructions(model, test_x, p)),
+        ("samples.png", lambda p: can_sample and plot_samples(model, p)),
+        ("latent.png", lambda p: plot_latent(model, test_x, data.test_y, p) or True),
+        ("manifold.png", lambda p: can_sample and plot_manifold(model, p)),
+        ("loss.png", lambda p: bool(history) and (plot_loss(history, p) or True)),
+    ]
     written = []
-    if plot_reconstructions(model, test_x, run_dir / "reconstructions.png"):
-        written.append("reconstructions.png")
-    if model.can_sample and plot_samples(model, run_dir / "samples.png"):
-        written.append("samples.png")
-    plot_latent(model, test_x, data.test_y, run_dir / "latent.png")
-    written.append("latent.png")
-    if model.can_sample and plot_manifold(model, run_dir / "manifold.png"):
-        written.append("manifold.png")
-    if history:
-        plot_loss(history, run_dir / "loss.png")
-        written.append("loss.png")
+    for name, draw in figures:
+        try:
+            if draw(run_dir / name):
+                written.append(name)
+        except Exception as e:  # noqa: BLE001 - a figure is never worth the run
+            _plt().close("all")
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {name} not written ({type(e).__name__}: {first})")
     return written

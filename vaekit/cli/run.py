@@ -37,6 +37,7 @@ def run(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Per-epoch lines only, no progress bar.")] = False,
+    no_figures: Annotated[bool, typer.Option("--no-figures", help="Write no PNG figures at the end (they can fail without losing the run anyway).")] = False,
 ) -> None:
     """Train an (variational) autoencoder and write config.json, model.safetensors, metrics and figures."""
     from ..training import resume as resume_run
@@ -51,7 +52,7 @@ def run(
             from ..errors import ConfigError
 
             raise ConfigError(f"--resume continues a run as configured; only --epochs may change (got --{next(iter(given)).replace('_', '-')})")
-        result = resume_run(resume, epochs=epochs, quiet=quiet, progress=not no_progress)
+        result = resume_run(resume, epochs=epochs, quiet=quiet, progress=not no_progress, figures=not no_figures)
     else:
         base = RunConfig.from_toml(config) if config is not None else RunConfig()
         cfg = base.replace(
@@ -62,6 +63,6 @@ def run(
         if no_fused_op:  # the prior's own option; a prior without one says so
             cfg = cfg.replace(prior=PluginSpec(cfg.prior.name, {**cfg.prior.options, "fused": False}))
         cfg = RunConfig.from_dict(cfg.to_dict())  # re-validate the flags
-        result = train(cfg, quiet=quiet, progress=not no_progress)
+        result = train(cfg, quiet=quiet, progress=not no_progress, figures=not no_figures)
     if not quiet:
         typer.echo(f"run written to {result.run_dir}")
