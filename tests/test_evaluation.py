@@ -295,3 +295,21 @@ def test_bernoulli_on_grey_levels_is_reported_as_a_loss_not_a_density(tmp_path):
         iwae_log_likelihood(run.model, torch.full((3, 1, 28, 28), 0.5), 5)
     # the same model on binary data is a density again
     assert "elbo" in evaluate(run.model, torch.ones(3, 1, 28, 28), nll_samples=0)
+
+
+def test_notebook_api_evaluates_a_run_on_its_own_data(trained_run):
+    """vaekit.evaluate(run) reports what vaekit eval does (the run's data, its fixed binarization), from a
+    directory or a loaded model; vaekit.load_data and the lazy names are listed by dir(vaekit)."""
+    import json
+
+    last = json.loads((trained_run / "metrics.jsonl").read_text().splitlines()[-1])
+    by_dir = vaekit.evaluate(trained_run, nll_samples=0)
+    assert by_dir["elbo"] == pytest.approx(last["test_elbo"], abs=1e-5) and by_dir["n"] == 100
+    by_model = vaekit.evaluate(vaekit.load_run(trained_run), nll_samples=0)
+    assert by_model["elbo"] == by_dir["elbo"]
+    assert vaekit.evaluate(trained_run, split="train", nll_samples=0)["n"] == 300
+    with pytest.raises(ConfigError, match="split"):
+        vaekit.evaluate(trained_run, split="valid")
+    data = vaekit.load_data("mnist:train_per_class=3,test_per_class=1")
+    assert data.train_x.shape == (30, 1, 28, 28) and data.scaling == "uint8 / 255"
+    assert {"evaluate", "load_data", "load_run", "train", "resume", "VAEModel", "RunConfig"} <= set(dir(vaekit))

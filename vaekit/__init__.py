@@ -36,7 +36,16 @@ def __getattr__(name: str):
         from . import checkpoint, model
 
         return {"load_run": checkpoint.load_run, "VAEModel": model.VAEModel}[name]
+    if name in ("evaluate", "load_data", "resume"):
+        from . import evaluation, training
+
+        return {"evaluate": evaluation.evaluate_run, "load_data": training.load_data, "resume": training.resume}[name]
     raise AttributeError(f"module 'vaekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public names, the lazily loaded ones included (so tab completion finds them)."""
+    return sorted(set(globals()) | set(__all__))
 
 
 __all__ = [
@@ -61,8 +70,11 @@ __all__ = [
     "__version__",
     "get_plugin_manager",
     "hookimpl",
+    "evaluate",
     "export_torchscript",
+    "load_data",
     "load_exported",
     "load_run",
+    "resume",
     "train",
 ]

@@ -127,6 +127,33 @@ def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_si
     return out
 
 
+def evaluate_run(run, split: str = "test", nll_samples: int = 1000, batch_size: int = 100,
+                 device: str = "auto", seed: int = EVAL_SEED, pm=None,
+                 progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """:func:`evaluate` a trained run on its own data: what ``vaekit eval`` reports, for notebooks.
+
+    ``run``: a run directory, or a model from :func:`vaekit.load_run` (which carries its config).
+    ``split``: ``test`` or ``train``.  The data are loaded as the run was trained and binarized with
+    the fixed test binarization when the run binarizes (:func:`vaekit.training.eval_inputs`), so
+    ``vaekit.evaluate(run)["elbo"]`` equals the run's last ``test_elbo`` (default ``seed``, same
+    device).  The importance sampler's noise is seeded with ``seed`` too.  Raises CheckpointError
+    for a missing or broken run, ConfigError for an unknown split.
+    """
+    from .checkpoint import load_run
+    from .training import eval_inputs, load_data, resolve_device
+
+    if split not in ("test", "train"):
+        raise ConfigError(f"split must be 'test' or 'train', got {split!r}")
+    model = run if isinstance(run, VAEModel) else load_run(run, device=resolve_device(device), pm=pm)
+    info = getattr(model, "run_info", None)
+    if info is None:
+        raise ConfigError("evaluate_run needs a run directory or a model from vaekit.load_run (it has no run config)")
+    data = load_data(model.config.data, pm)
+    x = eval_inputs(data.test_x if split == "test" else data.train_x, info["config"].get("binarize", "none"))
+    torch.manual_seed(seed)  # the importance sampler's noise; the ELBO's is seeded inside evaluate()
+    return evaluate(model, x, nll_samples, batch_size, progress=progress, seed=seed)
+
+
 def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED) -> dict[str, float]:
     """Means over ``x`` of the seeded :func:`elbo_terms`, named by what they are (nats):
 

@@ -42,8 +42,15 @@ def resolve_data_spec(spec: PluginSpec, pm: PluginManager) -> PluginSpec:
     return spec
 
 
-def load_data(spec: PluginSpec, pm: PluginManager) -> DataBundle:
-    spec = resolve_data_spec(spec, pm)
+def load_data(spec: PluginSpec | str, pm: PluginManager | None = None) -> DataBundle:
+    """The :class:`~vaekit.data.DataBundle` a ``--data`` value names (``"mnist"``,
+    ``"mnist:train_per_class=30"``, a path, a :class:`PluginSpec`), as ``vaekit run`` loads it.
+
+    ``pm``: plugin manager (default: the process-wide one, entry points included).  Raises
+    UnknownPluginError/ConfigError/DataError for unknown datasets, bad options or bad data.
+    """
+    pm = pm or get_plugin_manager()
+    spec = resolve_data_spec(PluginSpec.parse(spec) if not isinstance(spec, PluginSpec) else spec, pm)
     bundle = pm.datasets.build(spec)
     if not isinstance(bundle, DataBundle):
         raise ConfigError(f"dataset {spec.name!r} returned a {type(bundle).__name__}, not a vaekit DataBundle")

@@ -38,25 +38,17 @@ def evaluate_run(
     The ELBO is :func:`vaekit.evaluation.evaluate`'s seeded estimate; with the default ``--seed 0``
     (``EVAL_SEED``) it equals the last ``test_elbo`` in the run's ``metrics.jsonl`` (same device).
     """
-    import torch
+    from ..evaluation import evaluate_run
 
-    from ..checkpoint import load_run
-    from ..evaluation import evaluate
-    from ..manager import get_plugin_manager
-    from ..training import load_data, resolve_device, eval_inputs
-
-    model = load_run(run_dir, device=resolve_device(device))
-    data = load_data(model.config.data, get_plugin_manager())
-    x = eval_inputs(data.test_x, model.run_info["config"].get("binarize", "none"))
-    torch.manual_seed(seed)  # the importance sampler's noise; the ELBO's is seeded inside evaluate()
     if as_json:
-        result = evaluate(model, x, nll_samples, batch_size, seed=seed)
+        result = evaluate_run(run_dir, "test", nll_samples, batch_size, device, seed)
     else:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
-            task = bar.add_task("importance sampling", total=len(x))
-            result = evaluate(model, x, nll_samples, batch_size, progress=lambda n: bar.advance(task, n), seed=seed)
+            task = bar.add_task("importance sampling", total=None)
+            result = evaluate_run(run_dir, "test", nll_samples, batch_size, device, seed,
+                                  progress=lambda n: bar.advance(task, n))
     result = {"run_dir": str(run_dir), **result}
     if as_json:
         typer.echo(json.dumps(result))
