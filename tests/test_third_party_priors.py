@@ -99,3 +99,9 @@ def test_third_party_prior_trains_samples_evaluates_and_exports(sites, tmp_path,
 
     res = run_cli(["export", str(run), "--out", str(tmp_path / "m.pt")], *sites)
     assert res.returncode == 0, res.stderr
+
+    # without the package installed, the run says which distribution to install
+    for args in (["sample", str(run), "-n", "4", "--out", str(tmp_path / "x.png")], ["run", "--resume", str(run), "--epochs", "3"]):
+        res = run_cli(args)
+        assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert f"which is not installed here: pip install {source}" in res.stderr, res.stderr

@@ -225,7 +225,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
     config or weights are missing, corrupt or mismatched.
     """
     from .config import RunConfig
-    from .errors import ConfigError
+    from .errors import ConfigError, UnknownPluginError
     from .manager import get_plugin_manager
     from .model import build_model
 
@@ -235,12 +235,29 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
         config = RunConfig.from_dict(info["config"])
         shape = tuple(info["data"]["shape"])
         model = build_model(config, shape, pm)
+    except UnknownPluginError as e:
+        raise CheckpointError(missing_plugin_message(run_dir, info, e)) from None
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} describes a model that cannot be built: {_short(e)}") from None
     load_model_weights(Path(run_dir), model)
     model.config = config
     model.run_info = info
     return model.to(device).eval()
+
+
+def missing_plugin_message(run_dir, info: dict[str, Any], error) -> str:
+    """One line for a run whose plugin is not installed here, naming the distribution that
+    ``config.json``'s ``plugin_sources`` recorded for it ("install vaekit-vamp==0.1.0")."""
+    sources = info.get("plugin_sources", {})
+    recorded = sources.get(error.kind)
+    if error.kind == "regularizer":
+        names = [r.get("name") if isinstance(r, dict) else r for r in info.get("config", {}).get("regularizers", [])]
+        listed = sources.get("regularizers", [])
+        recorded = next((s for n, s in zip(names, listed) if n == error.name), None)
+    where = f"{str(run_dir)!r} was trained with the {error.kind} {error.name!r}"
+    if isinstance(recorded, str) and recorded not in ("builtin", ""):
+        return f"{where} from {recorded}, which is not installed here: pip install {recorded}"
+    return f"{where}, which is not available here ({error})"
 
 
 def _short(e: BaseException) -> str:

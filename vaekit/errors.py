@@ -18,8 +18,13 @@ class ConfigError(VaekitError, ValueError):
 class UnknownPluginError(ConfigError, KeyError):
     """A plugin name that no registry knows.
 
-    The message lists the known names of that kind and the closest match.
+    The message lists the known names of that kind and the closest match; :attr:`kind` and
+    :attr:`name` say which plugin was asked for.
     """
+
+    def __init__(self, message: str, kind: str = "", name: str = "") -> None:
+        super().__init__(message)
+        self.kind, self.name = kind, name
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return str(self.args[0]) if self.args else ""

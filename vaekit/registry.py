@@ -157,7 +157,8 @@ class Registry:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise UnknownPluginError(
-                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(known) or '(none)'}{hint}"
+                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(known) or '(none)'}{hint}",
+                self.kind, name,
             ) from None
 
     def resolve_options(self, spec: PluginSpec) -> dict[str, Any]:

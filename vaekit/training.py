@@ -17,7 +17,7 @@ import torch
 from . import __version__, checkpoint
 from .config import RunConfig
 from .data import DataBundle, binarize, looks_like_path
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError, UnknownPluginError
 from .evaluation import EVAL_SEED, elbo_summary
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model
@@ -434,7 +434,10 @@ def resume(run_dir: str | Path, epochs: int | None = None, **kwargs: Any) -> Tra
         values["epochs"] = epochs
     if not (Path(run_dir) / checkpoint.STATE).exists():
         raise CheckpointError(f"{str(run_dir)!r} has no trainer state to resume from (no epoch finished)")
-    return train(RunConfig.from_dict(values), resume=True, **kwargs)
+    try:
+        return train(RunConfig.from_dict(values), resume=True, **kwargs)
+    except UnknownPluginError as e:
+        raise CheckpointError(checkpoint.missing_plugin_message(run_dir, info, e)) from None
 
 
 __all__ = ["TrainResult", "Trainer", "resume", "train"]
