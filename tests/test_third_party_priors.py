@@ -105,3 +105,20 @@ def test_third_party_prior_trains_samples_evaluates_and_exports(sites, tmp_path,
         res = run_cli(args)
         assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert f"which is not installed here: pip install {source}" in res.stderr, res.stderr
+
+
+def test_contract_checks_bind_third_party_priors_into_a_model(sites, monkeypatch):
+    """vaekit.testing.check_prior composes the prior into a model, so a prior that needs the encoder
+    (the VampPrior) is checked honestly: bound, one training step, seeded sampling, export."""
+    import importlib
+
+    from vaekit.manager import PluginManager
+    from vaekit.testing import check_prior
+
+    for site in sites:
+        monkeypatch.syspath_prepend(str(site))
+    modules = [importlib.import_module(m) for m in ("vaekit_vamp", "vaekit_mog")]
+    pm = PluginManager(extra_plugins=modules, autoload=False)
+    for name in ("vamp", "mog"):
+        prior = check_prior(pm.priors.get(name))
+        assert prior.stochastic

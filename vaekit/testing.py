@@ -1,7 +1,9 @@
 """Contract checks for plugin authors: call them from your own tests.
 
 Each ``check_*`` builds the plugin through its registry entry and asserts the
-interface's promises (shapes, finiteness, gradients, TorchScript export).
+interface's promises (shapes, finiteness, gradients, TorchScript export).  Priors and
+regularizers are checked inside a small composed model (:func:`composed_model`), so they are
+bound to it, train a step, sample and export (or refuse to) as in a real run.
 They raise ``AssertionError`` with a readable message on failure.
 
     from vaekit.testing import check_encoder
@@ -65,26 +67,109 @@ def check_decoder(info: PluginInfo, latent_dim: int = 4, output_shape: tuple[int
     return dec
 
 
-def check_prior(info: PluginInfo, latent_dim: int = 4, in_features: int = 10) -> Prior:
+class _FlatEncoder(Encoder):
+    """A linear encoder for the composed test models."""
+
+    def __init__(self, input_shape, width: int = 10) -> None:
+        super().__init__(input_shape)
+        n = 1
+        for size in self.input_shape:
+            n *= size
+        self.lin = nn.Linear(n, width)
+        self.out_features = width
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x.flatten(1)))
+
+
+class _FlatDecoder(Decoder):
+    """A linear decoder for the composed test models."""
+
+    def __init__(self, latent_dim, output_shape) -> None:
+        super().__init__(latent_dim, output_shape)
+        n = 1
+        for size in self.output_shape:
+            n *= size
+        self.lin = nn.Linear(self.latent_dim, n)
+
+    def forward(self, z):
+        return self.lin(z).view((z.shape[0],) + self.output_shape)
+
+
+def composed_model(prior: Prior | None = None, regularizers=(), latent_dim: int = 4,
+                   data_shape: tuple[int, ...] = (1, 6, 6)):
+    """A small :class:`~vaekit.model.VAEModel` (linear encoder/decoder, Bernoulli likelihood, the
+    ``gaussian`` prior unless ``prior`` is given) with the plugins under test composed into it, so
+    they are bound (:meth:`~vaekit.interfaces.Plugin.bind`) as in a real run."""
+    from .model import VAEModel
+    from .plugins.likelihoods import BernoulliLikelihood
+    from .plugins.priors import GaussianPrior
+
+    return VAEModel(_FlatEncoder(data_shape), prior if prior is not None else GaussianPrior(latent_dim),
+                    _FlatDecoder(latent_dim, data_shape), BernoulliLikelihood(data_shape), list(regularizers))
+
+
+def _train_step(model, info: PluginInfo, kind: str) -> StepOutput:
+    """One forward pass, loss and backward on binary data; every gradient finite."""
+    x = torch.rand((BATCH,) + model.data_shape).round()
+    model.train()
+    record = model(x)
+    for reg in model.regularizers:
+        opt = reg.configure_optimizer()
+        if opt is not None:
+            reg.update(record, opt)
+    loss, terms = model.loss(record)
+    assert loss.dim() == 0 and torch.isfinite(loss), f"{kind} {info.name!r}: loss {terms} is not a finite scalar"
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), f"{kind} {info.name!r}: non-finite gradient of {name}"
+    return record
+
+
+def _export_or_refuse(model, info: PluginInfo, kind: str) -> None:
+    """Export to TorchScript works, or is refused up front with a ConfigError naming the problem."""
+    import tempfile
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .export import export_torchscript, load_exported
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = export_torchscript(model, Path(tmp) / "m.pt")
+        except ConfigError:
+            return
+        exported = load_exported(path)
+        with torch.no_grad():
+            x = torch.rand((BATCH,) + model.data_shape)
+            assert torch.allclose(exported.reconstruct(x), model.eval().reconstruct(x), atol=1e-5), (
+                f"{kind} {info.name!r}: the exported model reconstructs differently")
+
+
+def check_prior(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int, ...] = (1, 6, 6)) -> Prior:
+    """The prior inside a small composed model: bound, trains a step, samples reproducibly, exports or refuses."""
     prior = _build(info, latent_dim=latent_dim)
     assert isinstance(prior, Prior), f"prior {info.name!r} must subclass vaekit.Prior"
-    head = prior.posterior_head(in_features)
-    params = head(torch.randn(BATCH, in_features))
+    model = composed_model(prior, latent_dim=latent_dim, data_shape=data_shape)
+    record = _train_step(model, info, "prior")
+    params, z, kl = record.params, record.z, record.kl
     assert params.shape == (BATCH, prior.param_dim), f"prior {info.name!r}: head output {tuple(params.shape)}"
-    z, kl = prior.rsample_kl(params)
     assert z.shape == (BATCH, latent_dim), f"prior {info.name!r}: z has shape {tuple(z.shape)}"
     assert kl.shape == (BATCH,), f"prior {info.name!r}: kl has shape {tuple(kl.shape)}, expected ({BATCH},)"
     assert prior.mean(params).shape == (BATCH, latent_dim)
     if prior.stochastic:
-        q = prior.posterior(params)
-        assert q.log_prob(z).shape == (BATCH,), f"prior {info.name!r}: posterior log_prob must be per sample"
-        p = prior.distribution()
-        assert p.log_prob(z).shape == (BATCH,), f"prior {info.name!r}: prior log_prob must be per sample"
-        assert prior.sample(5).shape == (5, latent_dim)
-        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-        assert torch.equal(prior.sample(5, g1), prior.sample(5, g2)), f"prior {info.name!r}: seeded sampling is not reproducible"
+        with torch.no_grad():
+            q = prior.posterior(params)
+            assert q.log_prob(z).shape == (BATCH,), f"prior {info.name!r}: posterior log_prob must be per sample"
+            p = prior.distribution()
+            assert p.log_prob(z).shape == (BATCH,), f"prior {info.name!r}: prior log_prob must be per sample"
+            assert prior.sample(5).shape == (5, latent_dim)
+            g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+            assert torch.equal(prior.sample(5, g1), prior.sample(5, g2)), f"prior {info.name!r}: seeded sampling is not reproducible"
+            assert model.sample(2, torch.Generator().manual_seed(0)).shape == (2,) + model.data_shape
     else:
         assert torch.all(kl == 0), f"deterministic prior {info.name!r} must have zero KL"
+    _export_or_refuse(model, info, "prior")
     return prior
 
 
@@ -103,18 +188,20 @@ def check_likelihood(info: PluginInfo, data_shape: tuple[int, ...] = (1, 28, 28)
     return lik
 
 
-def check_regularizer(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int, ...] = (1, 28, 28)) -> Regularizer:
+def check_regularizer(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int, ...] = (1, 6, 6)) -> Regularizer:
+    """The regularizer inside a small composed VAE: bound, its own optimizer stepped, its penalty in the loss."""
     reg = _build(info, latent_dim=latent_dim, data_shape=data_shape)
     assert isinstance(reg, Regularizer), f"regularizer {info.name!r} must subclass vaekit.Regularizer"
     x = torch.rand((BATCH,) + tuple(data_shape))
     assert reg.corrupt(x).shape == x.shape, f"regularizer {info.name!r}: corrupt changed the shape"
     z = torch.randn(BATCH, latent_dim, requires_grad=True)
     assert reg.transform_latent(z).shape == z.shape, f"regularizer {info.name!r}: transform_latent changed the shape"
-    record = StepOutput(x, x, torch.randn(BATCH, 8), torch.randn(BATCH, 2 * latent_dim), z, torch.zeros(BATCH),
-                        torch.randn((BATCH,) + tuple(data_shape)), torch.zeros(BATCH))
+    model = composed_model(regularizers=[reg], latent_dim=latent_dim, data_shape=data_shape)
+    record = _train_step(model, info, "regularizer")
     penalty = reg.penalty(record)
     if penalty is not None:
         assert penalty.dim() == 0 and torch.isfinite(penalty), f"regularizer {info.name!r}: penalty must be a finite scalar"
+    _export_or_refuse(model, info, "regularizer")
     return reg
 
 
