@@ -214,7 +214,7 @@ def aoti_package(trained_run, tmp_path_factory):
 @pytest.mark.slow
 def test_aoti_package_matches_the_python_model(aoti_package, exported, digits):
     model, ts_path = exported
-    package = load_exported(aoti_package)
+    package = load_exported(aoti_package, trust=True)
     assert package.input_shape == [1, 28, 28] and package.latent_dim == 2
     assert package.config["config"]["encoder"]["name"] == "mlp"
     mu, logvar = package.encode(digits)
@@ -242,8 +242,27 @@ def test_cpp_runtime_runs_the_aoti_package(cpp_build, aoti_package, digits, tmp_
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_a_pt2_package_is_loaded_only_when_trusted(tmp_path, monkeypatch):
+    import torch._inductor.package
+
+    def no_native_code(*args, **kwargs):
+        pytest.fail("load_package was called: the package's native code was loaded before the trust check")
+
+    monkeypatch.setattr(torch._inductor.package, "load_package", no_native_code)
+    (tmp_path / "model.pt2").write_bytes(b"PK\x03\x04 not really a package")
+    with pytest.raises(CheckpointError) as refused:
+        load_exported(tmp_path / "model.pt2")
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1
+    assert "compiled native code that runs when it is loaded" in message and "trust=True" in message
+    monkeypatch.undo()  # trusted: it reaches the real loader, which rejects this file in one line
+    with pytest.raises(CheckpointError, match="not a loadable AOTInductor package"):
+        load_exported(tmp_path / "model.pt2", trust=True)
+
+
 def test_aoti_needs_a_pt2_name(trained_run, tmp_path):
     from vaekit.export import export_aoti
 
     with pytest.raises(ConfigError, match="must end in .pt2"):
         export_aoti(vaekit.load_run(trained_run), tmp_path / "model.pt")
+
