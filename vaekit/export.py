@@ -229,20 +229,36 @@ def export_aoti(model, out) -> Path:
 
 @contextlib.contextmanager
 def _private_inductor_cache():
-    """Point ``TORCHINDUCTOR_CACHE_DIR`` at a fresh temporary folder for the duration (then restore it)."""
-    import os
+    """Compile in a fresh, empty Inductor cache folder for the duration (then restore and delete it).
+
+    Uses torch's ``temporary_cache_dir``, which also clears Inductor's in-memory caches (e.g.
+    memoised cache paths) on the way in and out; on a torch without it, only
+    ``TORCHINDUCTOR_CACHE_DIR`` is set and restored.
+    """
     import tempfile
 
+    try:
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+    except ImportError:  # older torch: set the variable only
+        temporary_cache_dir = _cache_dir_variable
+    with tempfile.TemporaryDirectory(prefix="vaekit-inductor-") as cache, temporary_cache_dir(cache):
+        yield cache
+
+
+@contextlib.contextmanager
+def _cache_dir_variable(cache: str):
+    """Point ``TORCHINDUCTOR_CACHE_DIR`` at ``cache`` for the duration (then restore it)."""
+    import os
+
     old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="vaekit-inductor-") as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        try:
-            yield cache
-        finally:
-            if old is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
 class AOTIModel:
