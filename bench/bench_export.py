@@ -63,7 +63,7 @@ def main() -> None:
         model = vaekit.load_run(run)
         ts, pt2 = export_torchscript(model, tmp / "model.pt"), export_aoti(model, tmp / "model.pt2")
         bench = build_runtime(Path(args.build_dir) if args.build_dir else tmp / "build")
-        ts_module, aoti = vaekit.load_exported(ts), vaekit.load_exported(pt2)
+        ts_module, aoti = vaekit.load_exported(ts), vaekit.load_exported(pt2, trust=True)  # built just above
         name = f"{model.config.encoder.name}/{model.config.prior.name}, latent {model.latent_dim}"
         print(f"encode/decode latency, median µs, {args.threads} threads — {name}")
         print(f"{'':28s}{'encode b=1':>12s}{'decode b=1':>12s}{'encode b=256':>14s}{'decode b=256':>14s}")

@@ -214,7 +214,7 @@ def aoti_package(trained_run, tmp_path_factory):
 @pytest.mark.slow
 def test_aoti_package_matches_the_python_model(aoti_package, exported, digits):
     model, ts_path = exported
-    package = load_exported(aoti_package)
+    package = load_exported(aoti_package, trust=True)
     assert package.input_shape == [1, 28, 28] and package.latent_dim == 2
     assert package.config["config"]["encoder"]["name"] == "mlp"
     mu, logvar = package.encode(digits)
@@ -242,8 +242,75 @@ def test_cpp_runtime_runs_the_aoti_package(cpp_build, aoti_package, digits, tmp_
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_a_pt2_package_is_loaded_only_when_trusted(tmp_path, monkeypatch):
+    import torch._inductor.package
+
+    def no_native_code(*args, **kwargs):
+        pytest.fail("load_package was called: the package's native code was loaded before the trust check")
+
+    monkeypatch.setattr(torch._inductor.package, "load_package", no_native_code)
+    (tmp_path / "model.pt2").write_bytes(b"PK\x03\x04 not really a package")
+    with pytest.raises(CheckpointError) as refused:
+        load_exported(tmp_path / "model.pt2")
+    message = str(refused.value)
+    assert len(message.splitlines()) == 1
+    assert "compiled native code that runs when it is loaded" in message and "trust=True" in message
+    monkeypatch.undo()  # trusted: it reaches the real loader, which rejects this file in one line
+    with pytest.raises(CheckpointError, match="not a loadable AOTInductor package"):
+        load_exported(tmp_path / "model.pt2", trust=True)
+
+
+@pytest.mark.parametrize("torch_helper", [True, False], ids=["temporary_cache_dir", "older-torch-fallback"])
+def test_private_inductor_cache_is_fresh_and_restored(tmp_path, monkeypatch, torch_helper):
+    import sys
+
+    from vaekit.export import _private_inductor_cache
+
+    if not torch_helper:  # a torch without torch._inductor.runtime.cache_dir_utils
+        monkeypatch.setitem(sys.modules, "torch._inductor.runtime.cache_dir_utils", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared"))
+    with _private_inductor_cache() as cache:
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache and os.listdir(cache) == []
+        assert not Path(cache).is_relative_to(tmp_path / "shared")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "shared") and not Path(cache).exists()
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    with _private_inductor_cache():
+        pass
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
 def test_aoti_needs_a_pt2_name(trained_run, tmp_path):
     from vaekit.export import export_aoti
 
     with pytest.raises(ConfigError, match="must end in .pt2"):
         export_aoti(vaekit.load_run(trained_run), tmp_path / "model.pt")
+
+
+@pytest.mark.slow
+def test_aoti_exports_in_sequence_never_share_compiled_code(tmp_path, monkeypatch, small_mnist):
+    """Three exports through one shared Inductor cache: a latent-16 model, a latent-2 model (other shapes),
+    then a latent-2 model of the same architecture with other weights; each package must be its own model."""
+    from vaekit.export import export_aoti
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared-inductor-cache"))
+    runs = {name: vaekit.train(data="mnist:train_per_class=10,test_per_class=2", encoder="mlp:hidden=32",
+                               latent_dim=latent, seed=seed, epochs=1, out=str(tmp_path / name), quiet=True,
+                               figures=False).run_dir
+            for name, latent, seed in (("z16", 16, 0), ("z2", 2, 0), ("z2-seed1", 2, 1))}
+    packages = {name: export_aoti(vaekit.load_run(run), tmp_path / f"{name}.pt2") for name, run in runs.items()}
+    x = small_mnist.test_x[:8]
+    for name, run in runs.items():
+        model, package = vaekit.load_run(run), load_exported(packages[name], trust=True)
+        with torch.no_grad():
+            params = model.encode(x)
+            z = torch.randn(5, model.latent_dim, generator=torch.Generator().manual_seed(0))
+            expected_decode = model.decode_mean(z)
+        mu, logvar = package.encode(x)
+        assert package.latent_dim == model.latent_dim, name
+        assert mu.shape == logvar.shape == (8, model.latent_dim), (name, mu.shape)
+        d = model.latent_dim
+        assert (mu - params[:, :d]).abs().max() <= 1e-5 and (logvar - params[:, d:]).abs().max() <= 1e-5, name
+        assert (package.decode(z) - expected_decode).abs().max() <= 1e-5, name
+    # the two latent-2 models really differ, so the last check is not vacuous
+    assert (load_exported(packages["z2"], trust=True).encode(x)[0]
+            - load_exported(packages["z2-seed1"], trust=True).encode(x)[0]).abs().max() > 1e-2

@@ -18,6 +18,8 @@ and ``decode`` (dynamic batch size), compiled for a portable CPU target (x86-64-
 rather than ``-march=native``), with the same attributes as package metadata; ``reconstruct``
 and ``sample`` are composed from them by the loaders (:class:`AOTIModel` here, ``vaekit::Model``
 in C++), with the same seeded generator as the TorchScript archive.
+Loading a package runs the native code inside it, so :func:`load_exported` loads a ``.pt2`` only
+with ``trust=True``; the TorchScript archive is the safe default.
 """
 
 import contextlib
@@ -227,24 +229,44 @@ def export_aoti(model, out) -> Path:
 
 @contextlib.contextmanager
 def _private_inductor_cache():
-    """Point ``TORCHINDUCTOR_CACHE_DIR`` at a fresh temporary folder for the duration (then restore it)."""
-    import os
+    """Compile in a fresh, empty Inductor cache folder for the duration (then restore and delete it).
+
+    Uses torch's ``temporary_cache_dir``, which also clears Inductor's in-memory caches (e.g.
+    memoised cache paths) on the way in and out; on a torch without it, only
+    ``TORCHINDUCTOR_CACHE_DIR`` is set and restored.
+    """
     import tempfile
 
+    try:
+        from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir
+    except ImportError:  # older torch: set the variable only
+        temporary_cache_dir = _cache_dir_variable
+    with tempfile.TemporaryDirectory(prefix="vaekit-inductor-") as cache, temporary_cache_dir(cache):
+        yield cache
+
+
+@contextlib.contextmanager
+def _cache_dir_variable(cache: str):
+    """Point ``TORCHINDUCTOR_CACHE_DIR`` at ``cache`` for the duration (then restore it)."""
+    import os
+
     old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    with tempfile.TemporaryDirectory(prefix="vaekit-inductor-") as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
-        try:
-            yield cache
-        finally:
-            if old is None:
-                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
-            else:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
 
 
 class AOTIModel:
-    """A loaded ``.pt2`` package with the TorchScript archive's methods and attributes."""
+    """A loaded ``.pt2`` package with the TorchScript archive's methods and attributes.
+
+    Constructing one loads and runs the package's native code: use
+    ``load_exported(path, trust=True)``, which refuses a ``.pt2`` unless it is trusted.
+    """
 
     def __init__(self, path: Path) -> None:
         import logging
@@ -285,17 +307,29 @@ class AOTIModel:
         return self.decode(torch.randn([n, self.latent_dim], generator=g))
 
 
-def load_exported(path):
+def load_exported(path, *, trust: bool = False):
     """Load an exported model: a TorchScript archive (``.pt``) or an AOTInductor package (``.pt2``).
 
     Both have ``encode``, ``decode``, ``reconstruct``, ``sample(n, seed)``, ``input_shape``,
-    ``latent_dim`` and ``config`` (the run's config.json as a dict).  Raises CheckpointError if
-    the file is missing or not a vaekit model.
+    ``latent_dim`` and ``config`` (the run's config.json as a dict).
+
+    A TorchScript archive is the safe default: loading it only reads a program of tensor ops.  An
+    AOTInductor package holds compiled native code (shared libraries) that runs as soon as it is
+    loaded, with the rights of this process — a crafted package runs whatever it likes — so a
+    ``.pt2`` is loaded only with ``trust=True``, for a package you built or otherwise trust.
+
+    Raises CheckpointError if the file is missing or not a vaekit model, and for a ``.pt2`` without
+    ``trust=True`` (before anything in it is loaded).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"exported model {str(path)!r} does not exist")
     if path.suffix == ".pt2":
+        if not trust:
+            raise CheckpointError(
+                f"{str(path)!r} is an AOTInductor package: it contains compiled native code that runs when it "
+                "is loaded, so load only a package you trust, with load_exported(path, trust=True) "
+                "(a TorchScript archive, .pt, needs no trust)")
         try:
             return AOTIModel(path)
         except CheckpointError:
