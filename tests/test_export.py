@@ -72,7 +72,7 @@ def test_deterministic_autoencoder_export(tmp_path, small_mnist):
     module = load_exported(export_torchscript(vaekit.load_run(run.run_dir), tmp_path / "ae.pt"))
     z, empty = module.encode(small_mnist.test_x[:4])
     assert z.shape == (4, 3) and empty.shape == (4, 0) and module.deterministic and not module.can_sample
-    with pytest.raises(Exception, match="no prior to sample from"):
+    with pytest.raises(Exception, match="deterministic autoencoder \\(prior 'none', no latent target\\): it has no p\\(z\\) to sample from"):
         module.sample(2, 0)
 
 

@@ -97,8 +97,19 @@ def test_third_party_prior_trains_samples_evaluates_and_exports(sites, tmp_path,
     assert metrics["elbo"] == pytest.approx(last["test_elbo"], abs=1e-4)
     assert metrics["nll"] <= -metrics["elbo"] + 1.0  # the importance-sampled bound is at least as tight
 
+    # export refuses what it cannot carry, up front and by name, or leaves sample() out when asked
+    name = prior.split(":")[0]
     res = run_cli(["export", str(run), "--out", str(tmp_path / "m.pt")], *sites)
+    assert res.returncode == 1 and not (tmp_path / "m.pt").exists(), res.stderr
+    assert res.stderr.startswith(f"error: cannot export sampling from the prior {name!r}"), res.stderr
+    res = run_cli(["export", str(run), "--out", str(tmp_path / "m.pt"), "--no-sampling"], *sites)
     assert res.returncode == 0, res.stderr
+    from vaekit import load_exported
+
+    exported = load_exported(tmp_path / "m.pt")
+    assert not exported.can_sample and not exported.deterministic
+    with pytest.raises(Exception, match=f"exported without sampling \\(--no-sampling\\): its prior {name!r} is not N"):
+        exported.sample(2, 0)
 
     # without the package installed, the run says which distribution to install
     for args in (["sample", str(run), "-n", "4", "--out", str(tmp_path / "x.png")], ["run", "--resume", str(run), "--epochs", "3"]):

@@ -68,7 +68,7 @@ class ExportedModel(nn.Module):
     """The exported module; see the module docstring for its methods."""
 
     def __init__(self, encode: nn.Module, decode: nn.Module, input_shape: List[int], latent_dim: int,
-                 deterministic: bool, can_sample: bool) -> None:
+                 deterministic: bool, sample_error: str) -> None:
         super().__init__()
         self.encode_net = encode
         self.decode_net = decode
@@ -76,7 +76,8 @@ class ExportedModel(nn.Module):
         self.input_shape = input_shape
         self.latent_dim = latent_dim
         self.deterministic = deterministic
-        self.can_sample = can_sample
+        self.can_sample = sample_error == ""
+        self.sample_error = sample_error
 
     @torch.jit.export
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +99,7 @@ class ExportedModel(nn.Module):
     @torch.jit.export
     def sample(self, n: int, seed: int) -> torch.Tensor:
         if not self.can_sample:
-            raise RuntimeError("this model has no prior to sample from (a plain deterministic autoencoder)")
+            raise RuntimeError(self.sample_error)
         g = torch.Generator()
         g.manual_seed(seed)
         z = torch.randn([n, self.latent_dim], generator=g)
@@ -131,11 +132,38 @@ def _first(e: BaseException) -> str:
 
 def _uses_standard_normal(model) -> bool:
     p = model.sampling_distribution()
-    if p is None:
-        return False
-    base = getattr(p, "base_dist", p)
-    return (isinstance(base, torch.distributions.Normal) and bool((base.loc == 0).all())
+    base = p.base_dist if isinstance(p, torch.distributions.Independent) else p
+    return (type(base) is torch.distributions.Normal and bool((base.loc == 0).all())
             and bool((base.scale == 1).all()))
+
+
+@torch.no_grad()
+def sample_error(model, sampling: bool = True) -> str:
+    """Check what an archive can carry of ``model``'s prior; returns why ``sample`` is unavailable
+    (``""`` when it is available).
+
+    An archive's ``encode`` returns the head's ``[μ, log σ²]`` and its ``sample(n, seed)`` draws
+    z ~ N(0, I).  Raises ConfigError, naming the prior, if the prior's posterior parameters are not
+    laid out that way, or if the model samples from another p(z) and ``sampling`` is True (with
+    ``sampling=False`` the archive is written without ``sample``, and says why when it is called).
+    """
+    name = getattr(model, "run_info", {}).get("config", {}).get("prior", {}).get("name", type(model.prior).__name__)
+    d = model.latent_dim
+    if model.prior.stochastic:
+        params = model.encode(torch.rand([2] + list(model.data_shape)))
+        if params.shape[-1] != 2 * d or not torch.equal(model.prior.mean(params), params[..., :d]):
+            raise ConfigError(f"cannot export the prior {name!r}: its posterior parameters are not [μ, log σ²], "
+                              "which is what an exported encode returns")
+    if not model.can_sample:
+        return f"this model is a deterministic autoencoder (prior {name!r}, no latent target): it has no p(z) to sample from"
+    if _uses_standard_normal(model):
+        return ""
+    if sampling:
+        raise ConfigError(f"cannot export sampling from the prior {name!r}: an exported model samples z ~ N(0, I) only; "
+                          "export with --no-sampling for encode, decode and reconstruct, and sample in Python "
+                          "(vaekit sample RUN)")
+    return (f"this model was exported without sampling (--no-sampling): its prior {name!r} is not N(0, I); "
+            "sample in Python with vaekit sample RUN")
 
 
 def _cpu_eval_copy(model):
@@ -143,13 +171,16 @@ def _cpu_eval_copy(model):
     return copy.deepcopy(model).cpu().eval()
 
 
-def export_torchscript(model, out) -> Path:
+def export_torchscript(model, out, sampling: bool = True) -> Path:
     """Write ``model`` (from :func:`vaekit.load_run`) as a TorchScript archive at ``out``.
 
     Exports a CPU copy in eval mode: ``model`` itself is not moved or switched out of training.
-    Raises ConfigError if a plugin can be neither scripted nor traced (the message names it).
+    Raises ConfigError if a plugin can be neither scripted nor traced (the message names it), or
+    if the prior cannot be carried (:func:`sample_error`; ``sampling=False`` writes the archive
+    without ``sample`` for a prior other than N(0, I)).
     """
     model = _cpu_eval_copy(model)
+    why_not = sample_error(model, sampling)
     shape = list(model.data_shape)
     info = getattr(model, "run_info", {})
     names = info.get("config", {})
@@ -157,8 +188,7 @@ def export_torchscript(model, out) -> Path:
                               f"encoder {names.get('encoder', {}).get('name', '?')!r}")
     decode = _script_or_trace(_Decode(model), torch.randn(2, model.latent_dim),
                               f"decoder {names.get('decoder', {}).get('name', '?')!r} (with its likelihood)")
-    wrapper = ExportedModel(encode, decode, shape, model.latent_dim, not model.prior.stochastic,
-                            _uses_standard_normal(model))
+    wrapper = ExportedModel(encode, decode, shape, model.latent_dim, not model.prior.stochastic, why_not)
     scripted = torch.jit.script(wrapper)
     out = Path(out)
     extra = {"config.json": json.dumps(info, indent=2)}
@@ -168,23 +198,25 @@ def export_torchscript(model, out) -> Path:
     return out
 
 
-def _metadata(model, info: dict) -> dict:
+def _metadata(model, info: dict, why_not: str) -> dict:
     return {
         "vaekit_format": AOTI_FORMAT,
         "input_shape": ",".join(str(s) for s in model.data_shape),
         "latent_dim": str(model.latent_dim),
         "deterministic": str(int(not model.prior.stochastic)),
-        "can_sample": str(int(_uses_standard_normal(model))),
+        "can_sample": str(int(why_not == "")),
+        "sample_error": why_not,
         "config_json": json.dumps(info),
     }
 
 
-def export_aoti(model, out) -> Path:
+def export_aoti(model, out, sampling: bool = True) -> Path:
     """Compile ``model`` with AOTInductor into a ``.pt2`` package at ``out`` (about 30 s on 2 cores).
 
     Compiles a CPU copy in eval mode: ``model`` itself is not moved or switched out of training.
-    Raises ConfigError if a plugin cannot be exported by ``torch.export`` or the output name
-    does not end in ``.pt2``.
+    Raises ConfigError if a plugin cannot be exported by ``torch.export``, the prior cannot be
+    carried (:func:`sample_error`, ``sampling`` as in :func:`export_torchscript`), or the output
+    name does not end in ``.pt2``.
     """
     import logging
     import platform
@@ -203,7 +235,7 @@ def export_aoti(model, out) -> Path:
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     parts = {"encode": (_Encode(model), torch.rand([2] + shape), "x"),
              "decode": (_Decode(model), torch.randn(2, model.latent_dim), "z")}
-    options = {"aot_inductor.package": True, "aot_inductor.metadata": _metadata(model, info)}
+    options = {"aot_inductor.package": True, "aot_inductor.metadata": _metadata(model, info, sample_error(model, sampling))}
     if platform.machine() in ("x86_64", "AMD64"):
         options.update({"cpp.march": "x86-64-v3", "cpp.simdlen": 256})  # portable AVX2, not -march=native
     files = {}
@@ -284,6 +316,7 @@ class AOTIModel:
         self.latent_dim = int(meta["latent_dim"])
         self.deterministic = meta["deterministic"] == "1"
         self.can_sample = meta["can_sample"] == "1"
+        self.sample_error = meta.get("sample_error", "")
         self.config = json.loads(meta["config_json"])
 
     def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -301,7 +334,7 @@ class AOTIModel:
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
         if not self.can_sample:
-            raise RuntimeError("this model has no prior to sample from (a plain deterministic autoencoder)")
+            raise RuntimeError(self.sample_error)
         g = torch.Generator()
         g.manual_seed(seed)
         return self.decode(torch.randn([n, self.latent_dim], generator=g))

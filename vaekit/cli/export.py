@@ -14,6 +14,7 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'vaekit run'.")],
     out: Annotated[Optional[Path], typer.Option(help="Output file (default RUN_DIR/model.pt, or model.pt2 for aoti).")] = None,
     format: Annotated[str, typer.Option("--format", help="torchscript (.pt) or aoti (.pt2, AOTInductor, compiled ahead of time).")] = "torchscript",
+    no_sampling: Annotated[bool, typer.Option("--no-sampling", help="Export a model whose prior is not N(0, I) without sample() (encode/decode/reconstruct only).")] = False,
 ) -> None:
     """Export encode/decode/reconstruct/sample with the run's config inside, for Python or the C++ runtime."""
     from ..checkpoint import load_run
@@ -28,5 +29,5 @@ def export(
     path = out if out is not None else Path(run_dir) / default_name
     if not path.parent.exists():
         raise ConfigError(f"output folder {str(path.parent)!r} does not exist")
-    write(model, path)
+    write(model, path, sampling=not no_sampling)
     typer.echo(f"exported to {path}")
