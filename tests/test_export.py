@@ -229,11 +229,15 @@ def test_aoti_package_matches_the_python_model(aoti_package, exported, digits):
 @pytest.mark.slow
 def test_cpp_runtime_runs_the_aoti_package(cpp_build, aoti_package, digits, tmp_path):
     torch.save(digits, tmp_path / "x.pt")
-    package = load_exported(aoti_package)
-    res = _runner(cpp_build, aoti_package, "reconstruct", "--in", tmp_path / "x.pt", "--out", tmp_path / "r.pt")
+    package = load_exported(aoti_package, trust=True)
+    res = _runner(cpp_build, aoti_package, "sample", "--out", tmp_path / "s.pt")  # its native code needs an opt-in
+    assert res.returncode == 1 and "--trust-native-code" in res.stderr and len(res.stderr.splitlines()) == 1
+    res = _runner(cpp_build, aoti_package, "reconstruct", "--in", tmp_path / "x.pt", "--out", tmp_path / "r.pt",
+                  "--trust-native-code")
     assert res.returncode == 0, res.stderr
     assert (torch.load(tmp_path / "r.pt") - package.reconstruct(digits)).abs().max() <= 1e-5
-    res = _runner(cpp_build, aoti_package, "sample", "-n", 5, "--seed", 2, "--out", tmp_path / "s.pt")
+    res = _runner(cpp_build, aoti_package, "sample", "-n", 5, "--seed", 2, "--out", tmp_path / "s.pt",
+                  "--trust-native-code")
     assert res.returncode == 0, res.stderr
     assert torch.equal(torch.load(tmp_path / "s.pt"), package.sample(5, 2))
     env = dict(os.environ, VAEKIT_TEST_MODEL=str(aoti_package))

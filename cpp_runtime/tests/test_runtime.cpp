@@ -1,5 +1,7 @@
-// C++ tests of the runtime, run by ctest. The model comes from VAEKIT_TEST_MODEL (the Python
-// parity tests export one and set it); without it the tests that need a model are skipped.
+// C++ tests of the runtime, run by ctest. The model comes from VAEKIT_TEST_MODEL, an absolute path
+// (ctest runs the tests in the build directory; the Python parity tests export one and set it);
+// without it the tests that need a model are skipped. A .pt2 package is loaded with
+// trust_native_code, after checking that it is refused without.
 #include "vaekit/runtime.h"
 
 #include <cstdio>
@@ -22,6 +24,7 @@ bool throws_error_containing(const std::function<void()>& f, const std::string& 
   try {
     f();
   } catch (const vaekit::Error& e) {
+    std::cout << "     vaekit::Error: " << e.what() << "\n";
     return std::string(e.what()).find(fragment) != std::string::npos;
   }
   return false;
@@ -49,8 +52,18 @@ int main() {
   const char* path = std::getenv("VAEKIT_TEST_MODEL");
   if (path == nullptr) {
     std::cout << "skip model tests: VAEKIT_TEST_MODEL is not set\n";
-  } else {
-    vaekit::Model model = vaekit::Model::load(path);
+  } else if (path[0] != '/') {
+    check(false, "VAEKIT_TEST_MODEL is an absolute path (ctest runs the tests in the build directory), got '" +
+                     std::string(path) + "'");
+  } else try {
+    vaekit::LoadOptions options;
+    const std::string model_path = path;
+    if (model_path.size() > 4 && model_path.compare(model_path.size() - 4, 4, ".pt2") == 0) {
+      check(throws_error_containing([&] { vaekit::Model::load(path); }, "--trust-native-code"),
+            "a .pt2 package is refused without trust_native_code");
+      options.trust_native_code = true;
+    }
+    vaekit::Model model = vaekit::Model::load(path, options);
     std::vector<int64_t> shape{3};
     shape.insert(shape.end(), model.input_shape().begin(), model.input_shape().end());
     torch::Tensor x = torch::rand(shape);
@@ -64,6 +77,13 @@ int main() {
           "a wrongly shaped input is a vaekit::Error");
     check(throws_error_containing([&] { model.decode(torch::rand({2, model.latent_dim() + 1})); }, "wrong latent shape"),
           "a wrongly shaped code is a vaekit::Error");
+    check(throws_error_containing([&] { model.encode(x.to_sparse()); }, "encode failed"),
+          "an error inside the model is a vaekit::Error");
+    check(throws_error_containing([&] { model.sample(0, 0); }, "at least 1"), "sample(0) is a vaekit::Error");
+    check(throws_error_containing([&] { model.sample(int64_t{1} << 50, 0); }, "more than this machine's memory"),
+          "sample(2^50) is a vaekit::Error, not an allocation attempt");
+  } catch (const vaekit::Error& e) {
+    check(false, std::string("no vaekit::Error with the model: ") + e.what());
   }
   std::cout << (failures ? "FAILED" : "all passed") << "\n";
   return failures ? 1 : 0;

@@ -1,4 +1,5 @@
-// vaekit-bench MODEL --batch B [--iters N]: median latency of encode and decode, printed as one JSON line.
+// vaekit-bench MODEL --batch B [--iters N] [--trust-native-code]: median latency of encode and decode, printed as
+// one JSON line. A .pt2 package needs --trust-native-code (see vaekit::LoadOptions).
 #include "vaekit/runtime.h"
 
 #include <algorithm>
@@ -25,17 +26,19 @@ double median_us(F&& f, int iters) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2) { std::cerr << "usage: vaekit-bench MODEL --batch B [--iters N]\n"; return 2; }
+  if (argc < 2) { std::cerr << "usage: vaekit-bench MODEL --batch B [--iters N] [--trust-native-code]\n"; return 2; }
   int64_t batch = 1;
   int iters = 200;
-  for (int i = 2; i + 1 < argc; i += 2) {
+  vaekit::LoadOptions options;
+  for (int i = 2; i < argc; ++i) {
     std::string key = argv[i];
-    if (key == "--batch") batch = std::stoll(argv[i + 1]);
-    else if (key == "--iters") iters = std::stoi(argv[i + 1]);
+    if (key == "--trust-native-code") options.trust_native_code = true;
+    else if (key == "--batch" && i + 1 < argc) batch = std::stoll(argv[++i]);
+    else if (key == "--iters" && i + 1 < argc) iters = std::stoi(argv[++i]);
     else { std::cerr << "error: unknown option " << key << "\n"; return 2; }
   }
   try {
-    vaekit::Model model = vaekit::Model::load(argv[1]);
+    vaekit::Model model = vaekit::Model::load(argv[1], options);
     std::vector<int64_t> shape{batch};
     shape.insert(shape.end(), model.input_shape().begin(), model.input_shape().end());
     torch::Tensor x = torch::rand(shape), z = torch::randn({batch, model.latent_dim()});

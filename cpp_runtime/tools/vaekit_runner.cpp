@@ -1,10 +1,13 @@
 // vaekit-runner MODEL {encode|decode|reconstruct|sample} [--in FILE] --out FILE [-n N] [--seed S]
+//               [--trust-native-code]
 //
 // Tensor files are what Python's torch.save writes and torch.load reads. encode writes a tuple
-// (mu, logvar) as two files: OUT and OUT with ".logvar" inserted before the extension.
+// (mu, logvar) as two files: OUT and OUT with ".logvar" inserted before the extension. An
+// AOTInductor package (.pt2) runs native code when it is loaded: it needs --trust-native-code.
 // Exit code 0 on success; 1 and one line on stderr on bad input; 2 on bad usage.
 #include "vaekit/runtime.h"
 
+#include <cerrno>
 #include <cstdlib>
 #include <iostream>
 #include <map>
@@ -14,7 +17,8 @@ namespace {
 
 int usage(const std::string& message) {
   std::cerr << "error: " << message << "\n"
-            << "usage: vaekit-runner MODEL {encode|decode|reconstruct|sample} [--in FILE] --out FILE [-n N] [--seed S]\n";
+            << "usage: vaekit-runner MODEL {encode|decode|reconstruct|sample} [--in FILE] --out FILE [-n N] [--seed S]"
+               " [--trust-native-code]\n";
   return 2;
 }
 
@@ -27,8 +31,10 @@ std::string with_suffix(const std::string& path, const std::string& suffix) {
 
 int64_t parse_int(const std::string& text, const std::string& what) {
   char* end = nullptr;
+  errno = 0;
   long long value = std::strtoll(text.c_str(), &end, 10);
   if (text.empty() || *end != '\0') throw vaekit::Error(what + " must be an integer, got '" + text + "'");
+  if (errno == ERANGE) throw vaekit::Error(what + " is out of range, got " + text);
   return value;
 }
 
@@ -38,15 +44,20 @@ int main(int argc, char** argv) {
   if (argc < 3) return usage("expected a model file and a command");
   const std::string model_path = argv[1], command = argv[2];
   std::map<std::string, std::string> options;
+  vaekit::LoadOptions load_options;
   for (int i = 3; i < argc; ++i) {
     std::string key = argv[i];
+    if (key == "--trust-native-code") {
+      load_options.trust_native_code = true;
+      continue;
+    }
     if (key != "--in" && key != "--out" && key != "-n" && key != "--seed") return usage("unknown option " + key);
     if (i + 1 >= argc) return usage(key + " needs a value");
     options[key] = argv[++i];
   }
   if (!options.count("--out")) return usage("--out FILE is required");
   try {
-    vaekit::Model model = vaekit::Model::load(model_path);
+    vaekit::Model model = vaekit::Model::load(model_path, load_options);
     const std::string out = options["--out"];
     if (command == "sample") {
       int64_t n = options.count("-n") ? parse_int(options["-n"], "-n") : 16;
@@ -69,12 +80,8 @@ int main(int argc, char** argv) {
       vaekit::save_tensor(model.reconstruct(input), out);
     }
     return 0;
-  } catch (const vaekit::Error& e) {
+  } catch (const vaekit::Error& e) {  // the runtime throws nothing else
     std::cerr << "error: " << e.what() << "\n";
-    return 1;
-  } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
-    std::cerr << "error: " << what.substr(0, what.find('\n')) << "\n";
     return 1;
   }
 }

@@ -1,5 +1,6 @@
 // vaekit runtime: run a model exported by `vaekit export` with libtorch alone: a TorchScript
-// archive (.pt) or, when built with VAEKIT_WITH_AOTI (the default), an AOTInductor package (.pt2).
+// archive (.pt) or, when built with VAEKIT_WITH_AOTI (the default) and explicitly trusted, an
+// AOTInductor package (.pt2).
 //
 //   vaekit::Model model = vaekit::Model::load("model.pt");      // throws vaekit::Error
 //   auto [mu, logvar] = model.encode(x);                          // x: [B, C, H, W] float32
@@ -16,18 +17,29 @@
 
 namespace vaekit {
 
-// Every failure of the runtime (missing file, not a vaekit archive, wrong input shape) is an Error
-// with a one-line message.
+// Every failure of the runtime (missing file, not a vaekit archive, wrong input shape, a libtorch
+// error, running out of memory) is an Error with a one-line message: no function below throws
+// anything else.
 class Error : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
 
+struct LoadOptions {
+  // An AOTInductor package (.pt2) is a shared library compiled by Inductor: loading it runs the
+  // native code inside it (its constructors run as it is loaded) with this program's rights, so a
+  // crafted package can do anything. load() refuses a .pt2 unless this is set; set it only for
+  // packages you trust as much as a program you would run. A TorchScript archive (.pt) holds no
+  // native code and needs no trust.
+  bool trust_native_code = false;
+};
+
 class Model {
  public:
-  // Load an archive written by `vaekit export` (.pt2: the AOTInductor package). Throws Error if the
-  // file is missing, unreadable or not a vaekit model.
-  static Model load(const std::string& path);
+  // Load an archive written by `vaekit export` (.pt2: the AOTInductor package, which needs
+  // options.trust_native_code). Throws Error if the file is missing, unreadable or not an exported
+  // vaekit model (a run directory or its model.safetensors: run `vaekit export RUN_DIR` first).
+  static Model load(const std::string& path, const LoadOptions& options = {});
   // "torchscript" or "aoti".
   const std::string& format() const { return format_; }
 
@@ -46,7 +58,8 @@ class Model {
   torch::Tensor decode(const torch::Tensor& z);
   // x -> decode(mu).
   torch::Tensor reconstruct(const torch::Tensor& x);
-  // n samples decoded from z ~ N(0, I) drawn with a generator seeded with `seed`.
+  // n samples decoded from z ~ N(0, I) drawn with a generator seeded with `seed`; n >= 1, and the
+  // output must fit in this machine's memory.
   torch::Tensor sample(int64_t n, int64_t seed);
 
  private:
@@ -58,7 +71,9 @@ class Model {
   int64_t latent_dim_ = 0;
   bool deterministic_ = false;
   bool can_sample_ = false;
+  std::string sample_error_ = "this model cannot sample";  // why not, as the exporter recorded it
 
+  static Model load_torchscript(const std::string& path);
   static Model load_aoti(const std::string& path);
   torch::Tensor run_aoti(const std::shared_ptr<void>& loader, const torch::Tensor& input);
   void check_input(const torch::Tensor& x) const;
