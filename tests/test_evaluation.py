@@ -313,3 +313,15 @@ def test_notebook_api_evaluates_a_run_on_its_own_data(trained_run):
     data = vaekit.load_data("mnist:train_per_class=3,test_per_class=1")
     assert data.train_x.shape == (30, 1, 28, 28) and data.scaling == "uint8 / 255"
     assert {"evaluate", "load_data", "load_run", "train", "resume", "VAEModel", "RunConfig"} <= set(dir(vaekit))
+
+
+def test_notebook_evaluate_takes_a_train_result_and_leaves_the_rng_alone(tmp_path):
+    from conftest import SMALL_MNIST
+
+    run = vaekit.train(data=SMALL_MNIST, encoder="mlp:hidden=16", latent_dim=2, epochs=1,
+                       out=str(tmp_path / "r"), quiet=True, figures=False)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    result = vaekit.evaluate(run, nll_samples=5)
+    assert torch.equal(before, torch.get_rng_state())
+    assert result["elbo"] == pytest.approx(run.metrics["test_elbo"], abs=1e-5)

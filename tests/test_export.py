@@ -318,3 +318,41 @@ def test_aoti_exports_in_sequence_never_share_compiled_code(tmp_path, monkeypatc
     # the two latent-2 models really differ, so the last check is not vacuous
     assert (load_exported(packages["z2"], trust=True).encode(x)[0]
             - load_exported(packages["z2-seed1"], trust=True).encode(x)[0]).abs().max() > 1e-2
+
+
+def _prior_variants():
+    from torch.distributions import Independent, Normal
+
+    from vaekit.plugins.priors import GaussianPrior
+
+    class LogSigmaHead(GaussianPrior):
+        """Reads its head as [μ, log σ] — not what an archive's encode returns."""
+
+        def posterior(self, params):
+            mu, log_sigma = params.chunk(2, dim=-1)
+            return Independent(Normal(mu, log_sigma.exp()), 1)
+
+    class OwnSampler(GaussianPrior):
+        """N(0, I) as a distribution, but a sampler of its own (here: every z scaled by 2)."""
+
+        def sample(self, n, generator=None):
+            return 2 * super().sample(n, generator)
+
+    return LogSigmaHead, OwnSampler
+
+
+def test_export_refuses_what_it_cannot_carry(tmp_path):
+    """A head read as [μ, log σ] and a prior with its own sampler are refused by name, not exported wrongly."""
+    from vaekit.testing import composed_model
+
+    LogSigmaHead, OwnSampler = _prior_variants()
+    with pytest.raises(ConfigError, match="posterior is not N\\(μ, σ²\\) with parameters \\[μ, log σ²\\]"):
+        export_torchscript(composed_model(LogSigmaHead(4)), tmp_path / "a.pt")
+    model = composed_model(OwnSampler(4))
+    with pytest.raises(ConfigError, match="cannot export sampling from the prior"):
+        export_torchscript(model, tmp_path / "b.pt")
+    module = load_exported(export_torchscript(model, tmp_path / "b.pt", sampling=False))
+    with pytest.raises(Exception, match="exported without sampling"):
+        module.sample(2, 0)
+    exported = load_exported(export_torchscript(composed_model(), tmp_path / "c.pt"))  # the plain gaussian prior
+    assert exported.can_sample

@@ -39,3 +39,28 @@ def test_samples_png_shows_what_vaekit_sample_and_the_export_draw(trained_run, t
         expected = model.sample(16, torch.Generator().manual_seed(0))
     exported = load_exported(export_torchscript(model, tmp_path / "m.pt")).sample(16, 0)
     assert torch.allclose(shown[0], expected, atol=1e-6) and torch.allclose(shown[0], exported, atol=1e-6)
+
+
+def test_figures_of_a_prior_that_only_has_a_sampler(tmp_path, capsys):
+    """A prior that overrides sample() and has no distribution() still gets samples.png (can_sample does
+    not need p(z) as a distribution), and nothing warns."""
+    from vaekit import viz
+    from vaekit.data import DataBundle
+    from vaekit.plugins.priors import GaussianPrior
+    from vaekit.testing import composed_model
+
+    class SamplerOnly(GaussianPrior):
+        def distribution(self):
+            raise NotImplementedError("no closed form")
+
+        def rsample_kl(self, params):
+            return super().rsample_kl(params)
+
+        def sample(self, n, generator=None):
+            return torch.randn(n, self.latent_dim, generator=generator)
+
+    model = composed_model(SamplerOnly(2), latent_dim=2, data_shape=(1, 6, 6))
+    x = torch.rand(8, 1, 6, 6)
+    written = viz.write_run_figures(tmp_path, model, DataBundle("t", x, x), x, [])
+    assert "samples.png" in written and "manifold.png" in written
+    assert capsys.readouterr().err == ""

@@ -132,26 +132,37 @@ def evaluate_run(run, split: str = "test", nll_samples: int = 1000, batch_size: 
                  progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """:func:`evaluate` a trained run on its own data: what ``vaekit eval`` reports, for notebooks.
 
-    ``run``: a run directory, or a model from :func:`vaekit.load_run` (which carries its config).
+    ``run``: a run directory, a :class:`~vaekit.training.TrainResult`, or a model from
+    :func:`vaekit.load_run` (which carries its config).
     ``split``: ``test`` or ``train``.  The data are loaded as the run was trained and binarized with
     the fixed test binarization when the run binarizes (:func:`vaekit.training.eval_inputs`), so
     ``vaekit.evaluate(run)["elbo"]`` equals the run's last ``test_elbo`` (default ``seed``, same
     device).  The importance sampler's noise is seeded with ``seed`` too.  Raises CheckpointError
     for a missing or broken run, ConfigError for an unknown split.
     """
-    from .checkpoint import load_run
+    from .checkpoint import load_run, missing_plugin_message
+    from .errors import CheckpointError, UnknownPluginError
     from .training import eval_inputs, load_data, resolve_device
 
     if split not in ("test", "train"):
         raise ConfigError(f"split must be 'test' or 'train', got {split!r}")
-    model = run if isinstance(run, VAEModel) else load_run(run, device=resolve_device(device), pm=pm)
+    if hasattr(run, "run_dir") and not isinstance(run, VAEModel):  # a TrainResult
+        run = run.run_dir
+    if not isinstance(run, VAEModel):
+        with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: not from the caller's RNG
+            run = load_run(run, device=resolve_device(device), pm=pm)
+    model = run
     info = getattr(model, "run_info", None)
     if info is None:
-        raise ConfigError("evaluate_run needs a run directory or a model from vaekit.load_run (it has no run config)")
-    data = load_data(model.config.data, pm)
+        raise ConfigError("evaluate needs a run directory, a TrainResult or a model from vaekit.load_run "
+                          "(this model carries no run config)")
+    try:
+        data = load_data(model.config.data, pm)
+    except UnknownPluginError as e:
+        raise CheckpointError(missing_plugin_message(info.get("config", {}).get("out", "the run"), info, e)) from None
     x = eval_inputs(data.test_x if split == "test" else data.train_x, info["config"].get("binarize", "none"))
-    torch.manual_seed(seed)  # the importance sampler's noise; the ELBO's is seeded inside evaluate()
-    return evaluate(model, x, nll_samples, batch_size, progress=progress, seed=seed)
+    with seeded_noise(seed, _device(model)):  # the importance sampler's noise; the caller's RNG is left alone
+        return evaluate(model, x, nll_samples, batch_size, progress=progress, seed=seed)
 
 
 def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED) -> dict[str, float]:

@@ -130,11 +130,20 @@ def _first(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def _uses_standard_normal(model) -> bool:
-    p = model.sampling_distribution()
+def _normal_base(p):
+    """The ``Normal`` under an ``Independent`` (or ``p`` itself), if it is exactly a Normal; else None."""
     base = p.base_dist if isinstance(p, torch.distributions.Independent) else p
-    return (type(base) is torch.distributions.Normal and bool((base.loc == 0).all())
-            and bool((base.scale == 1).all()))
+    return base if type(base) is torch.distributions.Normal else None
+
+
+def _uses_standard_normal(model) -> bool:
+    """The model samples z ~ N(0, I) through the default sampler (what an archive's ``sample`` does)."""
+    from .interfaces import Prior
+
+    if model.prior.stochastic and type(model.prior).sample is not Prior.sample:
+        return False  # a sampler of the prior's own
+    base = _normal_base(model.sampling_distribution())
+    return base is not None and bool((base.loc == 0).all()) and bool((base.scale == 1).all())
 
 
 @torch.no_grad()
@@ -151,9 +160,11 @@ def sample_error(model, sampling: bool = True) -> str:
     d = model.latent_dim
     if model.prior.stochastic:
         params = model.encode(torch.rand([2] + list(model.data_shape)))
-        if params.shape[-1] != 2 * d or not torch.equal(model.prior.mean(params), params[..., :d]):
-            raise ConfigError(f"cannot export the prior {name!r}: its posterior parameters are not [μ, log σ²], "
-                              "which is what an exported encode returns")
+        base = _normal_base(model.prior.posterior(params)) if params.shape[-1] == 2 * d else None
+        mu, logvar = params.chunk(2, dim=-1)
+        if base is None or not (torch.allclose(base.loc, mu) and torch.allclose(base.scale.square(), logvar.exp(), rtol=1e-4)):
+            raise ConfigError(f"cannot export the prior {name!r}: its posterior is not N(μ, σ²) with parameters "
+                              "[μ, log σ²], which is what an exported encode returns")
     if not model.can_sample:
         return f"this model is a deterministic autoencoder (prior {name!r}, no latent target): it has no p(z) to sample from"
     if _uses_standard_normal(model):

@@ -86,7 +86,8 @@ class VAEModel(nn.Module):
 
     @property
     def can_sample(self) -> bool:
-        return self.sampling_distribution() is not None
+        """A stochastic prior always can (through its ``sample``); prior ``none`` needs a latent target."""
+        return self.prior.stochastic or self.sampling_distribution() is not None
 
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` codes ``[n, d]`` from p(z): the prior's :meth:`~vaekit.interfaces.Prior.sample`, or for

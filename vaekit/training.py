@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import sys
 
 import time
 from dataclasses import dataclass, field
@@ -240,8 +241,7 @@ class Trainer:
             from . import viz
 
             viz.write_run_figures(self.run_dir, self.model, self.data, self.test_x.cpu(), self.history,
-                                  warn=lambda message: self.console.print(message, markup=False, highlight=False,
-                                                                          soft_wrap=True))
+                                  warn=lambda message: print(message, file=sys.stderr, flush=True))  # also under -q
         last = self.history[-1] if self.history else {}
         self.pm.hook.vaekit_fit_end(trainer=self, metrics=last)
         return TrainResult(self.run_dir, self.model, self.history)

@@ -174,12 +174,11 @@ def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history:
     through ``warn`` (default: stderr); the run and the other figures are never lost to it.
     """
     run_dir = Path(run_dir)
-    can_sample = model.can_sample
     figures = [
         ("reconstructions.png", lambda p: plot_reconstructions(model, test_x, p)),
-        ("samples.png", lambda p: can_sample and plot_samples(model, p)),
+        ("samples.png", lambda p: model.can_sample and plot_samples(model, p)),
         ("latent.png", lambda p: plot_latent(model, test_x, data.test_y, p) or True),
-        ("manifold.png", lambda p: can_sample and plot_manifold(model, p)),
+        ("manifold.png", lambda p: model.can_sample and plot_manifold(model, p)),
         ("loss.png", lambda p: bool(history) and (plot_loss(history, p) or True)),
     ]
     written = []
