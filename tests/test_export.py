@@ -259,6 +259,10 @@ def test_a_pt2_package_is_loaded_only_when_trusted(tmp_path, monkeypatch):
     message = str(refused.value)
     assert len(message.splitlines()) == 1
     assert "compiled native code that runs when it is loaded" in message and "trust=True" in message
+    from vaekit.export import AOTIModel
+
+    with pytest.raises(CheckpointError, match="trust=True"):  # the class itself checks too
+        AOTIModel(tmp_path / "model.pt2")
     monkeypatch.undo()  # trusted: it reaches the real loader, which rejects this file in one line
     with pytest.raises(CheckpointError, match="not a loadable AOTInductor package"):
         load_exported(tmp_path / "model.pt2", trust=True)

@@ -307,13 +307,14 @@ def _cache_dir_variable(cache: str):
 class AOTIModel:
     """A loaded ``.pt2`` package with the TorchScript archive's methods and attributes.
 
-    Constructing one loads and runs the package's native code: use
-    ``load_exported(path, trust=True)``, which refuses a ``.pt2`` unless it is trusted.
+    Constructing one loads and runs the package's native code, so it needs ``trust=True`` like
+    ``load_exported(path, trust=True)``; CheckpointError otherwise, before anything is loaded.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, trust: bool = False) -> None:
         import logging
 
+        _require_trust(Path(path), trust)
         from torch._inductor.package import load_package
 
         logging.getLogger("torch.export.pt2_archive").setLevel(logging.ERROR)
@@ -351,6 +352,14 @@ class AOTIModel:
         return self.decode(torch.randn([n, self.latent_dim], generator=g))
 
 
+def _require_trust(path: Path, trust: bool) -> None:
+    if not trust:
+        raise CheckpointError(
+            f"{str(path)!r} is an AOTInductor package: it contains compiled native code that runs when it "
+            "is loaded, so load only a package you trust, with load_exported(path, trust=True) "
+            "(a TorchScript archive, .pt, needs no trust)")
+
+
 def load_exported(path, *, trust: bool = False):
     """Load an exported model: a TorchScript archive (``.pt``) or an AOTInductor package (``.pt2``).
 
@@ -369,13 +378,9 @@ def load_exported(path, *, trust: bool = False):
     if not path.is_file():
         raise CheckpointError(f"exported model {str(path)!r} does not exist")
     if path.suffix == ".pt2":
-        if not trust:
-            raise CheckpointError(
-                f"{str(path)!r} is an AOTInductor package: it contains compiled native code that runs when it "
-                "is loaded, so load only a package you trust, with load_exported(path, trust=True) "
-                "(a TorchScript archive, .pt, needs no trust)")
+        _require_trust(path, trust)
         try:
-            return AOTIModel(path)
+            return AOTIModel(path, trust=True)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001
