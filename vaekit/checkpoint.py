@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 
 CONFIG = "config.json"
 MODEL = "model.safetensors"
@@ -261,4 +261,4 @@ def missing_plugin_message(run_dir, info: dict[str, Any], error) -> str:
 
 
 def _short(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    return first_line(e, 300)

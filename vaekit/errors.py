@@ -40,3 +40,10 @@ class CheckpointError(VaekitError):
 
 class TrainingError(VaekitError):
     """Training could not go on (e.g. the loss became NaN or inf)."""
+
+
+def first_line(e: BaseException, limit: int = 300, empty: str | None = None) -> str:
+    """The first line of ``str(e)``, at most ``limit`` characters, for one-line error messages;
+    ``empty`` (default: the exception's type name) when the message is empty."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else (type(e).__name__ if empty is None else empty))[:limit]

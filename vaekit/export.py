@@ -31,7 +31,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, first_line
 
 FORMAT = "vaekit-torchscript/1"
 AOTI_FORMAT = "vaekit-aoti/1"
@@ -127,7 +127,7 @@ def _script_or_trace(module: nn.Module, example: torch.Tensor, what: str) -> tor
 
 
 def _first(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return first_line(e, 200)
 
 
 def _normal_base(p):

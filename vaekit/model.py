@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 from torch.distributions import Distribution
 
 from .interfaces import Decoder, Encoder, Likelihood, Prior, Regularizer, StepOutput, sample_with_generator
@@ -205,4 +205,4 @@ def _check_shapes(model: VAEModel, shape: tuple[int, ...], config: "RunConfig") 
 
 
 def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return first_line(e, limit=10_000)

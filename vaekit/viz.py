@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write
+from .errors import first_line
 
 
 def _plt():
@@ -188,6 +189,6 @@ def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history:
                 written.append(name)
         except Exception as e:  # noqa: BLE001 - a figure is never worth the run
             _plt().close("all")
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            first = first_line(e, 200, empty="")
             (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {name} not written ({type(e).__name__}: {first})")
     return written

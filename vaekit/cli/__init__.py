@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from ..errors import VaekitError
+from ..errors import VaekitError, first_line
 
 
 def _debug_requested(ctx: typer.Context | None) -> bool:
@@ -28,7 +28,7 @@ def report_error(e: BaseException) -> None:
     if isinstance(e, VaekitError):
         msg = str(e)
     else:
-        first = (str(e).strip().splitlines() or [""])[0]
+        first = first_line(e, limit=10_000, empty="")
         msg = f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)"
     typer.echo(f"error: {msg}", err=True)
 

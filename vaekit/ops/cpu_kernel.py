@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import first_line
 from .reference import LOGVAR_MAX, LOGVAR_MAX_FLOAT16, LOGVAR_MIN
 
 SOURCE = Path(__file__).parent / "csrc" / "reparameterize_kl.cpp"
@@ -198,7 +199,7 @@ def load() -> bool:
             _module = True
             _status = f"C++ kernel ({name}, {how})"
         except Exception as e:  # noqa: BLE001 - any build failure means: use the fallback
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             _status = f"torch fallback (C++ kernel unavailable: {first})"
             _say(f"{_status}; training continues with the eager formula")
             _module = False
