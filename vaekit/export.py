@@ -131,9 +131,9 @@ def _first(e: BaseException) -> str:
 
 
 def _normal_base(p):
-    """The ``Normal`` under an ``Independent`` (or ``p`` itself), if it is exactly a Normal; else None."""
-    base = p.base_dist if isinstance(p, torch.distributions.Independent) else p
-    return base if type(base) is torch.distributions.Normal else None
+    from .interfaces import base_of
+
+    return base_of(p, torch.distributions.Normal)
 
 
 def _uses_standard_normal(model) -> bool:

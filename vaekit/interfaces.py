@@ -134,6 +134,12 @@ class Prior(Plugin):
         return sample_with_generator(p, n, generator, self._device_anchor.device)
 
 
+def base_of(p: Distribution, kind: type) -> Distribution | None:
+    """The distribution under an ``Independent`` (or ``p`` itself) if it is exactly of type ``kind``, else None."""
+    base = p.base_dist if isinstance(p, torch.distributions.Independent) else p
+    return base if type(base) is kind else None
+
+
 def sample_with_generator(p: Distribution, n: int, generator: torch.Generator,
                           device: torch.device | str = "cpu") -> torch.Tensor:
     """``n`` reproducible draws ``[n, *batch_shape, *event_shape]`` from any ``torch.distributions`` ``p``
@@ -147,14 +153,14 @@ def sample_with_generator(p: Distribution, n: int, generator: torch.Generator,
     """
     from .rng import seed_from, seeded_noise
 
-    base = p.base_dist if isinstance(p, torch.distributions.Independent) else p
     shape = (n,) + tuple(p.batch_shape) + tuple(p.event_shape)
-    if type(base) is torch.distributions.Normal:
-        eps = torch.randn(shape, generator=generator, device=generator.device).to(base.loc.device)
-        return base.loc + base.scale * eps
-    if type(base) is torch.distributions.Uniform:
-        u = torch.rand(shape, generator=generator, device=generator.device).to(base.low.device)
-        return base.low + (base.high - base.low) * u
+    normal, uniform = base_of(p, torch.distributions.Normal), base_of(p, torch.distributions.Uniform)
+    if normal is not None:
+        eps = torch.randn(shape, generator=generator, device=generator.device).to(normal.loc.device)
+        return normal.loc + normal.scale * eps
+    if uniform is not None:
+        u = torch.rand(shape, generator=generator, device=generator.device).to(uniform.low.device)
+        return uniform.low + (uniform.high - uniform.low) * u
     with seeded_noise(seed_from(generator), torch.device(device)):
         return p.sample((n,))
 
