@@ -219,3 +219,44 @@ def test_train_and_test_are_scaled_together(tmp_path):
     np.savez(tmp_path / "e.npz", x_train=np.array([[0, 255]], dtype=np.uint8), x_test=np.array([[0, 0.5]]))
     with pytest.raises(DataError, match="train data \\(uint8\\) would be scaled as 'uint8 / 255' but test data"):
         load_path(str(tmp_path / "e.npz"))
+
+
+# --- classes=: keep some classes ----------------------------------------------------------------
+
+def test_classes_option_keeps_those_classes_in_both_splits_with_their_labels():
+    """``digits:classes=0,3`` holds exactly the 0s and 3s of each split of scikit-learn's digits (the same
+    images, in order, labels not renumbered); ``mnist:classes=0`` the zeros of the bundled digits."""
+    from sklearn.datasets import load_digits
+
+    import vaekit
+
+    full, kept = load_sklearn_digits(), vaekit.load_data("digits:classes=3,0")
+    sk = load_digits()
+    assert len(kept.train_x) + len(kept.test_x) == int(np.isin(sk.target, [0, 3]).sum())  # 178 + 183
+    for x, y, fx, fy in ((kept.train_x, kept.train_y, full.train_x, full.train_y),
+                         (kept.test_x, kept.test_y, full.test_x, full.test_y)):
+        mask = (fy == 0) | (fy == 3)
+        assert torch.equal(x, fx[mask]) and torch.equal(y, fy[mask])
+        assert set(y.tolist()) == {0, 3}
+    zeros = vaekit.load_data("mnist:classes=0,train_per_class=7,test_per_class=3")
+    assert zeros.train_y.tolist() == [0] * 7 and zeros.test_y.tolist() == [0] * 3
+    assert torch.equal(zeros.train_x, load_mnist5k(7, 3).train_x[:7])  # the first class of the per-class split
+    assert vaekit.load_data("digits:classes=").train_x.shape == full.train_x.shape  # empty: every class
+
+
+def test_classes_option_of_files(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=rng.random((12, 4)).astype(np.float32), y_train=np.arange(12) % 4,
+             x_test=rng.random((8, 4)).astype(np.float32), y_test=np.array([1, 2, 1, 3, 3, 3, 1, 1]))
+    import vaekit
+
+    d = vaekit.load_data(f"file:path={path},classes=1,2")
+    assert d.train_y.tolist() == [1, 2, 1, 2, 1, 2] and d.test_y.tolist() == [1, 2, 1, 1, 1]
+    with pytest.raises(DataError, match="classes=0 leaves the test split empty"):
+        vaekit.load_data(f"file:path={path},classes=0")
+    with pytest.raises(DataError, match="no sample has class 5,9; the classes present are 0,1,2,3"):
+        vaekit.load_data(f"file:path={path},classes=1,5,9")
+    np.save(tmp_path / "plain.npy", rng.random((10, 4)).astype(np.float32))
+    with pytest.raises(DataError, match="classes=1 needs labelled data"):
+        vaekit.load_data(f"file:path={tmp_path / 'plain.npy'},classes=1")

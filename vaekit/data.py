@@ -11,8 +11,9 @@ import gzip
 import importlib.util
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -71,6 +72,39 @@ class DataBundle:
             if y is not None and y.shape != (x.shape[0],):
                 raise DataError(f"{self.name}: {split} labels have shape {list(y.shape)}, expected [{x.shape[0]}]")
         return self
+
+    def keep_classes(self, classes: Iterable[int]) -> "DataBundle":
+        """This bundle with only the samples whose label is in ``classes``, in both splits (``classes=0,3``).
+
+        Labels are kept as they are, not renumbered: ``classes=3,7`` leaves samples labelled 3 and 7
+        (and :attr:`num_classes` stays the largest label + 1), so codes, scores and figures keep
+        naming the original classes.  An empty ``classes`` keeps every sample (returns ``self``).
+        Every built-in dataset offers it as its ``classes`` option; a third-party dataset gets the
+        same option by calling it on the bundle it returns.  Raises DataError (one line) for data
+        without labels, a class that no sample has (the present classes are listed) and a split
+        left empty.
+        """
+        wanted = sorted({int(c) for c in classes})
+        if not wanted:
+            return self
+        if self.train_y is None or self.test_y is None:
+            raise DataError(f"{self.name}: classes={_join(wanted)} needs labelled data, and this data has no labels")
+        present = sorted(set(self.train_y.tolist()) | set(self.test_y.tolist()))
+        absent = [c for c in wanted if c not in present]
+        if absent:
+            raise DataError(f"{self.name}: no sample has class {_join(absent)}; the classes present are {_join(present)}")
+        keep = torch.tensor(wanted)
+        tr, te = torch.isin(self.train_y, keep), torch.isin(self.test_y, keep)
+        for split, mask in (("train", tr), ("test", te)):
+            if not mask.any():
+                raise DataError(f"{self.name}: classes={_join(wanted)} leaves the {split} split empty (no sample of "
+                                f"{'that class' if len(wanted) == 1 else 'these classes'} in it)")
+        return replace(self, train_x=self.train_x[tr], test_x=self.test_x[te],
+                       train_y=self.train_y[tr], test_y=self.test_y[te]).validate()
+
+
+def _join(values: Iterable[int]) -> str:
+    return ",".join(str(v) for v in values)
 
 
 # --- the bundled MNIST digits -------------------------------------------------------------------
