@@ -64,3 +64,84 @@ def test_figures_of_a_prior_that_only_has_a_sampler(tmp_path, capsys):
     written = viz.write_run_figures(tmp_path, model, DataBundle("t", x, x), x, [])
     assert "samples.png" in written and "manifold.png" in written
     assert capsys.readouterr().err == ""
+
+
+def _captured_grids(monkeypatch):
+    """Replace viz.save_grid by a recorder of the tensors handed to it (file name → tensor)."""
+    from vaekit import viz
+
+    shown = {}
+    monkeypatch.setattr(viz, "save_grid", lambda x, path, **kw: shown.__setitem__(path.name, x.clone()) or True)
+    return shown
+
+
+def _built(encoder, data_shape, regularizers=()):
+    from vaekit.config import RunConfig
+    from vaekit.manager import PluginManager
+    from vaekit.model import build_model
+
+    config = RunConfig(encoder=encoder, prior="none", latent_dim=3, regularizers=list(regularizers))
+    return build_model(config, data_shape, PluginManager(autoload=False))
+
+
+def test_filters_png_tiles_are_the_mlp_encoders_first_layer_weights(tmp_path, monkeypatch):
+    """filters.png shows row j of the first Linear's weight [F, D] as an 8x8 image, scaled so 0 is grey:
+    0.5 + w / (2 max|w_j|) (computed here from the weight itself); a conv encoder and vectors that are
+    not square images get none."""
+    from vaekit import viz
+    from vaekit.data import DataBundle
+
+    model = _built("mlp:hidden=12,5", (1, 8, 8))
+    x = torch.rand(10, 1, 8, 8)
+    shown = _captured_grids(monkeypatch)
+    written = viz.write_run_figures(tmp_path, model, DataBundle("t", x, x), x, [])
+    assert "filters.png" in written
+    w = model.encoder.net[0].weight.detach()  # [12, 64]: the first layer, on the flattened image
+    expected = 0.5 + 0.5 * w / w.abs().max(dim=1, keepdim=True).values
+    tiles = shown["filters.png"]
+    assert tiles.shape == (12, 1, 8, 8)
+    assert torch.allclose(tiles.reshape(12, 64), expected, atol=1e-6)
+    extreme = (tiles.flatten(1).amax(1) == 1) | (tiles.flatten(1).amin(1) == 0)
+    assert tiles.min() >= 0 and tiles.max() <= 1 and bool(extreme.all())  # each tile spans its own scale
+
+    monkeypatch.undo()  # the real save_grid from here on
+    conv = _built("conv:channels=4,hidden=8", (1, 8, 8))
+    assert viz.first_layer_filters(conv) is None
+    (tmp_path / "c").mkdir()
+    assert "filters.png" not in viz.write_run_figures(tmp_path / "c", conv, DataBundle("t", x, x), x, [])
+    vectors = _built("mlp:hidden=6", (10,))
+    assert viz.first_layer_filters(vectors) is not None  # the weights exist, but a 10-vector is no image
+    assert not viz.plot_filters(vectors, tmp_path / "v.png") and not (tmp_path / "v.png").exists()
+
+
+def test_codes_png_is_the_histogram_of_the_codes_of_runs_with_sparse_codes(tmp_path, monkeypatch):
+    """A regularizer with sparse_codes = True gives codes.png, a histogram of model.embed on the test data
+    (all N x d entries); a run without one gets none."""
+    from vaekit import viz
+    from vaekit.data import DataBundle
+    from vaekit.interfaces import Regularizer
+
+    class Sparse(Regularizer):
+        name = "sparse_for_tests"
+        sparse_codes = True
+
+        def transform_latent(self, z):
+            return torch.relu(z)  # codes with exact zeros
+
+    assert Regularizer.sparse_codes is False
+    model = _built("mlp:hidden=12", (1, 8, 8))
+    model.regularizers.append(Sparse(3, (1, 8, 8)))
+    x = torch.rand(20, 1, 8, 8)
+    histogrammed = []
+    monkeypatch.setattr(viz, "plot_code_histogram", lambda codes, path: histogrammed.append(codes))
+    assert "codes.png" in viz.write_run_figures(tmp_path, model, DataBundle("t", x, x), x, [])
+    with torch.no_grad():
+        expected = torch.relu(model.prior.mean(model.head(model.encoder(x))))
+    assert torch.equal(histogrammed[0], expected) and (expected == 0).any()
+
+    monkeypatch.undo()
+    written = viz.write_run_figures(tmp_path, model, DataBundle("t", x, x), x, [])
+    assert "codes.png" in written and (tmp_path / "codes.png").read_bytes()[:4] == b"\x89PNG"
+    plain = _built("mlp:hidden=12", (1, 8, 8))
+    (tmp_path / "p").mkdir()
+    assert "codes.png" not in viz.write_run_figures(tmp_path / "p", plain, DataBundle("t", x, x), x, [])

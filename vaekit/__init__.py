@@ -40,6 +40,10 @@ def __getattr__(name: str):
         from . import evaluation, training
 
         return {"evaluate": evaluation.evaluate_run, "load_data": training.load_data, "resume": training.resume}[name]
+    if name in ("embed", "reconstruct", "score"):
+        from . import apply
+
+        return getattr(apply, name)
     raise AttributeError(f"module 'vaekit' has no attribute {name!r}")
 
 
@@ -70,11 +74,14 @@ __all__ = [
     "__version__",
     "get_plugin_manager",
     "hookimpl",
+    "embed",
     "evaluate",
     "export_torchscript",
     "load_data",
     "load_exported",
     "load_run",
+    "reconstruct",
     "resume",
+    "score",
     "train",
 ]

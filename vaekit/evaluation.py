@@ -92,17 +92,40 @@ def iwae_log_likelihood(
 
 
 @torch.no_grad()
-def reconstruction_error(model: VAEModel, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Per-sample mean squared error between ``x`` and ``E[x|z = posterior mean]``, ``[N]`` (data units²)."""
+def map_batches(model: VAEModel, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                batch_size: int = 500) -> torch.Tensor:
+    """``fn`` applied to ``x [N, *S]`` in batches of ``batch_size`` on the model's device, in eval mode
+    and without gradients; the results are concatenated on the CPU (``[N, ...]``).
+
+    ``map_batches(model, model.embed, x)`` are the codes ``[N, d]``; the model's training mode is
+    restored afterwards.  Raises ConfigError for ``batch_size < 1``.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"the batch size must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
     device = _device(model)
-    errs = []
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size].to(device)
-        errs.append((model.reconstruct(xb) - xb).square().flatten(1).mean(1).cpu())
-    model.train(was_training)
-    return torch.cat(errs)
+    try:
+        return torch.cat([fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def reconstruction_error(model: VAEModel, x: torch.Tensor, batch_size: int = 500,
+                         reduction: str = "mean") -> torch.Tensor:
+    """Per-sample squared error between ``x`` and ``E[x|z = posterior mean]``, ``[N]`` (data units²).
+
+    ``reduction``: ``mean`` (the MSE, averaged over the data dimensions) or ``sum`` (summed over
+    them: the anomaly score of ``vaekit score``).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+    def error(xb: torch.Tensor) -> torch.Tensor:
+        sq = (model.reconstruct(xb) - xb).square().flatten(1)
+        return sq.mean(1) if reduction == "mean" else sq.sum(1)
+
+    return map_batches(model, error, x, batch_size)
 
 
 def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_size: int = 100,
@@ -140,27 +163,14 @@ def evaluate_run(run, split: str = "test", nll_samples: int = 1000, batch_size: 
     device).  The importance sampler's noise is seeded with ``seed`` too.  Raises CheckpointError
     for a missing or broken run, ConfigError for an unknown split.
     """
-    from .checkpoint import load_run, missing_plugin_message
-    from .errors import CheckpointError, UnknownPluginError
-    from .training import eval_inputs, load_data, resolve_device
+    from .apply import load_split, resolve_run
+    from .training import eval_inputs
 
     if split not in ("test", "train"):
         raise ConfigError(f"split must be 'test' or 'train', got {split!r}")
-    if hasattr(run, "run_dir") and not isinstance(run, VAEModel):  # a TrainResult
-        run = run.run_dir
-    if not isinstance(run, VAEModel):
-        with torch.random.fork_rng(devices=[]):  # building the model draws initial weights: not from the caller's RNG
-            run = load_run(run, device=resolve_device(device), pm=pm)
-    model = run
-    info = getattr(model, "run_info", None)
-    if info is None:
-        raise ConfigError("evaluate needs a run directory, a TrainResult or a model from vaekit.load_run "
-                          "(this model carries no run config)")
-    try:
-        data = load_data(model.config.data, pm)
-    except UnknownPluginError as e:
-        raise CheckpointError(missing_plugin_message(info.get("config", {}).get("out", "the run"), info, e)) from None
-    x = eval_inputs(data.test_x if split == "test" else data.train_x, info["config"].get("binarize", "none"))
+    model = resolve_run(run, device, pm)
+    x, _ = load_split(model, None, split, pm)
+    x = eval_inputs(x, model.run_info["config"].get("binarize", "none"))
     with seeded_noise(seed, _device(model)):  # the importance sampler's noise; the caller's RNG is left alone
         return evaluate(model, x, nll_samples, batch_size, progress=progress, seed=seed)
 

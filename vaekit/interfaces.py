@@ -249,6 +249,10 @@ class Regularizer(Plugin):
 
     name: str = "regularizer"
 
+    sparse_codes: bool = False
+    """True if this regularizer makes the codes sparse; runs with one get a histogram of code
+    activations (``codes.png``)."""
+
     def __init__(self, latent_dim: int, data_shape: tuple[int, ...], weight: float = 1.0) -> None:
         super().__init__()
         self.latent_dim = int(latent_dim)

@@ -1,4 +1,5 @@
-"""Figures of a run: reconstructions, samples, latent space, learned manifold, loss curves (matplotlib)."""
+"""Figures of a run: reconstructions, samples, latent space, learned manifold, loss curves, first-layer
+filters and a histogram of sparse codes (matplotlib)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from .checkpoint import atomic_write
 from .errors import first_line
+from .evaluation import map_batches
 
 
 def _plt():
@@ -76,17 +78,21 @@ def save_grid(x: torch.Tensor, path: Path, nrow: int = 8, title: str | None = No
     return True
 
 
+def save_pairs(x: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 8) -> bool:
+    """Pairs of rows of ``n`` images: data ``x [N, *S]`` (top) over ``recon [N, *S]`` (bottom), the first
+    ``4 n`` samples; False (nothing written) if the data is not image-like."""
+    x, recon = x[: n * 4].cpu(), recon[: n * 4].cpu()
+    rows = []
+    for i in range(0, len(x), n):
+        rows += [x[i: i + n], recon[i: i + n]]
+    return save_grid(torch.cat(rows), path, nrow=n, title="data (odd rows) / reconstruction (even rows)")
+
+
 @torch.no_grad()
 def plot_reconstructions(model, x: torch.Tensor, path: Path, n: int = 8) -> bool:
     """Pairs of rows: data (top) and reconstruction E[x|z = posterior mean] (bottom)."""
-    model.eval()
-    device = next(model.parameters()).device
     x = x[: n * 4]
-    rec = model.reconstruct(x.to(device)).cpu()
-    rows = []
-    for i in range(0, len(x), n):
-        rows += [x[i: i + n], rec[i: i + n]]
-    return save_grid(torch.cat(rows), path, nrow=n, title="data (odd rows) / reconstruction (even rows)")
+    return save_pairs(x, map_batches(model, model.reconstruct, x), path, n)
 
 
 @torch.no_grad()
@@ -104,9 +110,7 @@ def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> N
     """Scatter of the posterior means, coloured by label; the first two principal components when d > 2."""
     from sklearn.decomposition import PCA
 
-    model.eval()
-    device = next(model.parameters()).device
-    z = torch.cat([model.embed(x[i: i + 500].to(device)).cpu() for i in range(0, len(x), 500)]).numpy()
+    z = map_batches(model, model.embed, x).numpy()
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     if z.shape[1] > 2:
@@ -148,6 +152,54 @@ def plot_manifold(model, path: Path, n: int = 20) -> bool:
     return save_grid(model.decode_mean(zz.to(device)).cpu(), path, nrow=n, title="learned manifold, z over N(0, I) quantiles")
 
 
+def first_layer_filters(model) -> torch.Tensor | None:
+    """The encoder's first-layer weights as images ``[F, *S]`` in [0, 1]; None where they are not images of the data.
+
+    The first layer is the first module with weights of its own in the encoder, then the posterior
+    head (registration order).  When it is an ``nn.Linear`` on the flattened input
+    (``in_features = prod(S)``: the ``mlp`` encoder, a linear one), row j of its weight ``[F, D]``
+    is the filter that hidden unit j takes the dot product with; it is reshaped to the data shape
+    ``S`` and scaled by its own largest magnitude, ``0.5 + w_j / (2 max|w_j|)``, so grey is 0,
+    white positive and black negative (filters drawn as images, as in Vincent et al. 2010).  A
+    convolutional first layer gives None.
+    """
+    from itertools import chain
+
+    first = next((m for m in chain(model.encoder.modules(), model.head.modules())
+                  if any(True for _ in m.parameters(recurse=False))), None)
+    shape = tuple(model.data_shape)
+    if not isinstance(first, torch.nn.Linear) or first.in_features != math.prod(shape):
+        return None
+    w = first.weight.detach().float().cpu()  # [F, D]
+    scale = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return (0.5 + w / (2 * scale)).reshape((w.shape[0],) + shape)
+
+
+def plot_filters(model, path: Path, n: int = 100) -> bool:
+    """The first ``n`` filters of :func:`first_layer_filters` as a grid; False (nothing written) for a
+    model without such filters or data that is not image-like."""
+    filters = first_layer_filters(model)
+    if filters is None:
+        return False
+    total, filters = len(filters), filters[:n]
+    return save_grid(filters, path, nrow=math.ceil(math.sqrt(len(filters))),
+                     title=f"first-layer filters ({len(filters)} of {total}; grey = 0)")
+
+
+def plot_code_histogram(codes: torch.Tensor, path: Path) -> None:
+    """Histogram of every entry of the codes ``[N, d]`` (log counts), titled with their mean and the share
+    that is exactly 0: how sparse a sparse or k-sparse autoencoder's codes are."""
+    z = codes.detach().float().cpu().flatten().numpy()
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.hist(z, bins=60, log=True)
+    ax.set_xlabel("code activation")
+    ax.set_ylabel("count (log scale)")
+    ax.set_title(f"codes of {codes.shape[0]} test samples × {codes.shape[1]} units: mean {z.mean():.3g}, "
+                 f"{(z == 0).mean():.0%} exactly 0", fontsize="medium")
+    save_figure(fig, path)
+
+
 def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -181,6 +233,9 @@ def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history:
         ("latent.png", lambda p: plot_latent(model, test_x, data.test_y, p) or True),
         ("manifold.png", lambda p: model.can_sample and plot_manifold(model, p)),
         ("loss.png", lambda p: bool(history) and (plot_loss(history, p) or True)),
+        ("filters.png", lambda p: plot_filters(model, p)),
+        ("codes.png", lambda p: any(getattr(r, "sparse_codes", False) for r in model.regularizers)
+         and (plot_code_histogram(map_batches(model, model.embed, test_x), p) or True)),
     ]
     written = []
     for name, draw in figures:
