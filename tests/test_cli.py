@@ -150,6 +150,8 @@ def test_corrupt_checkpoint(cli_run, tmp_path):
     (run / "model.safetensors").write_bytes(b"\x00" * 20)
     assert_one_line_error(invoke("eval", run, "-k", "2"), "is corrupt or truncated")
     assert_one_line_error(invoke("sample", run), "is corrupt or truncated")
+    for command, out in (("embed", "c.npy"), ("reconstruct", "r.npy"), ("score", "s.csv")):
+        assert_one_line_error(invoke(command, run, "--out", tmp_path / out), "is corrupt or truncated")
 
 
 def test_mismatched_checkpoint(cli_run, tmp_path):
@@ -164,6 +166,8 @@ def test_mismatched_checkpoint(cli_run, tmp_path):
 def test_not_a_run_directory(tmp_path):
     assert_one_line_error(invoke("eval", tmp_path), "config.json")
     assert_one_line_error(invoke("sample", tmp_path / "missing"), "does not exist")
+    assert_one_line_error(invoke("embed", tmp_path / "missing", "--out", tmp_path / "c.npy"), "does not exist")
+    assert_one_line_error(invoke("score", tmp_path, "--out", tmp_path / "s.csv"), "config.json")
 
 
 def test_existing_run_is_not_overwritten_and_resume(cli_run, tmp_path):
@@ -206,3 +210,64 @@ def test_method_plugins_run_from_the_cli(args, figure, tmp_path):
         assert (tmp_path / "r" / name).exists(), name
     ev = invoke("eval", tmp_path / "r", "-k", "5", "--json")
     assert ev.exit_code == 0, ev.output
+
+
+# --- embed / reconstruct / score: bad input ------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["embed", "--out", "{tmp}/codes.txt"], "--out must end in .npy or .npz, got 'codes.txt'"),
+        (["reconstruct", "--out", "{tmp}/missing/recon.npy"], "output folder"),
+        (["score", "--out", "{tmp}/scores.npy"], "--out must end in .csv"),
+        (["embed", "--out", "{tmp}/c.npy", "--split", "valid"], "--split must be one of train, test, all, got 'valid'"),
+        (["score", "--out", "{tmp}/s.csv", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["score", "--out", "{tmp}/s.csv", "-k", "-1"], "--nll-samples must be >= 0"),
+        (["embed", "--out", "{tmp}/c.npy", "--device", "tpu"], "'tpu' must be one of auto, cpu, cuda"),
+        (["reconstruct", "--out", "{tmp}/r.npy", "--png", "{tmp}/grid.jpg"], "--png must end in .png"),
+        (["embed", "--out", "{tmp}/c.npy", "--data", "digits"],
+         "digits: samples have shape [1, 8, 8], but the run was trained on mnist of shape [1, 28, 28]"),
+        (["embed", "--out", "{tmp}/c.npy", "--data", "mnist:classes=12"], "no sample has class 12"),
+        (["score", "--out", "{tmp}/s.csv", "--normal-class", "11"],
+         "normal class 11 is not among the labels of the scored data (0,1,2,3,4,5,6,7,8,9)"),
+        (["score", "--out", "{tmp}/s.csv", "--data", "mnist:classes=3,test_per_class=2", "--normal-class", "3"],
+         "every scored sample is of the normal class 3"),
+    ],
+    ids=["embed-suffix", "out-folder", "score-suffix", "split", "batch-size", "nll-samples", "device", "png-suffix",
+         "shape", "absent-class", "normal-class", "only-normal"],
+)
+def test_apply_commands_bad_options(cli_run, tmp_path, args, fragment):
+    command, *rest = args
+    res = invoke(command, cli_run[0], *[a.format(tmp=tmp_path) for a in rest])
+    assert_one_line_error(res, fragment)
+    assert not [p for p in tmp_path.iterdir() if p.is_file()]  # nothing written
+
+
+@pytest.mark.parametrize(
+    "array,args,fragment",
+    [
+        (np.full((20, 1, 28, 28), np.nan, dtype=np.float32), ["embed", "--out", "c.npy"], "NaN/inf"),
+        (np.zeros((20, 1, 28, 28), dtype=np.float32), ["score", "--out", "s.csv", "--normal-class", "0"],
+         "--normal-class needs labelled data"),
+        (np.zeros((20, 784), dtype=np.float32), ["reconstruct", "--out", "r.npy"], "samples have shape [784]"),
+    ],
+    ids=["nan", "unlabelled", "flat"],
+)
+def test_apply_commands_bad_data(cli_run, tmp_path, array, args, fragment):
+    np.save(tmp_path / "d.npy", array)
+    command, _, out, *rest = args
+    assert_one_line_error(invoke(command, cli_run[0], "--data", tmp_path / "d.npy", "--out", tmp_path / out, *rest), fragment)
+    assert not (tmp_path / out).exists()
+
+
+def test_png_of_vector_data_is_refused(tmp_path):
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).random((40, 10)).astype(np.float32))
+    res = invoke("run", "--data", tmp_path / "v.npy", "--encoder", "mlp:hidden=8", "--latent-dim", "2", "--likelihood",
+                 "gaussian", "--epochs", "1", "--out", tmp_path / "r", "-q")
+    assert res.exit_code == 0, res.output
+    assert_one_line_error(invoke("reconstruct", tmp_path / "r", "--out", tmp_path / "rec.npy", "--png", tmp_path / "g.png"),
+                          "--png needs image data; samples of shape [10] are not images")
+    assert not (tmp_path / "rec.npy").exists()
+    ok = invoke("reconstruct", tmp_path / "r", "--out", tmp_path / "rec.npy")  # without --png: any data
+    assert ok.exit_code == 0 and np.load(tmp_path / "rec.npy").shape == (4, 10)
+    assert not (tmp_path / "rec.labels.npy").exists()  # no labels, no labels file

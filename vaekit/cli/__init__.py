@@ -54,7 +54,7 @@ class VaekitGroup(TyperGroup):
 def build_app(pm=None) -> typer.Typer:
     """The root Typer app with the core commands and those plugins add through ``vaekit_register_commands``."""
     from ..manager import get_plugin_manager
-    from . import evaluate, export, plugins, run, sample
+    from . import apply, evaluate, export, plugins, run, sample
 
     app = typer.Typer(
         cls=VaekitGroup,
@@ -70,9 +70,9 @@ def build_app(pm=None) -> typer.Typer:
     def _root(
         debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
     ) -> None:
-        """vaekit: train, evaluate, sample and inspect autoencoders built from plugins."""
+        """vaekit: train, evaluate, sample, apply and inspect autoencoders built from plugins."""
 
-    for module in (run, evaluate, sample, export, plugins):
+    for module in (run, evaluate, sample, apply, export, plugins):
         module.register(app)
     (pm or get_plugin_manager()).hook.vaekit_register_commands(app=app)
     return app
