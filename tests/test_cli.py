@@ -268,6 +268,7 @@ def test_png_of_vector_data_is_refused(tmp_path):
     assert_one_line_error(invoke("reconstruct", tmp_path / "r", "--out", tmp_path / "rec.npy", "--png", tmp_path / "g.png"),
                           "--png needs image data; samples of shape [10] are not images")
     assert not (tmp_path / "rec.npy").exists()
+    np.save(tmp_path / "rec.labels.npy", np.arange(3))  # labels of some earlier output
     ok = invoke("reconstruct", tmp_path / "r", "--out", tmp_path / "rec.npy")  # without --png: any data
     assert ok.exit_code == 0 and np.load(tmp_path / "rec.npy").shape == (4, 10)
-    assert not (tmp_path / "rec.labels.npy").exists()  # no labels, no labels file
+    assert not (tmp_path / "rec.labels.npy").exists()  # no labels: no labels file, not a stale one

@@ -48,8 +48,9 @@ def labels_path(out: Path) -> Path:
 def save_arrays(out: Path, name: str, values, labels) -> str:
     """Write ``values`` (float32) and ``labels`` (int64, if any) atomically; returns what was written, in words.
 
-    ``.npy``: ``values`` in ``out`` and the labels in :func:`labels_path`; ``.npz``: arrays ``name``
-    and ``labels`` in one file.
+    ``.npy``: ``values`` in ``out`` and the labels in :func:`labels_path` (removed there when the data
+    has no labels, so no stale labels sit beside new values); ``.npz``: arrays ``name`` and ``labels``
+    in one file.
     """
     import numpy as np
 
@@ -75,6 +76,7 @@ def save_arrays(out: Path, name: str, values, labels) -> str:
         return f"{out} ({', '.join(arrays)})"
     write_npy(out, array)
     if label_array is None:
+        labels_path(out).unlink(missing_ok=True)  # a labels file of earlier codes would not match these
         return str(out)
     write_npy(labels_path(out), label_array)
     return f"{out} (labels: {labels_path(out)})"
