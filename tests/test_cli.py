@@ -98,7 +98,7 @@ def test_plugin_commands_are_added_and_their_errors_are_one_line():
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["--encoder", "convv"], "unknown encoder 'convv'; known encoders: conv, mlp; did you mean 'conv'?"),
+        (["--encoder", "convv"], "unknown encoder 'convv'; known encoders: conv, linear, mlp; did you mean 'conv'?"),
         (["--prior", "gauss"], "unknown prior 'gauss'"),
         (["--encoder", "conv:chanels=8"], "encoder 'conv' has no option 'chanels'"),
         (["--encoder", "mlp:hidden=wide"], "option 'hidden': 'wide' must be a comma-separated list of int"),
