@@ -50,7 +50,8 @@ def test_run_writes_a_complete_run_directory(cli_run):
         assert (out / name).is_file(), name
     info = json.loads((out / "config.json").read_text())
     assert info["config"]["encoder"] == {"name": "conv", "options": {"channels": [8, 16], "hidden": 64, "activation": "relu"}}
-    assert info["config"]["decoder"]["name"] == "conv"
+    # the decoder mirrors the encoder: channels reversed, hidden and activation kept
+    assert info["config"]["decoder"] == {"name": "conv", "options": {"channels": [16, 8], "hidden": 64, "activation": "relu"}}
     assert info["config"]["binarize"] == "dynamic"
     assert info["data"] == {"name": "mnist", "shape": [1, 28, 28], "n_train": 300, "n_test": 100, "num_classes": 10,
                             "scaling": "uint8 / 255"}

@@ -15,7 +15,7 @@ def test_toml_config_with_tables_and_strings(tmp_path):
     assert cfg.encoder == PluginSpec("mlp", {"hidden": [256, 128]})
     assert cfg.latent_dim == 8 and cfg.epochs == 3
     assert cfg.regularizers == [PluginSpec("a", {"weight": "2"})]
-    assert cfg.decoder_spec == PluginSpec("mlp")
+    assert cfg.decoder is None  # the encoder's mirror (vaekit.model.decoder_spec)
     assert cfg.replace(epochs=5, beta=None).epochs == 5
 
 

@@ -29,7 +29,7 @@ class RunConfig:
     """Everything that defines a training run.
 
     Plugin fields are :class:`~vaekit.registry.PluginSpec` (``"conv:channels=32,64"``);
-    ``decoder=None`` means "the decoder of the encoder's name".  ``binarize``
+    ``decoder=None`` means "the mirror of the encoder" (:func:`vaekit.model.decoder_spec`).  ``binarize``
     ``auto`` picks the likelihood's default (dynamic for Bernoulli, none
     otherwise).  ``out=None`` means ``runs/<timestamp>-<encoder>-<prior>``.  ``precision``
     ``bf16``/``fp16`` trains under ``torch.autocast`` (fp16 with a gradient scaler); evaluation
@@ -75,11 +75,6 @@ class RunConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
-
-    @property
-    def decoder_spec(self) -> PluginSpec:
-        """The decoder to build: :attr:`decoder`, or the encoder's name with default options."""
-        return self.decoder if self.decoder is not None else PluginSpec(self.encoder.name)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":

@@ -21,7 +21,7 @@ from .data import DataBundle, binarize, looks_like_path
 from .errors import CheckpointError, ConfigError, TrainingError, UnknownPluginError
 from .evaluation import EVAL_SEED, elbo_summary
 from .manager import PluginManager, get_plugin_manager
-from .model import VAEModel, build_model
+from .model import VAEModel, build_model, decoder_spec
 from .precision import MixedPrecision
 from .registry import PluginSpec
 
@@ -182,13 +182,14 @@ class Trainer:
         cfg = self.config
         reg = self.pm.registries
         data_spec = resolve_data_spec(cfg.data, self.pm)
+        dec = decoder_spec(cfg, self.pm)
         data_options = reg["dataset"].resolve_options(data_spec)
         if isinstance(data_options.get("path"), str) and data_options["path"]:
             data_options["path"] = str(Path(data_options["path"]).expanduser().resolve())  # usable from any cwd
         resolved = cfg.replace(
             data=PluginSpec(data_spec.name, data_options),
             encoder=PluginSpec(cfg.encoder.name, reg["encoder"].resolve_options(cfg.encoder)),
-            decoder=PluginSpec(cfg.decoder_spec.name, reg["decoder"].resolve_options(cfg.decoder_spec)),
+            decoder=PluginSpec(dec.name, reg["decoder"].resolve_options(dec)),
             prior=PluginSpec(cfg.prior.name, reg["prior"].resolve_options(cfg.prior)),
             likelihood=PluginSpec(cfg.likelihood.name, reg["likelihood"].resolve_options(cfg.likelihood)),
             regularizers=[PluginSpec(r.name, reg["regularizer"].resolve_options(r)) for r in cfg.regularizers],
