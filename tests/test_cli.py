@@ -207,3 +207,18 @@ def test_method_plugins_run_from_the_cli(args, figure, tmp_path):
         assert (tmp_path / "r" / name).exists(), name
     ev = invoke("eval", tmp_path / "r", "-k", "5", "--json")
     assert ev.exit_code == 0, ev.output
+
+
+def test_init_from_the_cli(cli_run, tmp_path):
+    """--init RUN: one line saying what was initialized; bad runs, mismatches and combinations are one error line."""
+    res = invoke("run", "--data", SMALL_MNIST, "--encoder", "conv:channels=8,16,hidden=64", "--latent-dim", "2",
+                 "--epochs", "1", "--no-progress", "--no-figures", "--init", cli_run[0], "--out", tmp_path / "ft")
+    assert res.exit_code == 0, res.output
+    # 6 encoder tensors (2 convolutions, 1 linear), 2 of the head, 8 of the decoder (2 linear, 2 transposed convolutions)
+    assert f"initialized 16 of 16 tensors from {cli_run[0]}" in " ".join(res.stderr.split())
+    assert_one_line_error(invoke("run", *TINY, "--init", tmp_path / "missing", "--out", tmp_path / "a"), "does not exist")
+    assert_one_line_error(invoke("run", *TINY, "--latent-dim", "2", "--init", cli_run[0], "--out", tmp_path / "b"),
+                          "encoder.net.0.weight has shape [8, 1, 4, 4] there but [32, 1, 4, 4] in this model")
+    assert_one_line_error(invoke("run", "--resume", tmp_path / "ft", "--init", cli_run[0]), "only --epochs may change (got --init)")
+    assert_one_line_error(invoke("run", *TINY, "--init", cli_run[0], "--pretrain", "layerwise", "--out", tmp_path / "c"),
+                          "--init and --pretrain both set the starting weights")
