@@ -205,13 +205,14 @@ class Trainer:
         data_options = reg["dataset"].resolve_options(data_spec)
         if isinstance(data_options.get("path"), str) and data_options["path"]:
             data_options["path"] = str(Path(data_options["path"]).expanduser().resolve())  # usable from any cwd
+        pretrain = None
         if cfg.pretrain is not None:
             from .pretrain import PRETRAINING
 
             pretrain = PluginSpec(cfg.pretrain.name, PRETRAINING.resolve_options(cfg.pretrain))
         resolved = cfg.replace(
             init=None if cfg.init is None else str(Path(cfg.init).expanduser().resolve()),  # usable from any cwd
-            pretrain=None if cfg.pretrain is None else pretrain,
+            pretrain=pretrain,
             data=PluginSpec(data_spec.name, data_options),
             encoder=PluginSpec(cfg.encoder.name, reg["encoder"].resolve_options(cfg.encoder)),
             decoder=PluginSpec(dec.name, reg["decoder"].resolve_options(dec)),
