@@ -176,7 +176,7 @@ def vaekit_register_encoders(registry):
 
 @vaekit.hookimpl
 def vaekit_register_decoders(registry):
-    registry.register("linear", LinearDecoder)
+    registry.register("affine", LinearDecoder)
 
 
 @vaekit.hookimpl

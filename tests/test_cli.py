@@ -50,7 +50,8 @@ def test_run_writes_a_complete_run_directory(cli_run):
         assert (out / name).is_file(), name
     info = json.loads((out / "config.json").read_text())
     assert info["config"]["encoder"] == {"name": "conv", "options": {"channels": [8, 16], "hidden": 64, "activation": "relu"}}
-    assert info["config"]["decoder"]["name"] == "conv"
+    # the decoder mirrors the encoder: channels reversed, hidden and activation kept
+    assert info["config"]["decoder"] == {"name": "conv", "options": {"channels": [16, 8], "hidden": 64, "activation": "relu"}}
     assert info["config"]["binarize"] == "dynamic"
     assert info["data"] == {"name": "mnist", "shape": [1, 28, 28], "n_train": 300, "n_test": 100, "num_classes": 10,
                             "scaling": "uint8 / 255"}
@@ -98,7 +99,7 @@ def test_plugin_commands_are_added_and_their_errors_are_one_line():
 @pytest.mark.parametrize(
     "args,fragment",
     [
-        (["--encoder", "convv"], "unknown encoder 'convv'; known encoders: conv, mlp; did you mean 'conv'?"),
+        (["--encoder", "convv"], "unknown encoder 'convv'; known encoders: conv, linear, mlp; did you mean 'conv'?"),
         (["--prior", "gauss"], "unknown prior 'gauss'"),
         (["--encoder", "conv:chanels=8"], "encoder 'conv' has no option 'chanels'"),
         (["--encoder", "mlp:hidden=wide"], "option 'hidden': 'wide' must be a comma-separated list of int"),
@@ -272,3 +273,17 @@ def test_png_of_vector_data_is_refused(tmp_path):
     ok = invoke("reconstruct", tmp_path / "r", "--out", tmp_path / "rec.npy")  # without --png: any data
     assert ok.exit_code == 0 and np.load(tmp_path / "rec.npy").shape == (4, 10)
     assert not (tmp_path / "rec.labels.npy").exists()  # no labels: no labels file, not a stale one
+
+def test_init_from_the_cli(cli_run, tmp_path):
+    """--init RUN: one line saying what was initialized; bad runs, mismatches and combinations are one error line."""
+    res = invoke("run", "--data", SMALL_MNIST, "--encoder", "conv:channels=8,16,hidden=64", "--latent-dim", "2",
+                 "--epochs", "1", "--no-progress", "--no-figures", "--init", cli_run[0], "--out", tmp_path / "ft")
+    assert res.exit_code == 0, res.output
+    # 6 encoder tensors (2 convolutions, 1 linear), 2 of the head, 8 of the decoder (2 linear, 2 transposed convolutions)
+    assert f"initialized 16 of 16 tensors from {cli_run[0]}" in " ".join(res.stderr.split())
+    assert_one_line_error(invoke("run", *TINY, "--init", tmp_path / "missing", "--out", tmp_path / "a"), "does not exist")
+    assert_one_line_error(invoke("run", *TINY, "--latent-dim", "2", "--init", cli_run[0], "--out", tmp_path / "b"),
+                          "encoder.net.0.weight has shape [8, 1, 4, 4] there but [32, 1, 4, 4] in this model")
+    assert_one_line_error(invoke("run", "--resume", tmp_path / "ft", "--init", cli_run[0]), "only --epochs may change (got --init)")
+    assert_one_line_error(invoke("run", *TINY, "--init", cli_run[0], "--pretrain", "layerwise", "--out", tmp_path / "c"),
+                          "--init and --pretrain both set the starting weights")

@@ -15,7 +15,7 @@ def test_toml_config_with_tables_and_strings(tmp_path):
     assert cfg.encoder == PluginSpec("mlp", {"hidden": [256, 128]})
     assert cfg.latent_dim == 8 and cfg.epochs == 3
     assert cfg.regularizers == [PluginSpec("a", {"weight": "2"})]
-    assert cfg.decoder_spec == PluginSpec("mlp")
+    assert cfg.decoder is None  # the encoder's mirror (vaekit.model.decoder_spec)
     assert cfg.replace(epochs=5, beta=None).epochs == 5
 
 
@@ -23,7 +23,12 @@ def test_toml_config_with_tables_and_strings(tmp_path):
     "text,message",
     [("epochz = 3", "unknown config key 'epochz'; did you mean 'epochs'"), ("epochs = 'many'", "epochs"),
      ("epochs = [", "cannot read config file"), ("device = 'tpu'", "one of auto, cpu, cuda"),
-     ("batch-size = 0", "batch-size must be at least 1")],
+     ("batch-size = 0", "batch-size must be at least 1"),
+     ("pretrain = 'layerwise:epochs=0'", "epochs must be at least 1"),
+     ("pretrain = 'layerwise:epoch=3'", "pretraining method 'layerwise' has no option 'epoch'.*did you mean 'epochs'"),
+     ("pretrain = 'greedy'", "unknown pretraining method 'greedy'; known pretraining methods: layerwise"),
+     ("pretrain = { name = 'layerwise', mask = 1.0 }", r"mask must be in \[0, 1\)"),
+     ("init = 'runs/a'\npretrain = 'layerwise'", "--init and --pretrain both set the starting weights")],
 )
 def test_bad_config_files(tmp_path, text, message):
     p = tmp_path / "run.toml"
@@ -38,6 +43,6 @@ def test_missing_config_file(tmp_path):
 
 
 def test_round_trip_through_dict():
-    cfg = RunConfig(encoder="conv:channels=16,32", regularizers=["x"], latent_dim=3)
+    cfg = RunConfig(encoder="conv:channels=16,32", regularizers=["x"], latent_dim=3, pretrain="layerwise:epochs=2")
     again = RunConfig.from_dict(cfg.to_dict())
     assert again == cfg

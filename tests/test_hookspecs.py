@@ -56,7 +56,7 @@ def invoked_hooks(tmp_path_factory):
                 mp.setattr(plugin_for_tests, hook, _recording(getattr(plugin_for_tests, hook), hook, invoked))
         pm = PluginManager(extra_plugins=[plugin_for_tests], autoload=False)
         build_app(pm)
-        vaekit.train(data="tiny", encoder="identity", decoder="linear", latent_dim=2, epochs=1,
+        vaekit.train(data="tiny", encoder="identity", decoder="affine", latent_dim=2, epochs=1,
                      out=str(tmp_path_factory.mktemp("hooks") / "run"), pm=pm, quiet=True, figures=False)
     return invoked
 

@@ -10,8 +10,8 @@ from conftest import install_plugin_distribution, run_cli
 
 
 def test_builtins_are_registered_as_plugins(fresh_pm):
-    assert fresh_pm.encoders.names() == ["conv", "mlp"]
-    assert fresh_pm.decoders.names() == ["conv", "mlp"]
+    assert fresh_pm.encoders.names() == ["conv", "linear", "mlp"]
+    assert fresh_pm.decoders.names() == ["conv", "linear", "mlp"]
     assert fresh_pm.priors.names() == ["gaussian", "none"]
     assert fresh_pm.likelihoods.names() == ["bernoulli", "gaussian", "mcc"]
     assert fresh_pm.regularizers.names() == ["adversarial", "mmd", "sparsity"]
@@ -23,7 +23,7 @@ def test_every_register_hook_fills_its_registry():
     """vaekit_register_encoders/_decoders/_priors/_likelihoods/_regularizers/_datasets from one plugin module."""
     pm = PluginManager(extra_plugins=[plugin_for_tests], autoload=False)
     assert "identity" in pm.encoders
-    assert "linear" in pm.decoders
+    assert "affine" in pm.decoders
     assert "fixed" in pm.priors
     assert "nan_after" in pm.likelihoods
     assert {"code_l2", "tracker", "zero_half"} <= set(pm.regularizers.names())
@@ -112,4 +112,4 @@ def test_third_party_entry_point_plugin_is_listed_and_trains(third_party_site, t
 def test_autoload_can_be_disabled(third_party_site):
     res = _cli(["run", "--encoder", "throwaway"], third_party_site, VAEKIT_DISABLE_PLUGIN_AUTOLOAD="1")
     assert res.returncode == 1
-    assert res.stderr.strip() == "error: unknown encoder 'throwaway'; known encoders: conv, mlp"
+    assert res.stderr.strip() == "error: unknown encoder 'throwaway'; known encoders: conv, linear, mlp"

@@ -90,3 +90,61 @@ def test_loss_is_recon_plus_beta_kl():
 def test_latent_dim_below_one_is_rejected():
     with pytest.raises(ConfigError, match="latent-dim must be at least 1"):
         RunConfig(latent_dim=0)
+
+
+def _linear_shapes(module):
+    return [(m.in_features, m.out_features) for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def test_the_default_decoder_mirrors_the_encoder():
+    """No --decoder: the decoder's layers are the encoder's (and the head's) transposed, in reverse
+    order, with the encoder's activation; an explicit --decoder wins."""
+    from vaekit.model import decoder_spec
+
+    cfg = RunConfig(encoder="mlp:hidden=500,500,2000,activation=tanh", prior="none", latent_dim=10)
+    model = build_model(cfg, (1, 28, 28), PM)
+    encoder = _linear_shapes(model.encoder) + _linear_shapes(model.head)
+    assert encoder == [(784, 500), (500, 500), (500, 2000), (2000, 10)]
+    assert _linear_shapes(model.decoder) == [(b, a) for a, b in reversed(encoder)]
+    assert {type(m) for m in model.decoder.modules() if not isinstance(m, (torch.nn.Linear, torch.nn.Sequential))} \
+        <= {torch.nn.Tanh, type(model.decoder)}
+    assert decoder_spec(cfg, PM) == PluginSpec("mlp", {"hidden": (2000, 500, 500), "activation": "tanh"})
+
+    conv = build_model(RunConfig(encoder="conv:channels=16,32,hidden=64", latent_dim=3), (1, 28, 28), PM)
+    convs = [(m.in_channels, m.out_channels) for m in conv.encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    deconvs = [(m.in_channels, m.out_channels) for m in conv.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert convs == [(1, 16), (16, 32)] and deconvs == [(32, 16), (16, 1)]
+    assert _linear_shapes(conv.decoder) == [(3, 64), (64, 32 * 7 * 7)]
+
+    explicit = build_model(RunConfig(encoder="mlp:hidden=500,2000", decoder="mlp:hidden=32", latent_dim=2), (1, 28, 28), PM)
+    assert _linear_shapes(explicit.decoder) == [(2, 32), (32, 784)]
+
+
+def test_mirror_leaves_out_an_option_the_decoder_cannot_take():
+    """A third-party pair whose same-named options differ in type: the decoder keeps its default."""
+    import vaekit
+    from vaekit.manager import PluginManager
+    from vaekit.model import decoder_spec
+
+    class Enc(vaekit.Encoder):
+        """Test encoder.
+
+        :param width: a name.
+        :param depth: layers.
+        """
+
+        def __init__(self, input_shape, *, width: str = "wide", depth: int = 3):
+            super().__init__(input_shape)
+            self.out_features = 4
+
+    class Plugin:
+        @vaekit.hookimpl
+        def vaekit_register_encoders(self, registry):
+            registry.register("pair", Enc)
+
+        @vaekit.hookimpl
+        def vaekit_register_decoders(self, registry):
+            registry.register("pair", lambda latent_dim, output_shape, *, width=8, depth=1: None)
+
+    pm = PluginManager(extra_plugins=[Plugin()], autoload=False)
+    assert decoder_spec(RunConfig(encoder="pair"), pm) == PluginSpec("pair", {"depth": 3})

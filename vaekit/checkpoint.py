@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, first_line
+from .errors import CheckpointError, ConfigError, first_line
 
 CONFIG = "config.json"
 MODEL = "model.safetensors"
@@ -120,6 +120,36 @@ def load_model_weights(run_dir: Path, model: torch.nn.Module) -> int:
         return int(meta.get("epoch", "0"))
     except ValueError:
         return 0
+
+
+def load_matching_weights(run_dir: Path, model: torch.nn.Module, exclude: set[str] = frozenset()) -> tuple[int, int]:
+    """Initialize ``model`` from another run's ``model.safetensors``, tensor by tensor, matched by name.
+
+    Every tensor of ``model.state_dict()`` (parameters and persistent buffers) whose name is in the
+    source file and not in ``exclude`` takes the source's value; tensors only in ``model`` keep their
+    initialization (a new regularizer's parameters), tensors only in the source are ignored.  The
+    basis of ``--init RUN``: fine-tuning, stacking, clustering on a pretrained encoder.  Returns
+    ``(initialized, total)``, the counts of tensors set and of tensors in ``model``.
+
+    Raises CheckpointError if ``run_dir`` or its weights are missing or corrupt, ConfigError if a
+    matched tensor's shape differs (naming it and both shapes) or if no tensor matches at all.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {str(run_dir)!r} does not exist")
+    tensors, _ = load_tensors(run_dir / MODEL, "checkpoint")
+    own = model.state_dict()
+    matched = [k for k in own if k in tensors and k not in exclude]
+    for k in matched:
+        if own[k].shape != tensors[k].shape:
+            raise ConfigError(f"cannot initialize from {str(run_dir)!r}: {k} has shape {list(tensors[k].shape)} there "
+                              f"but {list(own[k].shape)} in this model")
+    if not matched:
+        theirs = next(iter(tensors), "(none)")
+        raise ConfigError(f"cannot initialize from {str(run_dir)!r}: none of its tensors (e.g. {theirs}) has a name "
+                          f"in this model (e.g. {next(iter(own), '(none)')})")
+    model.load_state_dict({k: tensors[k] for k in matched}, strict=False)
+    return len(matched), len(own)
 
 
 # --- trainer state (to resume) ------------------------------------------------------------------

@@ -21,7 +21,7 @@ Binarize = Literal["auto", "dynamic", "static", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
-_SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood")
+_SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood", "pretrain")
 
 
 @dataclass
@@ -29,11 +29,14 @@ class RunConfig:
     """Everything that defines a training run.
 
     Plugin fields are :class:`~vaekit.registry.PluginSpec` (``"conv:channels=32,64"``);
-    ``decoder=None`` means "the decoder of the encoder's name".  ``binarize``
+    ``decoder=None`` means "the mirror of the encoder" (:func:`vaekit.model.decoder_spec`).  ``binarize``
     ``auto`` picks the likelihood's default (dynamic for Bernoulli, none
     otherwise).  ``out=None`` means ``runs/<timestamp>-<encoder>-<prior>``.  ``precision``
     ``bf16``/``fp16`` trains under ``torch.autocast`` (fp16 with a gradient scaler); evaluation
-    stays in float32.
+    stays in float32.  ``init`` names a run directory whose weights start this run
+    (:func:`vaekit.checkpoint.load_matching_weights`); ``pretrain`` a pretraining method run before
+    training (:mod:`vaekit.pretrain`, ``"layerwise:epochs=5"``).  Both set the starting weights, so
+    at most one of them may be given.
     """
 
     data: PluginSpec = field(default_factory=lambda: PluginSpec("mnist"))
@@ -52,6 +55,8 @@ class RunConfig:
     binarize: Binarize = "auto"
     precision: Precision = "fp32"
     out: str | None = None
+    init: str | None = None
+    pretrain: PluginSpec | None = None
 
     def __post_init__(self) -> None:
         for name in _SPEC_FIELDS:
@@ -75,11 +80,16 @@ class RunConfig:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if self.init is not None:
+            self.init = coerce(self.init, str, "init")
+            if not self.init:
+                raise ConfigError("init must name a run directory, got ''")
+        if self.pretrain is not None:
+            from .pretrain import build_pretraining
 
-    @property
-    def decoder_spec(self) -> PluginSpec:
-        """The decoder to build: :attr:`decoder`, or the encoder's name with default options."""
-        return self.decoder if self.decoder is not None else PluginSpec(self.encoder.name)
+            build_pretraining(self.pretrain)  # an unknown method or a bad option fails here, before any work
+            if self.init is not None:
+                raise ConfigError("--init and --pretrain both set the starting weights; give one of them")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":

@@ -110,7 +110,9 @@ def vaekit_register_commands(app: "typer.Typer") -> None:
 
 @hookspec
 def vaekit_fit_start(trainer: "Trainer") -> None:
-    """Called once before the first training step (also when a run resumes).
+    """Called once before the first training step (also when a run resumes), after ``--init`` and
+    ``--pretrain`` have set the starting weights, so it sees the pretrained model (a clustering
+    regularizer can initialize its centroids from the codes here).
 
     :param trainer: the :class:`~vaekit.training.Trainer`; ``trainer.model``,
         ``trainer.config``, ``trainer.data`` and ``trainer.run_dir`` are set.

@@ -11,6 +11,7 @@ from .errors import ConfigError, first_line
 from torch.distributions import Distribution
 
 from .interfaces import Decoder, Encoder, Likelihood, Prior, Regularizer, StepOutput, sample_with_generator
+from .registry import PluginSpec, coerce
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import RunConfig
@@ -161,7 +162,7 @@ def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginMan
         pm.likelihoods.build(config.likelihood, data_shape=shape), Likelihood, "likelihood", config.likelihood.name
     )
     out_shape = (likelihood.params_per_channel * shape[0],) + shape[1:]
-    dec_spec = config.decoder_spec
+    dec_spec = decoder_spec(config, pm)
     decoder = _checked(
         pm.decoders.build(dec_spec, latent_dim=config.latent_dim, output_shape=out_shape), Decoder, "decoder", dec_spec.name
     )
@@ -170,8 +171,38 @@ def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginMan
         for spec in config.regularizers
     ]
     model = VAEModel(encoder, prior, decoder, likelihood, regularizers)
-    _check_shapes(model, shape, config)
+    _check_shapes(model, shape, config, dec_spec.name)
     return model
+
+
+def decoder_spec(config: "RunConfig", pm: "PluginManager") -> PluginSpec:
+    """The decoder a config builds: ``config.decoder`` if set, else the encoder's mirror.
+
+    The mirror is the decoder plugin of the encoder's name, given the encoder's resolved options
+    (defaults included) that the decoder also accepts, with sequence-valued ones reversed: the
+    encoder ``mlp:hidden=500,500,2000`` gets the decoder ``mlp:hidden=2000,500,500``, ``conv:channels=32,64``
+    gets ``conv:channels=64,32``; scalars such as ``activation`` are kept.  An encoder value the
+    decoder's option cannot take (a third-party pair whose same-named options differ in type) is
+    left out, so that option keeps the decoder's default.  This is the one place the default decoder
+    is computed: :func:`build_model` builds it and ``config.json`` records it.
+
+    Raises UnknownPluginError if no decoder has the encoder's name, ConfigError for bad encoder options.
+    """
+    if config.decoder is not None:
+        return config.decoder
+    name = config.encoder.name
+    decoder = pm.decoders.get(name)
+    options = {}
+    for key, value in pm.encoders.resolve_options(config.encoder).items():
+        if key not in decoder.options:
+            continue
+        if isinstance(value, (tuple, list)):
+            value = type(value)(reversed(value))
+        try:
+            options[key] = coerce(value, decoder.options[key].type, f"decoder {name!r} option {key!r}")
+        except ConfigError:
+            continue
+    return PluginSpec(name, options)
 
 
 def _checked(obj, cls, kind: str, name: str):
@@ -181,7 +212,7 @@ def _checked(obj, cls, kind: str, name: str):
 
 
 @torch.no_grad()
-def _check_shapes(model: VAEModel, shape: tuple[int, ...], config: "RunConfig") -> None:
+def _check_shapes(model: VAEModel, shape: tuple[int, ...], config: "RunConfig", decoder_name: str) -> None:
     """One dry forward pass on two zero samples, turning shape errors into one readable line."""
     x = torch.zeros((2,) + shape)
     try:
@@ -196,11 +227,11 @@ def _check_shapes(model: VAEModel, shape: tuple[int, ...], config: "RunConfig") 
     try:
         out = model.decoder(z)
     except RuntimeError as e:
-        raise ConfigError(f"decoder {config.decoder_spec.name!r} failed on codes of size {config.latent_dim}: {_first_line(e)}") from None
+        raise ConfigError(f"decoder {decoder_name!r} failed on codes of size {config.latent_dim}: {_first_line(e)}") from None
     expected = (2,) + model.decoder.output_shape
     if tuple(out.shape) != expected:
         raise ConfigError(
-            f"decoder {config.decoder_spec.name!r} returned {list(out.shape[1:])} per sample, the likelihood needs {list(expected[1:])}"
+            f"decoder {decoder_name!r} returned {list(out.shape[1:])} per sample, the likelihood needs {list(expected[1:])}"
         )
 
 

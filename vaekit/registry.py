@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Mapping
 from .errors import ConfigError, UnknownPluginError
 
 KINDS = ("encoder", "decoder", "prior", "likelihood", "regularizer", "dataset")
+# tables of named methods with typed options that the trainer keeps itself, not filled by plugin hooks
+TRAINER_KINDS = ("pretraining method",)
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,8 @@ class Registry:
     """
 
     def __init__(self, kind: str) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS)}")
+        if kind not in KINDS + TRAINER_KINDS:
+            raise ValueError(f"unknown plugin kind {kind!r}; kinds are {', '.join(KINDS + TRAINER_KINDS)}")
         self.kind = kind
         self._plugins: dict[str, PluginInfo] = {}
         self.owner = "unknown"  # set by the manager while a plugin's hook runs

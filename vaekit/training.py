@@ -21,7 +21,7 @@ from .data import DataBundle, binarize, looks_like_path
 from .errors import CheckpointError, ConfigError, TrainingError, UnknownPluginError
 from .evaluation import EVAL_SEED, elbo_summary
 from .manager import PluginManager, get_plugin_manager
-from .model import VAEModel, build_model
+from .model import VAEModel, build_model, decoder_spec
 from .precision import MixedPrecision
 from .registry import PluginSpec
 
@@ -128,6 +128,9 @@ class Trainer:
         self.train_x = self.train_x.to(self.device)
         self.test_x = self.test_x.to(self.device)
         self.train_y = None if self.data.train_y is None else self.data.train_y.to(self.device)
+        self.pretraining = None
+        if not self.resume:  # a resumed run's checkpoint holds its weights: no --init, no pretraining again
+            self._starting_weights()
         self._warm_up()
         self.optimizers = self._make_optimizers()
         self.run_dir = self._prepare_run_dir()
@@ -136,6 +139,22 @@ class Trainer:
             self._restore()
         else:
             checkpoint.write_json(self.run_dir / checkpoint.CONFIG, self._run_info())
+
+    def _starting_weights(self) -> None:
+        """``--init RUN``: load RUN's weights matched by name (the likelihood's buffers, its fixed
+        settings such as the Gaussian's σ, stay this run's own); ``--pretrain``: check the model can
+        be pretrained and build the stages (they run in :meth:`fit`).  Both before the run directory
+        is written, so a bad choice leaves nothing behind."""
+        cfg = self.config
+        if cfg.init is not None:
+            own = {f"likelihood.{name}" for name, _ in self.model.likelihood.named_buffers()}
+            n, total = checkpoint.load_matching_weights(Path(cfg.init), self.model, exclude=own)
+            self.console.print(f"initialized {n} of {total} tensors from {cfg.init}")
+        if cfg.pretrain is not None:
+            from .pretrain import build_pretraining
+
+            self.pretraining = build_pretraining(cfg.pretrain)
+            self.pretraining.prepare(self.model, self.train_x[:8])
 
     @torch.no_grad()
     def _warm_up(self) -> None:
@@ -182,13 +201,21 @@ class Trainer:
         cfg = self.config
         reg = self.pm.registries
         data_spec = resolve_data_spec(cfg.data, self.pm)
+        dec = decoder_spec(cfg, self.pm)
         data_options = reg["dataset"].resolve_options(data_spec)
         if isinstance(data_options.get("path"), str) and data_options["path"]:
             data_options["path"] = str(Path(data_options["path"]).expanduser().resolve())  # usable from any cwd
+        pretrain = None
+        if cfg.pretrain is not None:
+            from .pretrain import PRETRAINING
+
+            pretrain = PluginSpec(cfg.pretrain.name, PRETRAINING.resolve_options(cfg.pretrain))
         resolved = cfg.replace(
+            init=None if cfg.init is None else str(Path(cfg.init).expanduser().resolve()),  # usable from any cwd
+            pretrain=pretrain,
             data=PluginSpec(data_spec.name, data_options),
             encoder=PluginSpec(cfg.encoder.name, reg["encoder"].resolve_options(cfg.encoder)),
-            decoder=PluginSpec(cfg.decoder_spec.name, reg["decoder"].resolve_options(cfg.decoder_spec)),
+            decoder=PluginSpec(dec.name, reg["decoder"].resolve_options(dec)),
             prior=PluginSpec(cfg.prior.name, reg["prior"].resolve_options(cfg.prior)),
             likelihood=PluginSpec(cfg.likelihood.name, reg["likelihood"].resolve_options(cfg.likelihood)),
             regularizers=[PluginSpec(r.name, reg["regularizer"].resolve_options(r)) for r in cfg.regularizers],
@@ -214,17 +241,16 @@ class Trainer:
         checkpoint.load_model_weights(self.run_dir, self.model)
         epoch, self.step = checkpoint.load_trainer_state(self.run_dir, self.optimizers, self.generator, self.amp)
         self.start_epoch = epoch + 1
-        self.history = [m for m in _read_metrics(self.run_dir) if m.get("epoch", 0) <= epoch]
-        _write_metrics(self.run_dir, self.history)  # drop lines of an epoch that had not been checkpointed
+        lines = _read_metrics(self.run_dir)
+        stages = [m for m in lines if "stage" in m]  # pretraining lines: kept, never part of the history
+        self.history = [m for m in lines if "stage" not in m and m.get("epoch", 0) <= epoch]
+        _write_metrics(self.run_dir, stages + self.history)  # drop lines of an epoch that had not been checkpointed
 
     # --- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
         self.setup()
         cfg = self.config
-        self.pm.hook.vaekit_fit_start(trainer=self)
-        for reg in self.model.regularizers:
-            reg.on_fit_start(self)
         n = len(self.train_x)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.console.print(
@@ -233,6 +259,11 @@ class Trainer:
             f"{self.device}, run dir {self.run_dir}, pixels {self.data.scaling}"
         )
         try:
+            if self.pretraining is not None:  # before the fit-start hooks: they see the pretrained model
+                self.pretraining.run(self)
+            self.pm.hook.vaekit_fit_start(trainer=self)
+            for reg in self.model.regularizers:
+                reg.on_fit_start(self)
             self._epochs(n, steps_per_epoch)
         except KeyboardInterrupt:
             self.console.print(f"interrupted: {self._kept()}; continue with vaekit run --resume {self.run_dir}")
@@ -248,7 +279,7 @@ class Trainer:
 
     def _epochs(self, n: int, steps_per_epoch: int) -> None:
         cfg = self.config
-        with self._progress(steps_per_epoch) as bar:
+        with self.progress(steps_per_epoch, cfg.epochs, self.start_epoch) as bar:
             for epoch in range(self.start_epoch, cfg.epochs + 1):
                 train_means, seconds = self._train_epoch(epoch, bar)
                 record = {"epoch": epoch, "step": self.step, **{f"train_{k}": v for k, v in train_means.items()}}
@@ -260,26 +291,34 @@ class Trainer:
                     reg.on_epoch_end(self, epoch)
                 self._checkpoint(epoch)
                 self.history.append(record)
-                with open(self.run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                self.console.print(_epoch_line(record, cfg.epochs))
+                self.log_stage(record, _epoch_line(record, cfg.epochs))
 
-    def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float]:
-        cfg, model = self.config, self.model
-        model.train()
+    def log_stage(self, record: dict[str, Any], line: str) -> None:
+        """Append ``record`` to ``metrics.jsonl`` and print ``line`` (training epochs and pretraining stages)."""
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.console.print(line)
+
+    def batches(self):
+        """One epoch's mini-batches ``(x [B, *S], c [B] or None)`` on the device: a fresh dynamic
+        binarization (if the run uses one), then a shuffle, both drawn from the run's seeded generator."""
         x_all = self.train_x
         if self.binarize == "dynamic":
             x_all = binarize(self.data.train_x, self.generator).to(self.device)
         perm = torch.randperm(len(x_all), generator=self.generator).to(self.device)
+        for b0 in range(0, len(perm), self.config.batch_size):
+            idx = perm[b0 : b0 + self.config.batch_size]
+            yield x_all[idx], None if self.train_y is None else self.train_y[idx]
+
+    def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float]:
+        cfg, model = self.config, self.model
+        model.train()
         sums: dict[str, float] = {}
         count = 0
         main_opt = self.optimizers["model"]
         reg_opts = [(reg, self.optimizers.get(f"regularizer{i}")) for i, reg in enumerate(model.regularizers)]
         start = time.perf_counter()
-        for b0 in range(0, len(perm), cfg.batch_size):
-            idx = perm[b0 : b0 + cfg.batch_size]
-            x = x_all[idx]
-            c = None if self.train_y is None else self.train_y[idx]
+        for x, c in self.batches():
             with self.amp.autocast():
                 record = model(x, c)
             extra: dict[str, float] = {}
@@ -327,10 +366,11 @@ class Trainer:
         return (f"the loss became {value} at step {self.step} (epoch {epoch}); training stopped and "
                 f"{self._kept()}. Try a lower --lr or check the data")
 
-    def _progress(self, steps_per_epoch: int):
+    def progress(self, steps_per_epoch: int, epochs: int, start_epoch: int = 1, label: str = "epoch"):
+        """A progress bar over epochs ``start_epoch..epochs`` (None inside the ``with`` when off)."""
         if not self.show_progress:
             return _NoBar()
-        return _Bar(self.console, steps_per_epoch, self.config.epochs, self.start_epoch)
+        return _Bar(self.console, steps_per_epoch, epochs, start_epoch, label)
 
 
 class _NoBar:
@@ -344,11 +384,11 @@ class _NoBar:
 class _Bar:
     """A rich progress bar over all steps, showing the running loss terms and throughput."""
 
-    def __init__(self, console, steps_per_epoch: int, epochs: int, start_epoch: int) -> None:
+    def __init__(self, console, steps_per_epoch: int, epochs: int, start_epoch: int, label: str = "epoch") -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
-            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            TextColumn(label + " {task.fields[epoch]}/{task.fields[epochs]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),

@@ -19,7 +19,7 @@ def run(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with run settings; flags override it.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Dataset name (mnist, digits, …) or a path (.npy/.npz, IDX, image folder).")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="Encoder plugin, e.g. 'conv' or 'mlp:hidden=512,256'.")] = None,
-    decoder: Annotated[Optional[str], typer.Option(help="Decoder plugin (default: the encoder's name).")] = None,
+    decoder: Annotated[Optional[str], typer.Option(help="Decoder plugin (default: the encoder's mirror, e.g. mlp:hidden=500,2000 gets mlp:hidden=2000,500).")] = None,
     prior: Annotated[Optional[str], typer.Option(help="Prior plugin: 'gaussian' (VAE) or 'none' (autoencoder).")] = None,
     likelihood: Annotated[Optional[str], typer.Option(help="Likelihood plugin: 'bernoulli' or 'gaussian:sigma=0.1'.")] = None,
     regularizer: Annotated[Optional[list[str]], typer.Option(help="Regularizer plugin; repeat for several.")] = None,
@@ -34,6 +34,8 @@ def run(
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast; CPU and CUDA) or fp16 (autocast + gradient scaler; for CUDA).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<time>-<encoder>-<prior>).")] = None,
     no_fused_op: Annotated[bool, typer.Option("--no-fused-op", help="Use the eager reparameterize + KL formula instead of the fused op (sets the prior's fused=false).")] = False,
+    init: Annotated[Optional[Path], typer.Option(help="Start from this run's weights, matched by name (fine-tuning); tensors it lacks keep their initialization.")] = None,
+    pretrain: Annotated[Optional[str], typer.Option(help="Pretraining before training, e.g. 'layerwise:epochs=5,mask=0.2' (stacked autoencoder).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Per-epoch lines only, no progress bar.")] = False,
@@ -47,7 +49,8 @@ def run(
         given = {k: v for k, v in dict(no_fused_op=no_fused_op, config=config, data=data, encoder=encoder, decoder=decoder, prior=prior,
                                        likelihood=likelihood, regularizer=regularizer, latent_dim=latent_dim,
                                        beta=beta, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                       binarize=binarize, precision=precision, out=out).items() if v}
+                                       binarize=binarize, precision=precision, out=out, init=init,
+                                       pretrain=pretrain).items() if v}
         if given:
             from ..errors import ConfigError
 
@@ -59,6 +62,7 @@ def run(
             data=data, encoder=encoder, decoder=decoder, prior=prior, likelihood=likelihood,
             regularizers=regularizer, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
             lr=lr, seed=seed, device=device, binarize=binarize, precision=precision, out=None if out is None else str(out),
+            init=None if init is None else str(init), pretrain=pretrain,
         )
         if no_fused_op:  # the prior's own option; a prior without one says so
             cfg = cfg.replace(prior=PluginSpec(cfg.prior.name, {**cfg.prior.options, "fused": False}))

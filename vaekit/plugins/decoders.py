@@ -1,4 +1,4 @@
-"""Built-in decoders: ``mlp`` and ``conv``."""
+"""Built-in decoders: ``mlp``, ``conv`` and ``linear``."""
 
 from __future__ import annotations
 
@@ -73,7 +73,25 @@ class ConvDecoder(Decoder):
         return self.net(z)
 
 
+class LinearDecoder(Decoder):
+    """One affine map ``z [B, d] -> W z + b``, reshaped to ``[B, *output_shape]`` (``W`` is ``[k·D, d]``).
+
+    The decoder of the linear autoencoder (``--encoder linear``): with squared error its columns
+    ``W`` span the top-d principal subspace of the data (Baldi & Hornik 1989, "Neural networks and
+    principal component analysis: learning from examples without local minima"); ``linear.weight``
+    holds ``W``.
+    """
+
+    def __init__(self, latent_dim, output_shape):
+        super().__init__(latent_dim, output_shape)
+        self.linear = nn.Linear(self.latent_dim, flat_size(self.output_shape))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(z).view((z.shape[0],) + self.output_shape)
+
+
 @hookimpl
 def vaekit_register_decoders(registry):
     registry.register("mlp", MLPDecoder)
     registry.register("conv", ConvDecoder)
+    registry.register("linear", LinearDecoder)

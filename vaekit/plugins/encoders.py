@@ -1,4 +1,4 @@
-"""Built-in encoders: ``mlp`` and ``conv``."""
+"""Built-in encoders: ``mlp``, ``conv`` and ``linear``."""
 
 from __future__ import annotations
 
@@ -71,7 +71,27 @@ class ConvEncoder(Encoder):
         return self.net(x)
 
 
+class LinearEncoder(Encoder):
+    """No layers of its own: ``h = flatten(x)`` ``[B, D]``, so the posterior head is the one linear map x → code.
+
+    With ``--decoder linear`` (the default mirror), ``--prior none`` and squared error (``--likelihood
+    gaussian`` with a fixed σ) this is the linear autoencoder, whose optimum spans the principal subspace
+    of the data: every minimum of ``Σ‖x − W₂(W₁x + b₁) − b₂‖²`` has ``W₂``'s column space equal to the
+    span of the top-d principal directions (Baldi & Hornik 1989, "Neural networks and principal component
+    analysis: learning from examples without local minima", Neural Networks 2(1)), i.e. PCA up to an
+    invertible d×d transform of the code.
+    """
+
+    def __init__(self, input_shape):
+        super().__init__(input_shape)
+        self.out_features = flat_size(self.input_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)
+
+
 @hookimpl
 def vaekit_register_encoders(registry):
     registry.register("mlp", MLPEncoder)
     registry.register("conv", ConvEncoder)
+    registry.register("linear", LinearEncoder)
