@@ -287,7 +287,7 @@ def export_aoti(model, out, sampling: bool = True) -> Path:
     info = getattr(model, "run_info", {})
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     parts = {"encode": (_Encode(model), torch.rand([2] + shape), "x"),
-             "decode": (_Decode(model), torch.randn(2, model.latent_dim), "z")}
+             "decode": (_Decode(model), torch.randn(2, model.latent_dim), "code")}
     options = {"aot_inductor.package": True, "aot_inductor.metadata": _metadata(model, info, sample_error(model, sampling, aoti=True))}
     if platform.machine() in ("x86_64", "AMD64"):
         options.update({"cpp.march": "x86-64-v3", "cpp.simdlen": 256})  # portable AVX2, not -march=native
