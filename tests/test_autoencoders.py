@@ -184,8 +184,9 @@ def test_denoising_autoencoder_removes_the_noise_it_was_trained_on(tmp_path, tes
 
     for noise in ("gaussian", "masking"):
         dae = vaekit.train(regularizers=[f"denoising:noise={noise}"], out=str(tmp_path / noise), **kw).model.eval()
+        # seen: gaussian 0.0238 vs 0.0264, masking 0.0240 vs 0.0280 (ratios 0.90, 0.86; seeds 1, 2: 0.92 and 0.90,
+        # 0.85 and 0.85)
         assert denoising_error(dae, noise) < 0.95 * denoising_error(plain, noise), noise
-        # seen: gaussian 0.0238 vs 0.0264, masking 0.0240 vs 0.0280
 
 
 # --- every method with under- and over-complete codes --------------------------------------------------

@@ -60,10 +60,10 @@ def test_sparse_autoencoder_codes_are_sparse(tmp_path, test_digits):
     kw = dict(prior="none", latent_dim=200, epochs=10, **COMMON)
     sparse = codes(vaekit.train(regularizers=["sparsity:rho=0.05"], out=str(tmp_path / "sparse"), **kw))
     dense = codes(vaekit.train(regularizers=["sparsity:weight=0"], out=str(tmp_path / "dense"), **kw))
-    assert abs(float(sparse.mean()) - 0.05) < 0.015        # seen: 0.052
-    assert float((sparse < 0.05).float().mean()) > 0.55     # seen: 0.66 (0.71 after 15 epochs)
-    assert float(dense.mean()) > 0.3                        # seen: 0.52
-    assert float((dense < 0.05).float().mean()) < 0.3       # seen: 0.12
+    assert abs(float(sparse.mean()) - 0.05) < 0.015        # seen: 0.052 (seeds 1, 2: 0.056, 0.057)
+    assert float((sparse < 0.05).float().mean()) > 0.55     # seen: 0.66 (seeds 1, 2: 0.62, 0.61; 0.71 after 15 epochs)
+    assert float(dense.mean()) > 0.3                        # seen: 0.52 (seeds 1, 2: 0.50, 0.52)
+    assert float((dense < 0.05).float().mean()) < 0.3       # seen: 0.12 (seeds 1, 2: 0.09, 0.12)
 
 
 # --- contractive AE ------------------------------------------------------------------------------
