@@ -10,6 +10,7 @@ from test_plugins_regularizers import COMMON, reference_jacobian_sq
 from vaekit.config import RunConfig
 from vaekit.data import load_mnist5k
 from vaekit.errors import ConfigError
+from vaekit.evaluation import iwae_log_likelihood
 from vaekit.manager import get_plugin_manager
 from vaekit.model import build_model
 from vaekit.plugins.autoencoders import Contractive, Denoising, KSparse, jacobian_sq_norm
@@ -44,6 +45,15 @@ def test_a_transform_is_applied_once_between_encoder_and_decoder():
         z = torch.randn(3, 4, generator=torch.Generator().manual_seed(5))
         expected = torch.sigmoid(model.decoder(torch.sigmoid(z)))
         assert torch.allclose(model.sample(3, torch.Generator().manual_seed(5)), expected, atol=1e-6)
+        # the importance-sampled NLL decodes the code of each draw: one sample, the same noise, written out
+        xb = x.round()
+        torch.manual_seed(1)
+        q = model.prior.posterior(model.encode(xb))
+        z = q.rsample((1,))[0]
+        log_w = (model.likelihood.log_prob(model.decoder(torch.sigmoid(z)), xb)
+                 + model.prior.distribution().log_prob(z) - q.log_prob(z))
+        torch.manual_seed(1)
+        assert torch.allclose(iwae_log_likelihood(model, xb, num_samples=1), log_w, atol=1e-5)
 
 
 # --- sparse AE: features ------------------------------------------------------------------------------
