@@ -237,3 +237,22 @@ def test_a_plain_parent_project_can_add_subdirectory(model_pt, tmp_path_factory)
     # for a parent project only the library is built
     assert not any((parent / "build" / "vaekit" / name).exists()
                    for name in ("vaekit-runner", "vaekit-bench", "vaekit-runtime-tests", "vaekit-embed-example"))
+
+
+@pytest.mark.slow
+def test_the_runner_encodes_ksparse_codes(readme_build, tmp_path):
+    """A k-sparse AE's exported encode applies its top-k: the C++ runner's codes are the model's, ≤ α·k non-zeros."""
+    run = vaekit.train(data="mnist:train_per_class=10,test_per_class=2", encoder="mlp:hidden=64", prior="none",
+                       latent_dim=32, epochs=1, regularizers=["ksparse:k=5,alpha=2"], out=str(tmp_path / "run"),
+                       quiet=True, figures=False)
+    model = vaekit.load_run(run.run_dir).eval()
+    path = export_torchscript(model, tmp_path / "ksparse.pt")
+    x = vaekit.load_data("mnist:train_per_class=10,test_per_class=2").test_x
+    torch.save(x, tmp_path / "x.pt")
+    res = _run(readme_build / "build" / "vaekit-runner", path, "encode", "--in", tmp_path / "x.pt",
+               "--out", tmp_path / "codes.pt")
+    assert res.returncode == 0, res.stderr
+    codes = torch.load(tmp_path / "codes.pt")
+    assert int((codes != 0).sum(1).max()) <= 10  # round(α·k) = 10 of 32 units
+    with torch.no_grad():
+        assert (codes - model.embed(x)).abs().max() <= 1e-5

@@ -80,7 +80,7 @@ def iwae_log_likelihood(
         for k0 in range(0, num_samples, chunk):
             k = min(chunk, num_samples - k0)
             z = q.rsample((k,))  # [k, b, d]
-            params = model.decode(z.reshape(k * b, -1))
+            params = model.decode(model.transform_latent(z.reshape(k * b, -1)))
             xk = xb.unsqueeze(0).expand((k,) + xb.shape).reshape((k * b,) + xb.shape[1:])
             log_px = model.likelihood.log_prob(params, xk).view(k, b)
             log_w.append(log_px + p_z.log_prob(z) - q.log_prob(z))

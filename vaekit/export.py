@@ -2,22 +2,26 @@
 
 The archive is one scripted module with the methods
 
-* ``encode(x [B, *S]) -> (mu [B, d], logvar [B, d])`` — for a deterministic autoencoder ``mu`` is
-  the code ``z`` and ``logvar`` is empty (``[B, 0]``), so the signature is the same for every model;
-* ``decode(z [B, d]) -> x_mean [B, *S]`` — the likelihood's mean (e.g. sigmoid of the logits);
-* ``reconstruct(x) -> x_mean`` — decode of the posterior mean;
-* ``sample(n, seed) -> x_mean [n, *S]`` — z ~ N(0, I) from a ``torch.Generator`` seeded with ``seed``,
-  so Python and C++ draw the same samples;
+* ``encode(x [B, *S]) -> (mu [B, d], logvar [B, d])`` — ``mu`` is the code the decoder reads,
+  ``VAEModel.embed(x)`` (the posterior mean after the latent transforms, e.g. a k-sparse AE's top-k),
+  ``logvar`` the posterior's log σ² as is; for a deterministic autoencoder ``mu`` is the code and
+  ``logvar`` is empty (``[B, 0]``), so the signature is the same for every model;
+* ``decode(code [B, d]) -> x_mean [B, *S]`` — the likelihood's mean (e.g. sigmoid of the logits) for a
+  code as ``encode`` returns it (no latent transform is applied);
+* ``reconstruct(x) -> x_mean`` — decode of the code;
+* ``sample(n, seed) -> x_mean [n, *S]`` — ``decode(transform(z))``, z ~ N(0, I) from a
+  ``torch.Generator`` seeded with ``seed``, so Python and C++ draw the same samples;
 
 plus attributes ``vaekit_format``, ``input_shape``, ``latent_dim``, ``deterministic``,
 ``can_sample`` and the run's ``config.json`` as an extra file.  Only plain tensor ops are
 recorded (the fused op is replaced by its formula), so libtorch alone runs it.
 
 The AOTInductor package (``.pt2``, :func:`export_aoti`) holds two compiled models, ``encode``
-and ``decode`` (dynamic batch size), compiled for a portable CPU target (x86-64-v3, i.e. AVX2,
+(latent transforms included) and ``decode`` (dynamic batch size), compiled for a portable CPU target (x86-64-v3, i.e. AVX2,
 rather than ``-march=native``), with the same attributes as package metadata; ``reconstruct``
 and ``sample`` are composed from them by the loaders (:class:`AOTIModel` here, ``vaekit::Model``
-in C++), with the same seeded generator as the TorchScript archive.
+in C++), with the same seeded generator as the TorchScript archive; the loaders cannot apply a
+latent transform to the draws, so sampling from a model with one is refused (:func:`sample_error`).
 Loading a package runs the native code inside it, so :func:`load_exported` loads a ``.pt2`` only
 with ``trust=True``; the TorchScript archive is the safe default.
 """
@@ -37,41 +41,67 @@ FORMAT = "vaekit-torchscript/1"
 AOTI_FORMAT = "vaekit-aoti/1"
 
 
+def _transforming(model) -> list:
+    """The model's regularizers that override ``transform_latent`` (the rest leave codes alone)."""
+    from .interfaces import Regularizer
+
+    return [reg for reg in model.regularizers if type(reg).transform_latent is not Regularizer.transform_latent]
+
+
+class _Transform(nn.Module):
+    """z -> code: the latent transforms in order; mirrors ``VAEModel.transform_latent``."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.transforms = nn.ModuleList(_transforming(model))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for reg in self.transforms:
+            z = reg.transform_latent(z)
+        return z
+
+
 class _Encode(nn.Module):
-    """x -> posterior parameters (encoder + head), the part that is scripted or traced."""
+    """x -> the code (deterministic AE) or ``[transform(μ), log σ²]`` (encoder, head, latent transforms):
+    the part that is scripted, traced or compiled; its code part is ``VAEModel.embed``."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.encoder = model.encoder
         self.head = model.head
+        self.transform = _Transform(model)
+        self.deterministic = not model.prior.stochastic
+        self.latent_dim = model.latent_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        params = self.head(self.encoder(x))
+        if self.deterministic:
+            return self.transform(params)
+        code = self.transform(params[:, : self.latent_dim])
+        return torch.cat([code, params[:, self.latent_dim:]], dim=-1)
 
 
 class _Decode(nn.Module):
-    """z -> likelihood mean (latent transforms, decoder, likelihood link); mirrors ``VAEModel.decode_mean``."""
+    """code -> likelihood mean (decoder, likelihood link); mirrors ``VAEModel.decode_mean``."""
 
     def __init__(self, model) -> None:
         super().__init__()
-        self.transforms = model.regularizers
         self.decoder = model.decoder
         self.likelihood = model.likelihood
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        for reg in self.transforms:
-            z = reg.transform_latent(z)
-        return self.likelihood.mean(self.decoder(z))
+    def forward(self, code: torch.Tensor) -> torch.Tensor:
+        return self.likelihood.mean(self.decoder(code))
 
 
 class ExportedModel(nn.Module):
     """The exported module; see the module docstring for its methods."""
 
-    def __init__(self, encode: nn.Module, decode: nn.Module, input_shape: List[int], latent_dim: int,
-                 deterministic: bool, sample_error: str) -> None:
+    def __init__(self, encode: nn.Module, decode: nn.Module, transform: nn.Module, input_shape: List[int],
+                 latent_dim: int, deterministic: bool, sample_error: str) -> None:
         super().__init__()
         self.encode_net = encode
         self.decode_net = decode
+        self.transform_net = transform
         self.vaekit_format = FORMAT
         self.input_shape = input_shape
         self.latent_dim = latent_dim
@@ -88,8 +118,8 @@ class ExportedModel(nn.Module):
         return mu, logvar
 
     @torch.jit.export
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode_net(z)
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self.decode_net(code)
 
     @torch.jit.export
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +133,7 @@ class ExportedModel(nn.Module):
         g = torch.Generator()
         g.manual_seed(seed)
         z = torch.randn([n, self.latent_dim], generator=g)
-        return self.decode(z)
+        return self.decode(self.transform_net(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)
@@ -147,14 +177,16 @@ def _uses_standard_normal(model) -> bool:
 
 
 @torch.no_grad()
-def sample_error(model, sampling: bool = True) -> str:
+def sample_error(model, sampling: bool = True, aoti: bool = False) -> str:
     """Check what an archive can carry of ``model``'s prior; returns why ``sample`` is unavailable
     (``""`` when it is available).
 
-    An archive's ``encode`` returns the head's ``[μ, log σ²]`` and its ``sample(n, seed)`` draws
-    z ~ N(0, I).  Raises ConfigError, naming the prior, if the prior's posterior parameters are not
-    laid out that way, or if the model samples from another p(z) and ``sampling`` is True (with
-    ``sampling=False`` the archive is written without ``sample``, and says why when it is called).
+    An archive's ``encode`` returns the head's ``[μ, log σ²]`` (μ through the latent transforms) and
+    its ``sample(n, seed)`` draws z ~ N(0, I).  Raises ConfigError, naming the prior, if the prior's
+    posterior parameters are not laid out that way, or if ``sampling`` is True and the model samples
+    from another p(z) — or, for an AOTInductor package (``aoti``), has a latent transform, which the
+    package's loaders cannot apply to the draws (with ``sampling=False`` the archive is written
+    without ``sample``, and says why when it is called).
     """
     name = getattr(model, "run_info", {}).get("config", {}).get("prior", {}).get("name", type(model.prior).__name__)
     d = model.latent_dim
@@ -167,6 +199,14 @@ def sample_error(model, sampling: bool = True) -> str:
                               "[μ, log σ²], which is what an exported encode returns")
     if not model.can_sample:
         return f"this model is a deterministic autoencoder (prior {name!r}, no latent target): it has no p(z) to sample from"
+    if aoti and _uses_standard_normal(model) and _transforming(model):
+        names = ", ".join(repr(reg.name) for reg in _transforming(model))
+        if sampling:
+            raise ConfigError(f"cannot export sampling to an AOTInductor package: the regularizer {names} transforms "
+                              "the latent draws, which the package's loaders cannot do; export with --no-sampling, "
+                              "or as TorchScript (--format torchscript), which samples with the transform")
+        return (f"this package was exported without sampling (--no-sampling): the regularizer {names} transforms "
+                "the latent draws; sample with the TorchScript export or in Python (vaekit sample RUN)")
     if _uses_standard_normal(model):
         return ""
     if sampling:
@@ -199,7 +239,9 @@ def export_torchscript(model, out, sampling: bool = True) -> Path:
                               f"encoder {names.get('encoder', {}).get('name', '?')!r}")
     decode = _script_or_trace(_Decode(model), torch.randn(2, model.latent_dim),
                               f"decoder {names.get('decoder', {}).get('name', '?')!r} (with its likelihood)")
-    wrapper = ExportedModel(encode, decode, shape, model.latent_dim, not model.prior.stochastic, why_not)
+    transform = _script_or_trace(_Transform(model), torch.randn(2, model.latent_dim),
+                                 "latent transform of the regularizers " + ", ".join(repr(r.name) for r in _transforming(model)))
+    wrapper = ExportedModel(encode, decode, transform, shape, model.latent_dim, not model.prior.stochastic, why_not)
     scripted = torch.jit.script(wrapper)
     out = Path(out)
     extra = {"config.json": json.dumps(info, indent=2)}
@@ -245,8 +287,8 @@ def export_aoti(model, out, sampling: bool = True) -> Path:
     info = getattr(model, "run_info", {})
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     parts = {"encode": (_Encode(model), torch.rand([2] + shape), "x"),
-             "decode": (_Decode(model), torch.randn(2, model.latent_dim), "z")}
-    options = {"aot_inductor.package": True, "aot_inductor.metadata": _metadata(model, info, sample_error(model, sampling))}
+             "decode": (_Decode(model), torch.randn(2, model.latent_dim), "code")}
+    options = {"aot_inductor.package": True, "aot_inductor.metadata": _metadata(model, info, sample_error(model, sampling, aoti=True))}
     if platform.machine() in ("x86_64", "AMD64"):
         options.update({"cpp.march": "x86-64-v3", "cpp.simdlen": 256})  # portable AVX2, not -march=native
     files = {}
@@ -338,8 +380,8 @@ class AOTIModel:
         mu, logvar = params.chunk(2, dim=-1)
         return mu, logvar
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self._decode(z.float().contiguous())
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        return self._decode(code.float().contiguous())
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x)[0].contiguous())

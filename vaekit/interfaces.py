@@ -238,7 +238,9 @@ class Regularizer(Plugin):
     A regularizer may (all optional):
 
     * :meth:`corrupt` the encoder's input (denoising AEs);
-    * :meth:`transform_latent` the code before decoding (k-sparse AEs);
+    * :meth:`transform_latent` a latent draw into the code the decoder reads (top-k of a
+      k-sparse AE, the sigmoid of a sparse AE) — part of encoding: ``VAEModel.embed``, the
+      training step and sampling apply it, ``VAEModel.decode`` (which takes codes) does not;
     * return a :meth:`penalty` read from the step's :class:`StepOutput`; the
       pipeline adds ``weight * penalty`` to the loss and logs it under :attr:`name`;
     * own parameters with an optimizer of their own (:meth:`configure_optimizer`),
@@ -248,10 +250,9 @@ class Regularizer(Plugin):
     """
 
     name: str = "regularizer"
-
     sparse_codes: bool = False
-    """True if this regularizer makes the codes sparse; runs with one get a histogram of code
-    activations (``codes.png``)."""
+    """True if this regularizer makes the codes sparse (sparse and k-sparse AEs); runs with one get a
+    histogram of code activations (``codes.png``)."""
 
     def __init__(self, latent_dim: int, data_shape: tuple[int, ...], weight: float = 1.0) -> None:
         super().__init__()
@@ -264,7 +265,13 @@ class Regularizer(Plugin):
         return x
 
     def transform_latent(self, z: torch.Tensor) -> torch.Tensor:
-        """The code the decoder sees, ``[B, d] -> [B, d]``. Default: ``z``."""
+        """The code the decoder reads for a latent draw ``z``, ``[B, d] -> [B, d]``. Default: ``z``.
+
+        Applied once, as part of encoding: to the posterior mean (``VAEModel.embed``, an exported
+        ``encode``), to the training step's sample, and to draws from p(z) when sampling; never by
+        ``decode``, so it need not be idempotent.  It may depend on ``self.training`` (a k-sparse AE
+        keeps more units at encoding time).  Must be TorchScript-scriptable (it is exported).
+        """
         return z
 
     def penalty(self, record: StepOutput) -> torch.Tensor | None:

@@ -60,20 +60,30 @@ class VAEModel(nn.Module):
         return self.head(self.encoder(x))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The deterministic code (posterior mean) ``[B, d]``, after latent transforms."""
-        return self._transform(self.prior.mean(self.encode(x)))
+        """The code the decoder reads for ``x``, ``[B, d]``: :meth:`transform_latent` of the posterior mean."""
+        return self.transform_latent(self.prior.mean(self.encode(x)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters for codes ``z [B, d]`` (latent transforms applied)."""
-        return self.decoder(self._transform(z))
+    def transform_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """The code for latent draws ``z [B, d]``: each regularizer's
+        :meth:`~vaekit.interfaces.Regularizer.transform_latent` in order (top-k of a k-sparse AE,
+        the sigmoid of a sparse AE); ``z`` itself when none transforms.  Part of encoding: the
+        decoder reads its output, and :meth:`decode` does not apply it again."""
+        for reg in self.regularizers:
+            z = reg.transform_latent(z)
+        return z
 
-    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
-        """``E[x|z]`` ``[B, *S]``: what samples and reconstructions show."""
-        return self.likelihood.mean(self.decode(z))
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        """Likelihood parameters for codes ``code [B, d]`` — what :meth:`embed` or
+        :meth:`transform_latent` returns; no latent transform is applied here."""
+        return self.decoder(code)
+
+    def decode_mean(self, code: torch.Tensor) -> torch.Tensor:
+        """``E[x|code]`` ``[B, *S]``: what samples and reconstructions show (no latent transform applied)."""
+        return self.likelihood.mean(self.decode(code))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``E[x|z = posterior mean]`` ``[B, *S]``."""
-        return self.likelihood.mean(self.decoder(self.embed(x)))
+        """``E[x|z = posterior mean]`` ``[B, *S]``: ``decode_mean(embed(x))``."""
+        return self.decode_mean(self.embed(x))
 
     def sampling_distribution(self) -> Distribution | None:
         """p(z) to generate from: the prior's, else the latent target of a regularizer (AAE, WAE), else None."""
@@ -91,7 +101,7 @@ class VAEModel(nn.Module):
         return self.prior.stochastic or self.sampling_distribution() is not None
 
     def sample_latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` codes ``[n, d]`` from p(z): the prior's :meth:`~vaekit.interfaces.Prior.sample`, or for
+        """``n`` latent draws ``[n, d]`` from p(z) (:meth:`transform_latent` makes them codes): the prior's :meth:`~vaekit.interfaces.Prior.sample`, or for
         prior ``none`` the latent target of a regularizer (AAE, WAE); ``generator`` makes them reproducible.
 
         Raises ConfigError for a plain deterministic autoencoder (nothing to sample z from).
@@ -105,13 +115,8 @@ class VAEModel(nn.Module):
         return p.sample((n,)) if generator is None else sample_with_generator(p, n, generator, device)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples' likelihood means ``[n, *S]``, z from :meth:`sample_latent`."""
-        return self.decode_mean(self.sample_latent(n, generator))
-
-    def _transform(self, z: torch.Tensor) -> torch.Tensor:
-        for reg in self.regularizers:
-            z = reg.transform_latent(z)
-        return z
+        """``n`` samples' likelihood means ``[n, *S]``: ``decode_mean(transform_latent(z))``, z from :meth:`sample_latent`."""
+        return self.decode_mean(self.transform_latent(self.sample_latent(n, generator)))
 
     # --- training step ------------------------------------------------------------------------
 
@@ -123,7 +128,7 @@ class VAEModel(nn.Module):
         h = self.encoder(x_input)
         params = self.head(h)
         z, kl = self.prior.rsample_kl(params)
-        z = self._transform(z)
+        z = self.transform_latent(z)
         lik_params = self.decoder(z)
         log_px = self.likelihood.log_prob(lik_params, x)
         return StepOutput(x, x_input, h, params, z, kl, lik_params, log_px, c)

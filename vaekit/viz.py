@@ -142,14 +142,15 @@ def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> N
 
 @torch.no_grad()
 def plot_manifold(model, path: Path, n: int = 20) -> bool:
-    """Decoder means over a grid of z at the standard-normal quantiles 0.05..0.95 (Kingma & Welling 2014, fig. 4)."""
+    """Decoder means over a grid of z at the standard-normal quantiles 0.05..0.95 (Kingma & Welling 2014, fig. 4),
+    each z made a code by :meth:`~vaekit.model.VAEModel.transform_latent` as in sampling."""
     if model.latent_dim != 2:
         return False
     model.eval()
     device = next(model.parameters()).device
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
     zz = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
-    return save_grid(model.decode_mean(zz.to(device)).cpu(), path, nrow=n, title="learned manifold, z over N(0, I) quantiles")
+    return save_grid(model.decode_mean(model.transform_latent(zz.to(device))).cpu(), path, nrow=n, title="learned manifold, z over N(0, I) quantiles")
 
 
 def first_layer_filters(model) -> torch.Tensor | None:

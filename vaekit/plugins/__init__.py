@@ -6,5 +6,6 @@ DEFAULT_PLUGINS = (
     "vaekit.plugins.priors",
     "vaekit.plugins.likelihoods",
     "vaekit.plugins.regularizers",
+    "vaekit.plugins.autoencoders",
     "vaekit.plugins.datasets",
 )
