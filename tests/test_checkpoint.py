@@ -162,3 +162,24 @@ def test_optimizer_state_round_trip():
     a, b = opt.state_dict(), fresh.state_dict()
     assert a["param_groups"] == b["param_groups"]
     assert all(torch.equal(a["state"][0][k], b["state"][0][k]) for k in a["state"][0])
+
+
+def test_a_failed_write_is_one_output_error_and_leaves_nothing(tmp_path):
+    """A full disk (or any OSError while writing) becomes one OutputError line; no temporary file stays
+    and an older file of that name is kept."""
+    import errno
+
+    from vaekit.checkpoint import atomic_write
+    from vaekit.errors import OutputError
+
+    target = tmp_path / "model.safetensors"
+    target.write_text("old")
+
+    def full_disk(tmp):
+        with open(tmp, "w") as f:
+            f.write("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"cannot write .*model.safetensors.*No space left on device"):
+        atomic_write(target, full_disk)
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"] and target.read_text() == "old"

@@ -251,8 +251,9 @@ def test_apply_commands_bad_options(cli_run, tmp_path, args, fragment):
         (np.zeros((20, 1, 28, 28), dtype=np.float32), ["score", "--out", "s.csv", "--normal-class", "0"],
          "--normal-class needs labelled data"),
         (np.zeros((20, 784), dtype=np.float32), ["reconstruct", "--out", "r.npy"], "samples have shape [784]"),
+        (np.full((20, 1, 28, 28), 2.0, dtype=np.float32), ["score", "--out", "s.csv"], "[0, 1]"),
     ],
-    ids=["nan", "unlabelled", "flat"],
+    ids=["nan", "unlabelled", "flat", "out-of-range"],
 )
 def test_apply_commands_bad_data(cli_run, tmp_path, array, args, fragment):
     np.save(tmp_path / "d.npy", array)
@@ -287,3 +288,16 @@ def test_init_from_the_cli(cli_run, tmp_path):
     assert_one_line_error(invoke("run", "--resume", tmp_path / "ft", "--init", cli_run[0]), "only --epochs may change (got --init)")
     assert_one_line_error(invoke("run", *TINY, "--init", cli_run[0], "--pretrain", "layerwise", "--out", tmp_path / "c"),
                           "--init and --pretrain both set the starting weights")
+
+
+@pytest.mark.parametrize("command", ["embed", "reconstruct", "score", "sample", "export"])
+def test_an_output_that_cannot_be_a_file_is_one_line(cli_run, tmp_path, command):
+    """--out naming a folder, or a path under a file, is refused with one line and nothing written."""
+    suffix = {"embed": ".npy", "reconstruct": ".npy", "score": ".csv", "sample": ".png", "export": ".pt"}[command]
+    folder = tmp_path / f"taken{suffix}"
+    folder.mkdir()
+    assert_one_line_error(invoke(command, cli_run[0], "--out", folder), "is a folder")
+    assert list(folder.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    assert_one_line_error(invoke(command, cli_run[0], "--out", tmp_path / "file" / f"x{suffix}"), "is not a folder")
+

@@ -14,7 +14,7 @@ def test_builtins_are_registered_as_plugins(fresh_pm):
     assert fresh_pm.decoders.names() == ["conv", "linear", "mlp"]
     assert fresh_pm.priors.names() == ["gaussian", "none"]
     assert fresh_pm.likelihoods.names() == ["bernoulli", "gaussian", "mcc"]
-    assert fresh_pm.regularizers.names() == ["adversarial", "mmd", "sparsity"]
+    assert fresh_pm.regularizers.names() == ["adversarial", "contractive", "denoising", "ksparse", "mmd", "sparsity"]
     assert set(fresh_pm.datasets.names()) >= {"mnist", "digits", "file"}
     assert all(info.source == "builtin" for reg in fresh_pm.registries.values() for info in reg)
 

@@ -61,6 +61,21 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     assert (tmp_path / "r" / "model.safetensors").read_bytes() == before
 
 
+def test_a_run_that_never_checkpointed_can_be_started_again(tmp_path, test_pm):
+    """A run that fails before its first checkpoint leaves only config.json: it cannot be resumed
+    (the message says to start it again) and the same command, run again, starts it afresh."""
+    out = str(tmp_path / "r")
+    with pytest.raises(TrainingError, match="holds no checkpoint"):
+        vaekit.train(epochs=1, out=out, likelihood="nan_after:step=1", pm=test_pm, **FAST)
+    assert (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "model.safetensors").exists()
+    with pytest.raises(vaekit.CheckpointError, match="without --resume to start afresh"):
+        vaekit.training.resume(out, quiet=True)
+    again = vaekit.train(epochs=1, out=out, **FAST)
+    assert [m["epoch"] for m in _metrics(again.run_dir)] == [1]
+    with pytest.raises(ConfigError, match="already holds a run"):  # now it has a checkpoint: never overwritten
+        vaekit.train(epochs=1, out=out, **FAST)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, test_pm):
     out = tmp_path / "nan"
     # 300 training digits, batch 100: 3 steps per epoch; the 5th training step is in epoch 2
@@ -280,9 +295,15 @@ def test_fine_tuning_from_a_run_starts_at_its_loss(source_run, tmp_path):
 
 
 def test_resume_does_not_initialize_again(source_run, tmp_path):
-    """A resumed --init run continues from its own checkpoint: bit-identical to the uninterrupted run."""
-    full = vaekit.train(epochs=2, init=str(source_run.run_dir), out=str(tmp_path / "full"), **AE)
-    vaekit.train(epochs=1, init=str(source_run.run_dir), out=str(tmp_path / "part"), **AE)
+    """A resumed --init run continues from its own checkpoint, even with the source run gone:
+    bit-identical to the uninterrupted run."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(source_run.run_dir, source)
+    full = vaekit.train(epochs=2, init=str(source), out=str(tmp_path / "full"), **AE)
+    vaekit.train(epochs=1, init=str(source), out=str(tmp_path / "part"), **AE)
+    shutil.rmtree(source)  # resume must not need it
     resumed = vaekit.training.resume(tmp_path / "part", epochs=2, quiet=True, figures=False)
     w1, w2 = load_file(full.run_dir / "model.safetensors"), load_file(resumed.run_dir / "model.safetensors")
     assert all(torch.equal(w1[k], w2[k]) for k in w1)

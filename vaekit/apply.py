@@ -86,7 +86,7 @@ def load_split(model: VAEModel, data=None, split: str = "test", pm=None) -> tupl
     """
     from .checkpoint import missing_plugin_message
     from .errors import UnknownPluginError
-    from .training import load_data
+    from .training import check_inputs, load_data
 
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -103,11 +103,14 @@ def load_split(model: VAEModel, data=None, split: str = "test", pm=None) -> tupl
         raise DataError(f"{bundle.name}: samples have shape {list(bundle.shape)}, but the run was trained on "
                         f"{info['data'].get('name', 'data')} of shape {list(trained)}")
     if split == "train":
-        return bundle.train_x, bundle.train_y
-    if split == "test":
-        return bundle.test_x, bundle.test_y
-    labels = None if bundle.train_y is None or bundle.test_y is None else torch.cat([bundle.train_y, bundle.test_y])
-    return torch.cat([bundle.train_x, bundle.test_x]), labels
+        x, y = bundle.train_x, bundle.train_y
+    elif split == "test":
+        x, y = bundle.test_x, bundle.test_y
+    else:
+        x = torch.cat([bundle.train_x, bundle.test_x])
+        y = None if bundle.train_y is None or bundle.test_y is None else torch.cat([bundle.train_y, bundle.test_y])
+    check_inputs(model.likelihood, x, info.get("config", {}).get("binarize", "none"), f"the {split} split of {bundle.name}")
+    return x, y
 
 
 def embed(run, data=None, split: str = "test", batch_size: int = 500, device: str = "auto", pm=None) -> Codes:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import CheckpointError, ConfigError, first_line
+from .errors import CheckpointError, ConfigError, OutputError, first_line
 
 CONFIG = "config.json"
 MODEL = "model.safetensors"
@@ -26,18 +26,40 @@ STATE = "trainer_state.safetensors"
 
 # --- atomic writes ------------------------------------------------------------------------------
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder)."""
+def check_output(path: Path, what: str = "output") -> Path:
+    """Raise OutputError unless ``path`` can be a file: its folder exists and ``path`` is not a folder."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OutputError(f"{what} {str(path)!r} is a folder; give a file name")
+    if not path.parent.is_dir():
+        state = "is not a folder" if path.parent.exists() else "does not exist"
+        raise OutputError(f"output folder {str(path.parent)!r} {state}")
+    return path
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename the temporary file onto ``path`` (same folder).
+
+    A kill never leaves a half-written ``path``.  Raises OutputError (one line, nothing left
+    behind) when the file cannot be written: a folder in its place, a missing or read-only
+    folder, a full disk.
+    """
+    path = Path(path)
+    check_output(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, OutputError):
+            raise OutputError(f"cannot write {str(path)!r}: {e.strerror or first_line(e)}") from None
         raise
 
 
@@ -134,9 +156,7 @@ def load_matching_weights(run_dir: Path, model: torch.nn.Module, exclude: set[st
     Raises CheckpointError if ``run_dir`` or its weights are missing or corrupt, ConfigError if a
     matched tensor's shape differs (naming it and both shapes) or if no tensor matches at all.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {str(run_dir)!r} does not exist")
+    run_dir = _run_dir(run_dir)
     tensors, _ = load_tensors(run_dir / MODEL, "checkpoint")
     own = model.state_dict()
     matched = [k for k in own if k in tensors and k not in exclude]
@@ -150,6 +170,15 @@ def load_matching_weights(run_dir: Path, model: torch.nn.Module, exclude: set[st
                           f"in this model (e.g. {next(iter(own), '(none)')})")
     model.load_state_dict({k: tensors[k] for k in matched}, strict=False)
     return len(matched), len(own)
+
+
+def _run_dir(run_dir) -> Path:
+    """``run_dir`` as a Path; CheckpointError if it is missing or not a folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        state = "is a file, not a run directory" if run_dir.exists() else "does not exist"
+        raise CheckpointError(f"run directory {str(run_dir)!r} {state}")
+    return run_dir
 
 
 # --- trainer state (to resume) ------------------------------------------------------------------
@@ -237,9 +266,7 @@ def load_trainer_state(run_dir: Path, optimizers: dict[str, torch.optim.Optimize
 # --- whole runs ---------------------------------------------------------------------------------
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {str(run_dir)!r} does not exist")
+    run_dir = _run_dir(run_dir)
     info = read_json(run_dir / CONFIG, "run config")
     if not isinstance(info, dict) or "config" not in info or "data" not in info:
         raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} is not a vaekit run config")

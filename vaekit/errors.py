@@ -38,6 +38,10 @@ class CheckpointError(VaekitError):
     """A missing, corrupt or mismatched checkpoint or run directory."""
 
 
+class OutputError(VaekitError, OSError):
+    """An output file that cannot be written (a folder in its place, a missing or read-only folder, a full disk)."""
+
+
 class TrainingError(VaekitError):
     """Training could not go on (e.g. the loss became NaN or inf)."""
 

@@ -36,6 +36,16 @@ def eval_inputs(test_x: torch.Tensor, binarize_mode: str) -> torch.Tensor:
     return binarize(test_x, torch.Generator().manual_seed(TEST_BINARIZE_SEED))
 
 
+def check_inputs(likelihood, x: torch.Tensor, binarize_mode: str, what: str) -> None:
+    """Raise DataError/ConfigError (one line) unless ``x [N, *S]`` is in the likelihood's support
+    (:meth:`~vaekit.interfaces.Likelihood.check_data`) and, when it is binarized (``binarize_mode``
+    not ``none``), in [0, 1].  Used for training data and for any data a run is applied to."""
+    likelihood.check_data(x, what)
+    if binarize_mode != "none" and len(x) and (x.min() < 0 or x.max() > 1):
+        raise ConfigError(f"binarization needs data in [0, 1], but {what} spans [{float(x.min()):.3g}, "
+                          f"{float(x.max()):.3g}]; use --binarize none (for a run: train it with --binarize none)")
+
+
 def resolve_data_spec(spec: PluginSpec, pm: PluginManager) -> PluginSpec:
     """``--data PATH`` is short for ``--data file:path=PATH``."""
     if spec.name not in pm.datasets and looks_like_path(spec.name):
@@ -103,6 +113,7 @@ class Trainer:
         self.console = Console(stderr=True, quiet=quiet)
         self.history: list[dict[str, Any]] = []
         self.step = 0
+        self.checkpointed: int | None = None  # the epoch of the last checkpoint written or restored
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -115,11 +126,9 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.shape, self.pm).to(self.device)
         lik = self.model.likelihood
-        lik.check_data(self.data.train_x, "the training data")
-        lik.check_data(self.data.test_x, "the test data")
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
-        if self.binarize != "none" and (self.data.train_x.min() < 0 or self.data.train_x.max() > 1):
-            raise ConfigError("binarization needs data in [0, 1]; use --binarize none")
+        check_inputs(lik, self.data.train_x, self.binarize, "the training data")
+        check_inputs(lik, self.data.test_x, self.binarize, "the test data")
         self.train_x = self.data.train_x
         self.test_x = self.data.test_x
         self.test_x = eval_inputs(self.test_x, self.binarize)
@@ -190,7 +199,9 @@ class Trainer:
             self.config = cfg = cfg.replace(out=str(run_dir))
         run_dir = Path(cfg.out)
         if not self.resume and (run_dir / checkpoint.CONFIG).exists():
-            raise ConfigError(f"{str(run_dir)!r} already holds a run; resume it with --resume {run_dir} or choose another --out")
+            if (run_dir / checkpoint.STATE).exists() or (run_dir / checkpoint.MODEL).exists():
+                raise ConfigError(f"{str(run_dir)!r} already holds a run; resume it with --resume {run_dir} or choose another --out")
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run that never checkpointed: start it afresh
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -241,6 +252,7 @@ class Trainer:
         checkpoint.load_model_weights(self.run_dir, self.model)
         epoch, self.step = checkpoint.load_trainer_state(self.run_dir, self.optimizers, self.generator, self.amp)
         self.start_epoch = epoch + 1
+        self.checkpointed = epoch
         lines = _read_metrics(self.run_dir)
         stages = [m for m in lines if "stage" in m]  # pretraining lines: kept, never part of the history
         self.history = [m for m in lines if "stage" not in m and m.get("epoch", 0) <= epoch]
@@ -261,12 +273,15 @@ class Trainer:
         try:
             if self.pretraining is not None:  # before the fit-start hooks: they see the pretrained model
                 self.pretraining.run(self)
+                self._checkpoint(0)  # "epoch 0": a resumed run starts fine-tuning from the pretrained weights
             self.pm.hook.vaekit_fit_start(trainer=self)
             for reg in self.model.regularizers:
                 reg.on_fit_start(self)
             self._epochs(n, steps_per_epoch)
         except KeyboardInterrupt:
-            self.console.print(f"interrupted: {self._kept()}; continue with vaekit run --resume {self.run_dir}")
+            hint = f"continue with vaekit run --resume {self.run_dir}" if self.checkpointed is not None else \
+                "run the same command again to start afresh"
+            self.console.print(f"interrupted: {self._kept()}; {hint}")
             raise
         if self.figures:
             from . import viz
@@ -356,10 +371,13 @@ class Trainer:
                 raise TrainingError(f"parameter {name} became NaN/inf in epoch {epoch}; " + self._kept())
         checkpoint.save_model(self.run_dir, self.model, epoch)
         checkpoint.save_trainer_state(self.run_dir, epoch, self.step, self.optimizers, self.generator, self.amp)
+        self.checkpointed = epoch
 
     def _kept(self) -> str:
-        if self.history:
-            return f"the last good checkpoint (epoch {self.history[-1]['epoch']}) is kept in {self.run_dir}"
+        if self.checkpointed == 0:
+            return f"the checkpoint of the pretrained weights (epoch 0) is kept in {self.run_dir}"
+        if self.checkpointed is not None:
+            return f"the last good checkpoint (epoch {self.checkpointed}) is kept in {self.run_dir}"
         return f"no epoch had finished, so {self.run_dir} holds no checkpoint"
 
     def _nan_message(self, value: float, epoch: int) -> str:
@@ -473,7 +491,8 @@ def resume(run_dir: str | Path, epochs: int | None = None, **kwargs: Any) -> Tra
     if epochs is not None:
         values["epochs"] = epochs
     if not (Path(run_dir) / checkpoint.STATE).exists():
-        raise CheckpointError(f"{str(run_dir)!r} has no trainer state to resume from (no epoch finished)")
+        raise CheckpointError(f"{str(run_dir)!r} has no trainer state to resume from (no epoch finished); "
+                              "run it again without --resume to start afresh")
     try:
         return train(RunConfig.from_dict(values), resume=True, **kwargs)
     except UnknownPluginError as e:

@@ -28,12 +28,12 @@ def register(app: typer.Typer) -> None:
 def _check_options(out: Path, suffixes: tuple[str, ...], batch_size: int, split: str) -> None:
     """Refuse bad options before a run is loaded: the output's suffix and folder, the batch size, the split."""
     from ..apply import SPLITS
+    from ..checkpoint import check_output
     from ..errors import ConfigError
 
     if out.suffix.lower() not in suffixes:
         raise ConfigError(f"--out must end in {' or '.join(suffixes)}, got {out.name!r}")
-    if not out.parent.exists():
-        raise ConfigError(f"output folder {str(out.parent)!r} does not exist")
+    check_output(out, "--out")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     if split not in SPLITS:
@@ -114,6 +114,7 @@ def reconstruct(
 ) -> None:
     """Write the reconstructions E[x | z = posterior mean] of a split, [N, *S] float32 (the data's shape)."""
     from ..apply import load_split, resolve_run
+    from ..checkpoint import check_output
     from ..errors import ConfigError, DataError
     from ..evaluation import map_batches
     from ..viz import as_images, save_pairs
@@ -122,17 +123,17 @@ def reconstruct(
     if png is not None:
         if png.suffix.lower() != ".png":
             raise ConfigError(f"--png must end in .png, got {png.name!r}")
-        if not png.parent.exists():
-            raise ConfigError(f"output folder {str(png.parent)!r} does not exist")
+        check_output(png, "--png")
     model = resolve_run(run_dir, device)
     x, labels = load_split(model, data, split)
     if png is not None and as_images(x[:1]) is None:
         raise DataError(f"--png needs image data; samples of shape {list(x.shape[1:])} are not images (nothing written)")
     recon = map_batches(model, model.reconstruct, x, batch_size).float()
+    if png is not None:  # first: the arrays are not written if the picture cannot be
+        save_pairs(x, recon, png)
     written = save_arrays(out, "recon", recon, labels)
     typer.echo(f"reconstructions {list(recon.shape)} of the {split} split written to {written}")
     if png is not None:
-        save_pairs(x, recon, png)
         typer.echo(f"data over reconstructions written to {png}")
 
 

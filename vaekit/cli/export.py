@@ -17,7 +17,7 @@ def export(
     no_sampling: Annotated[bool, typer.Option("--no-sampling", help="Export a model whose prior is not N(0, I) without sample() (encode/decode/reconstruct only).")] = False,
 ) -> None:
     """Export encode/decode/reconstruct/sample with the run's config inside, for Python or the C++ runtime."""
-    from ..checkpoint import load_run
+    from ..checkpoint import check_output, load_run
     from ..errors import ConfigError
     from ..export import export_aoti, export_torchscript
 
@@ -25,9 +25,9 @@ def export(
     if format not in writers:
         raise ConfigError(f"unknown export format {format!r}; formats: {', '.join(writers)}")
     write, default_name = writers[format]
-    model = load_run(run_dir)
     path = out if out is not None else Path(run_dir) / default_name
-    if not path.parent.exists():
-        raise ConfigError(f"output folder {str(path.parent)!r} does not exist")
+    if out is not None:
+        check_output(path, "--out")
+    model = load_run(run_dir)
     write(model, path, sampling=not no_sampling)
     typer.echo(f"exported to {path}")

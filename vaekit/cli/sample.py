@@ -23,16 +23,15 @@ def sample(
     """Draw n samples E[x|z], z ~ p(z), and save them as an image grid."""
     import torch
 
-    from ..checkpoint import load_run
+    from ..checkpoint import check_output, load_run
     from ..errors import ConfigError, DataError
     from ..viz import save_grid
 
     if n < 1:
         raise ConfigError(f"-n must be at least 1, got {n}")
+    check_output(out, "--out")
     model = load_run(run_dir)
     x = model.sample(n, torch.Generator().manual_seed(seed))
-    if not out.parent.exists():
-        raise ConfigError(f"output folder {str(out.parent)!r} does not exist")
     if not save_grid(x, out, nrow=nrow or max(1, int(math.sqrt(n)))):
         raise DataError(f"samples of shape {list(x.shape[1:])} are not images; nothing written")
     typer.echo(f"{n} samples written to {out}")
