@@ -48,6 +48,23 @@ def test_mmd_rejects_bad_shapes():
         mmd2_unbiased(torch.zeros(4, 3), torch.zeros(5, 2))
 
 
+# --- every regularizer ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,shown", [("sparsity:weight=-1", "-1.0"), ("mmd:weight=nan", "nan"),
+                                        ("contractive:weight=inf", "inf"), ("adversarial:weight=-0.5", "-0.5")])
+def test_a_weight_must_be_finite_and_not_negative(spec, shown):
+    """A negative weight rewards the penalty, a non-finite one breaks the loss: one error naming the regularizer."""
+    from vaekit.config import RunConfig
+    from vaekit.errors import ConfigError
+    from vaekit.manager import get_plugin_manager
+    from vaekit.model import build_model
+
+    name = spec.split(":")[0]
+    with pytest.raises(ConfigError, match=rf"^{name}: weight must be a finite number >= 0, got {shown}$"):
+        build_model(RunConfig(encoder="mlp:hidden=8", prior="none", latent_dim=3, regularizers=[spec]), (1, 5, 5),
+                    get_plugin_manager())
+
+
 # --- sparsity ------------------------------------------------------------------------------------
 
 def test_sparse_autoencoder_codes_are_sparse(tmp_path, test_digits):
