@@ -15,8 +15,9 @@ from .encoders import MLPEncoder
 
 EXACT_MAX_UNITS = 16
 """``contractive:estimator=auto`` computes the exact Jacobian for at most this many units, else Hutchinson's estimate
-(the exact one costs a reverse pass per unit — about 30 ms a step for 16 units of a 784-256-16 MLP on
-one CPU core, three times Hutchinson's single forward-mode pass)."""
+(the exact one costs a reverse pass per unit).  Measured on one CPU core, a training step (batch 64) of a
+784-256-16 MLP autoencoder takes about 3× as long with the exact Jacobian of its 16 code units as with
+Hutchinson's one-draw estimate (32 vs 10 ms; 6 ms without the penalty); at 8 units about 1.7-2×."""
 
 
 class KSparse(Regularizer):
@@ -154,14 +155,25 @@ class Contractive(Regularizer):
     """Contractive autoencoder (Rifai et al. 2011): penalty ‖J_f(x)‖²_F, mean over the batch.
 
     J_f(x) = ∂f(x)/∂x is the Jacobian of the code w.r.t. the encoder's input: ``target=code``:
-    f = the code the decoder reads, ``VAEModel.embed`` (posterior mean, latent transforms
-    applied); ``target=features``: f = the encoder's features h.  Estimators: ``closed_form``
-    for a one-layer sigmoid encoder h = sigmoid(Wx + b) (``--encoder mlp:hidden=H,activation=sigmoid``,
-    ``target=features``): ‖J‖²_F = Σ_j (h_j(1 − h_j))² ‖W_j‖²; ``exact``: the
-    per-sample Jacobian (``torch.func``); ``hutchinson``: the unbiased estimate mean_v ‖J v‖² over
-    ``samples`` draws v ~ N(0, I) (forward mode, ``torch.func.jvp``); ``auto``: closed form where it
-    applies, else exact for at most 16 units, else Hutchinson.  The encoder must act on each
-    sample alone (no batch norm in training mode).  Loss: J + weight·‖J_f‖²_F.
+    f = the code the decoder reads, ``VAEModel.code`` (posterior mean, latent transforms
+    applied); ``target=features``: f = the encoder's features h, *not* the code z = head(h) that
+    ``embed`` returns and the decoder reads (the linear head after h is not penalised).  Estimators:
+    ``closed_form`` for a one-layer sigmoid encoder h = sigmoid(Wx + b)
+    (``--encoder mlp:hidden=H,activation=sigmoid``, ``target=features``, so it too penalises h):
+    ‖J‖²_F = Σ_j (h_j(1 − h_j))² ‖W_j‖² (Rifai et al., eq. 4); ``exact``: the per-sample Jacobian
+    (``torch.func``); ``hutchinson``: the unbiased estimate mean_v ‖J v‖² over ``samples`` draws
+    v ~ N(0, I) (forward mode, ``torch.func.jvp``); ``auto``: closed form where it applies, else
+    exact for at most 16 units, else Hutchinson.  The encoder must act on each sample alone (no
+    batch norm in training mode).  Loss: J + weight·‖J_f‖²_F.
+
+    What the penalty achieves here: Rifai et al. tie the decoder to the encoder (W′ = Wᵀ); vaekit's
+    decoder is untied, so it can undo a uniformly smaller code, and most of the drop in ‖J_f‖_F
+    is the code shrinking.  On the bundled MNIST digits (784-256-8 MLP, 20 epochs) the default
+    weight lowers the code's mean ‖J‖_F 3.5× (7.9 → 2.3) while the code's spread (norm of the
+    per-unit standard deviations) drops 2.7× (10.1 → 3.7); the Jacobian of the code standardized
+    per unit — a scale-free measure of contraction — is 1.3× lower than the plain AE's (2.2 → 1.75,
+    three seeds), and stays so for weights 0.3 to 10, which mostly move the scale.  Compare the
+    codes of different models after standardizing them.
 
     :param weight: λ, the penalty's weight.
     :param target: ``code`` (what the decoder reads) or ``features`` (the encoder's output h).
