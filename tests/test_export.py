@@ -209,19 +209,6 @@ def test_cpp_runner_matches_python(cpp_build, exported, digits, tmp_path):
     assert torch.equal(torch.load(tmp_path / "s.pt"), load_exported(path).sample(6, 11))
 
 
-def test_cpp_runner_reconstructs_from_the_codes_not_the_features(cpp_build, ksparse_vae, digits, tmp_path):
-    """The runner's encode gives the k-sparse VAE's 6-unit features, its reconstruct decodes the 3-unit code."""
-    model, path = ksparse_vae
-    torch.save(digits, tmp_path / "x.pt")
-    for command in ("encode", "reconstruct"):
-        res = _runner(cpp_build, path, command, "--in", tmp_path / "x.pt", "--out", tmp_path / f"{command}.pt")
-        assert res.returncode == 0, res.stderr
-    with torch.no_grad():
-        mu = model.encode(digits)[:, :12]
-        assert (torch.load(tmp_path / "encode.pt") - _top(mu, 6)).abs().max() <= 1e-5
-        assert (torch.load(tmp_path / "reconstruct.pt") - model.decode_mean(_top(mu, 3))).abs().max() <= 1e-5
-
-
 def test_cpp_runner_bad_input_is_one_line(cpp_build, exported, tmp_path):
     _, path = exported
     torch.save(torch.rand(3, 5), tmp_path / "wrong.pt")

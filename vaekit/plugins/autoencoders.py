@@ -29,7 +29,7 @@ class KSparse(Regularizer):
     path (evaluation, reconstructions, samples, the NLL, figures) — since it was trained on them.
     The features, ``transform_features`` (``VAEModel.embed``, ``vaekit embed``, an exported
     ``encode``), keep ``⌊alpha·k + ½⌋`` units (at most d): the paper's α ≥ 1, used only for the
-    features handed to a classifier (§3.2).  With a linear encoder (``--encoder mlp:hidden=`` leaves
+    features handed to a classifier (their Algorithm 1, encoding).  With a linear encoder (``--encoder mlp:hidden=`` leaves
     only the linear head) this is the paper's linear-activation k-sparse AE, whose filters (decoder
     columns) are more local than a plain linear AE's.  No penalty.
 
@@ -160,7 +160,7 @@ class Contractive(Regularizer):
     ``embed`` returns and the decoder reads (the linear head after h is not penalised).  Estimators:
     ``closed_form`` for a one-layer sigmoid encoder h = sigmoid(Wx + b)
     (``--encoder mlp:hidden=H,activation=sigmoid``, ``target=features``, so it too penalises h):
-    ‖J‖²_F = Σ_j (h_j(1 − h_j))² ‖W_j‖² (Rifai et al., eq. 4); ``exact``: the per-sample Jacobian
+    ‖J‖²_F = Σ_j (h_j(1 − h_j))² ‖W_j‖²; ``exact``: the per-sample Jacobian
     (``torch.func``); ``hutchinson``: the unbiased estimate mean_v ‖J v‖² over ``samples`` draws
     v ~ N(0, I) (forward mode, ``torch.func.jvp``); ``auto``: closed form where it applies, else
     exact for at most 16 units, else Hutchinson.  The encoder must act on each sample alone (no

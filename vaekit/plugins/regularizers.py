@@ -27,8 +27,10 @@ class Sparsity(Regularizer):
     ``--encoder mlp:activation=sigmoid``); the code is left as it is.  Works with over-complete codes
     (latent-dim > input dim).  With ``target=code`` it must come before any other regularizer that
     transforms the code (``--regularizer sparsity --regularizer ksparse:k=10``: sigmoid, then top-k;
-    the other order is refused, since the sigmoid would turn the zeros into 0.5).  Loss: J + weight·Ω.  The default weight 3 is Ng's β; on the bundled
-    MNIST digits (200 code units, ρ = 0.05) it gives codes of mean ≈ ρ with most entries below 0.05.
+    the other order is refused, since the sigmoid would turn the zeros into 0.5).  Loss: J + weight·Ω.
+    The default weight 3 is Ng's β; on the bundled MNIST digits (200 code units, ρ = 0.05) it gives
+    codes of mean ≈ ρ with most entries below 0.05.  Runs of format ``vaekit-run/1`` with
+    ``target=code`` decoded the raw z and are refused when loaded: retrain them.
 
     :param rho: target mean activation ρ, in (0, 1).
     :param weight: β, the penalty's weight.
