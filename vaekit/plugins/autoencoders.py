@@ -33,7 +33,7 @@ class KSparse(Regularizer):
     only the linear head) this is the paper's linear-activation k-sparse AE, whose filters (decoder
     columns) are more local than a plain linear AE's.  No penalty.
 
-    :param k: units kept per sample in the codes the decoder reads, 1 ≤ k ≤ latent-dim (default min(25, latent-dim), the paper's MNIST k = 25).
+    :param k: units kept per sample in the codes the decoder reads, 1 ≤ k ≤ latent-dim (default min(25, latent-dim), the paper's MNIST k = 25; at latent-dim ≤ 25 that keeps every unit, so set k for sparse codes).
     :param alpha: the features keep ⌊alpha·k + ½⌋ units (at most latent-dim); alpha ≥ 1.
     """
 
