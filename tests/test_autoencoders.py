@@ -73,25 +73,69 @@ def test_sparsity_on_features_needs_features_in_the_unit_interval():
 # --- k-sparse AE --------------------------------------------------------------------------------------
 
 def test_ksparse_keeps_the_k_largest_units():
+    """The code keeps k units in training and evaluation alike (the decoder was trained on k); the features keep
+    ⌊α·k + ½⌋."""
     reg = KSparse(10, (4,), k=3, alpha=2)
     z = torch.randn(50, 10, generator=torch.Generator().manual_seed(0))
-    for mode, k in ((True, 3), (False, 6)):
-        out = reg.train(mode).transform_latent(z).numpy()
+    for transform, mode, k in ((reg.transform_latent, True, 3), (reg.transform_latent, False, 3),
+                               (reg.transform_features, True, 6), (reg.transform_features, False, 6)):
+        reg.train(mode)
+        out = transform(z).numpy()
         for row, code in zip(z.numpy(), out):
             keep = np.sort(np.argsort(row)[-k:])  # numpy's ranking, the independent reference
             assert np.array_equal(np.flatnonzero(code), keep) and np.array_equal(code[keep], row[keep])
-    assert KSparse(10, (4,), k=4, alpha=3).k_encode == 10  # round(α·k) is capped at d
+    assert KSparse(10, (4,), k=4, alpha=3).k_features == 10  # ⌊α·k + ½⌋ is capped at d
+    assert KSparse(10, (4,), k=5, alpha=1.3).k_features == 7  # 6.5 rounds up (Python's round gives 6)
+    assert KSparse(16, (4,)).k == 16 and KSparse(100, (4,)).k == 25  # default k = min(25, d)
     for options, fragment in (({"k": 0}, "k must be between 1 and"), ({"k": 11}, "latent dimension 10"),
-                              ({"k": 2, "alpha": 0.5}, "alpha must be at least 1")):
+                              ({"k": 0, "alpha": 0.5}, "alpha must be a finite number of at least 1, got 0.5"),
+                              ({"alpha": float("inf")}, "alpha must be a finite")):
         with pytest.raises(ConfigError, match=fragment):
             KSparse(10, (4,), **options)
+
+
+def test_ksparse_alpha_changes_the_features_only():
+    """Makhzani & Frey 2013 use αk units only for the features given to a classifier: embed keeps αk, while every
+    decode path (the evaluation forward pass, reconstruct, sample) reads the k-sparse code the decoder was trained
+    on.  (The old eval mode decoded αk units everywhere.)"""
+    torch.manual_seed(0)
+    model = composed_model(GaussianPrior(12), [KSparse(12, (1, 6, 6), k=2, alpha=2.5)], latent_dim=12).eval()
+    x = torch.rand(5, 1, 6, 6)
+    with torch.no_grad():
+        mu = model.head(model.encoder(x))[:, :12]
+        top = mu.topk(2, dim=-1)
+        code = torch.zeros_like(mu).scatter(-1, top.indices, top.values)  # by hand, from torch.topk
+        features = model.embed(x)
+        assert torch.equal(model.code(x), code)
+        assert int((features != 0).sum(1).min()) == int((features != 0).sum(1).max()) == 5  # ⌊2.5·2 + ½⌋
+        assert torch.equal(features * (code != 0), code)  # the features hold the code's units and 3 more
+        assert torch.allclose(model.reconstruct(x), torch.sigmoid(model.decoder(code)), atol=1e-6)
+        assert int((model(x).z != 0).sum(1).max()) == 2  # evaluation's forward pass decodes k units
+        g = torch.Generator().manual_seed(3)
+        z = model.sample_latent(4, g)
+        ztop = z.topk(2, dim=-1)
+        expected = torch.sigmoid(model.decoder(torch.zeros_like(z).scatter(-1, ztop.indices, ztop.values)))
+        assert torch.allclose(model.sample(4, torch.Generator().manual_seed(3)), expected, atol=1e-6)
+
+
+def test_sparsity_after_another_code_transform_is_refused():
+    """ksparse then sparsity would turn the top-k zeros into sigmoid(0) = 0.5: refused; sparsity first (sigmoid, then
+    top-k) gives k non-zeros in (0, 1)."""
+    with pytest.raises(ConfigError, match="list sparsity first"):
+        build_model(RunConfig(encoder="mlp:hidden=8", prior="none", latent_dim=6,
+                              regularizers=["ksparse:k=3", "sparsity"]), (1, 5, 5), PM)
+    model = build_model(RunConfig(encoder="mlp:hidden=8", prior="none", latent_dim=6,
+                                  regularizers=["sparsity", "ksparse:k=3"]), (1, 5, 5), PM)
+    with torch.no_grad():
+        codes = model.eval().embed(torch.rand(4, 1, 5, 5))
+    assert int((codes != 0).sum(1).max()) == 3 and ((codes >= 0) & (codes < 1)).all()
 
 
 def _filter_locality(model, x):
     """Median spatial spread (px, RMS distance of a filter's energy from its centroid) and median share of energy in
     the top 10% of pixels, over the decoder columns (784-d filters) of the units the codes of ``x`` use."""
     with torch.no_grad():
-        used = (model.embed(x) != 0).float().mean(0) > 0.01  # units never in a code have no filter in use
+        used = (model.code(x) != 0).float().mean(0) > 0.01  # units never in a code have no filter in use
     filters = model.decoder.net[0].weight.detach().T[used].reshape(-1, 28, 28)
     energy = filters.square() / filters.square().sum((1, 2), keepdim=True)
     ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
@@ -108,16 +152,15 @@ def test_linear_ksparse_autoencoder_learns_local_filters(tmp_path, test_digits):
               prior="none", latent_dim=200, epochs=15, lr=3e-3)
     sparse = vaekit.train(regularizers=["ksparse:k=20,alpha=2"], out=str(tmp_path / "k"), **kw).model
     plain = vaekit.train(out=str(tmp_path / "p"), **kw).model
-    sparse.train()  # training mode keeps k units: the filters the training codes use
-    spread_k, top_k, used = _filter_locality(sparse, test_digits)
+    spread_k, top_k, used = _filter_locality(sparse.eval(), test_digits)  # the units the k-sparse codes use
     spread_p, top_p, _ = _filter_locality(plain.eval(), test_digits)
     assert spread_k < 0.85 * spread_p  # seen: 7.2 vs 9.2 px (seeds 0-2: ratio 0.77-0.78)
     assert top_k > top_p + 0.1         # seen: 0.67 vs 0.51 (seeds 0-2: 0.67-0.71 vs 0.51)
     assert used >= 20                  # seen: 55 of 200 units
     with torch.no_grad():
-        assert int((sparse.embed(test_digits) != 0).sum(1).max()) <= 20
-        codes = sparse.eval().embed(test_digits)  # encoding keeps round(α·k) = 40
-    assert int((codes != 0).sum(1).max()) <= 40 and float((codes != 0).sum(1).float().mean()) > 20
+        assert int((sparse.code(test_digits) != 0).sum(1).max()) <= 20
+        features = sparse.embed(test_digits)  # the features keep α·k = 40
+    assert int((features != 0).sum(1).max()) <= 40 and float((features != 0).sum(1).float().mean()) > 20
 
 
 # --- contractive AE -----------------------------------------------------------------------------------
@@ -151,6 +194,37 @@ def test_contractive_estimators_agree_with_the_reference_jacobian():
                        (1, 5, 5), PM).regularizers[0].method == "hutchinson"  # auto: over 16 units
 
 
+def test_hutchinson_penalty_gradient_is_the_double_backward_one_for_its_probe():
+    """One Hutchinson draw is ‖J v‖² for the probe v it draws (forward mode, torch.func.jvp); its gradient w.r.t. the
+    weights equals the double-backward gradient of ‖J v‖² with J from torch.autograd.functional.jacobian
+    (create_graph) and the same v."""
+    torch.manual_seed(0)
+    model = build_model(RunConfig(encoder="mlp:hidden=9", prior="none", latent_dim=4,
+                                  regularizers=["contractive:estimator=hutchinson"]), (1, 5, 5), PM)
+    reg, x = model.regularizers[0], torch.rand(6, 1, 5, 5)
+    record = model(x)
+    torch.manual_seed(7)
+    v = torch.randn_like(x)  # the probe the estimator draws next from the same seed
+    torch.manual_seed(7)
+    penalty = reg.penalty(record)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(penalty, params, allow_unused=True)
+    jac = [torch.autograd.functional.jacobian(lambda xb: model.code(xb.unsqueeze(0)).squeeze(0), xb, create_graph=True)
+           for xb in x]  # [d, 1, 5, 5] per sample
+    reference = torch.stack([(j.flatten(1) @ vb.flatten()).square().sum() for j, vb in zip(jac, v)]).mean()
+    ref_grads = torch.autograd.grad(reference, params, allow_unused=True)
+    assert torch.allclose(penalty, reference, rtol=1e-5)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    compared = []
+    for name, g, r in zip(names, grads, ref_grads):
+        if r is None:  # the decoder and the head's bias: J does not depend on them, on either side
+            assert g is None or not g.any(), name
+            continue
+        compared.append(name)
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-7), name
+    assert {"encoder.net.0.weight", "head.weight"} <= set(compared)
+
+
 def test_contractive_closed_form_is_refused_where_it_does_not_apply():
     for encoder, target in (("mlp:hidden=7", "features"), ("mlp:hidden=7,activation=sigmoid", "code"),
                             ("mlp:hidden=7,7,activation=sigmoid", "features")):
@@ -159,6 +233,17 @@ def test_contractive_closed_form_is_refused_where_it_does_not_apply():
                                   regularizers=[f"contractive:estimator=closed_form,target={target}"]), (1, 5, 5), PM)
     with pytest.raises(ConfigError, match="samples must be at least 1"):
         Contractive(3, (4,), samples=0)
+    with pytest.raises(ConfigError, match="estimator must be auto, closed_form, exact or hutchinson, got 'hutchison'"):
+        Contractive(3, (4,), estimator="hutchison")  # a typo is refused, not run as Hutchinson's estimate
+    with pytest.raises(ConfigError, match="target must be code or features"):
+        Contractive(3, (4,), target="feature")
+    with pytest.raises(ValueError, match="estimator must be 'exact' or 'hutchinson'"):
+        jacobian_sq_norm(lambda x: x, torch.zeros(2, 3), "closed_form")
+    # the linear encoder's features are the input itself: a Jacobian training cannot change
+    with pytest.raises(ConfigError, match=r"target=features needs an encoder with trainable parameters.*LinearEncoder"):
+        build_model(RunConfig(encoder="linear", prior="none", latent_dim=3, regularizers=["contractive:target=features"]),
+                    (1, 5, 5), PM)
+    build_model(RunConfig(encoder="linear", prior="none", latent_dim=3, regularizers=["contractive"]), (1, 5, 5), PM)
 
 
 # --- denoising AE -------------------------------------------------------------------------------------
@@ -175,7 +260,18 @@ def test_denoising_corruptions():
     hit = sp != x
     assert abs(float(hit.float().mean()) - 0.2) < 0.01 and set(sp[hit].unique().tolist()) == {0.0, 1.0}
     assert abs(float((sp[hit] == 1).float().mean()) - 0.5) < 0.03
-    for options, fragment in (({"std": 0}, "std must be positive"), ({"p": 1.0}, r"p must be in \(0, 1\)")):
+    sp = Denoising(2, (1, 10, 10), noise="salt_pepper", p=0.2, low=-1.5, high=2.0).corrupt(x)  # the data's range
+    assert set(sp[sp != x].unique().tolist()) == {-1.5, 2.0}
+    default = Denoising(2, (1, 10, 10), noise="masking")
+    assert default.p == 0.25 and abs(float((default.corrupt(x) != x).float().mean()) - 0.25) < 0.01
+    assert Denoising(2, (4,)).std == 0.3
+    for options, fragment in (({"std": 0}, "std must be a finite number > 0"), ({"std": float("nan")}, "std must be"),
+                              ({"std": float("inf")}, "std must be"), ({"noise": "masking", "p": 1.0}, r"p must be in \(0, 1\)"),
+                              ({"p": 0.1}, "noise=gaussian does not use p"),
+                              ({"noise": "masking", "std": 0.3}, "noise=masking does not use std"),
+                              ({"noise": "masking", "low": 0.0}, "noise=masking does not use low"),
+                              ({"noise": "salt_pepper", "std": 0.1, "high": 2.0}, "does not use std .it takes p, low, high"),
+                              ({"noise": "salt_pepper", "low": 1.0}, "low < high, got 1.0 and 1.0")):
         with pytest.raises(ConfigError, match=fragment):
             Denoising(2, (4,), **options)
 
@@ -192,10 +288,10 @@ def test_denoising_autoencoder_removes_the_noise_it_was_trained_on(tmp_path, tes
         with torch.no_grad():
             return float((model.reconstruct(corrupted) - test_digits).square().mean())
 
-    for noise in ("gaussian", "masking"):
+    for noise in ("gaussian", "masking", "salt_pepper"):
         dae = vaekit.train(regularizers=[f"denoising:noise={noise}"], out=str(tmp_path / noise), **kw).model.eval()
-        # seen: gaussian 0.0238 vs 0.0264, masking 0.0240 vs 0.0280 (ratios 0.90, 0.86; seeds 1, 2: 0.92 and 0.90,
-        # 0.85 and 0.85)
+        # seen: gaussian 0.0238 vs 0.0264, masking 0.0240 vs 0.0280, salt_pepper 0.0294 vs 0.0333 (ratios 0.90, 0.86,
+        # 0.88; seeds 1, 2: 0.92 and 0.90, 0.85 and 0.85, 0.84 and 0.83)
         assert denoising_error(dae, noise) < 0.95 * denoising_error(plain, noise), noise
 
 
@@ -221,7 +317,7 @@ def test_every_method_trains_with_an_overcomplete_code(tmp_path, regularizer):
 
 @pytest.fixture(scope="module")
 def ksparse_runs(tmp_path_factory):
-    """A k-sparse deterministic AE and a k-sparse VAE (k = 5 of 32, α = 2 at encoding), one epoch on few digits."""
+    """A k-sparse deterministic AE and a k-sparse VAE (k = 5 of 32, α = 2 in the features), one epoch on few digits."""
     base = tmp_path_factory.mktemp("ksparse")
     kw = dict(data=TINY, encoder="mlp:hidden=64", latent_dim=32, epochs=1, quiet=True, figures=False,
               regularizers=["ksparse:k=5,alpha=2"])
@@ -239,6 +335,9 @@ def test_exported_ksparse_codes_are_the_models(ksparse_runs, tmp_path):
         with torch.no_grad():
             assert torch.allclose(code, model.embed(x), atol=1e-6), prior
             assert int((code != 0).sum(1).max()) <= 10 and int((code != 0).sum(1).min()) == 10  # α·k = 10 of 32
+            top = model.prior.mean(model.encode(x)).topk(5, dim=-1)  # reconstruct decodes the k = 5 code
+            k_code = torch.zeros_like(code).scatter(-1, top.indices, top.values)
+            assert torch.allclose(module.reconstruct(x), model.decode_mean(k_code), atol=1e-6)
             assert torch.allclose(module.reconstruct(x), model.reconstruct(x), atol=1e-6)
             assert torch.allclose(module.decode(code), model.decode_mean(code), atol=1e-6)
             if prior == "gaussian":
@@ -254,10 +353,14 @@ def test_exported_ksparse_codes_are_the_models(ksparse_runs, tmp_path):
 
 @pytest.mark.slow
 def test_aoti_package_carries_the_ksparse_transform_in_encode(ksparse_runs, tmp_path):
+    """With alpha = 1 (features = codes) the package's encode is the k-sparse code; alpha > 1 is refused
+    (tests/test_export.py), since a package reconstructs as decode(encode(x))."""
     from vaekit.export import export_aoti, load_exported
 
     x = load_mnist5k(10, 2).test_x
-    model = vaekit.load_run(ksparse_runs["none"]).eval()
+    run = vaekit.train(data=TINY, encoder="mlp:hidden=64", latent_dim=32, epochs=1, quiet=True, figures=False,
+                       prior="none", regularizers=["ksparse:k=10"], out=str(tmp_path / "run"))
+    model = vaekit.load_run(run.run_dir).eval()
     package = load_exported(export_aoti(model, tmp_path / "ksparse.pt2"), trust=True)
     code, _ = package.encode(x)
     with torch.no_grad():

@@ -150,6 +150,33 @@ def test_broken_run_directories(trained_run, tmp_path, broken):
         vaekit.load_run(run)
 
 
+def test_format_1_sparse_code_runs_are_refused_everywhere_else_load(tmp_path):
+    """Format 2 decodes a sparse AE's code through a sigmoid; a format-1 run with sparsity on the code was trained on
+    raw codes: loading, resuming or --init from it is one error saying to retrain; other format-1 runs load as before."""
+    kw = dict(data="mnist:train_per_class=5,test_per_class=2", encoder="mlp:hidden=16", prior="none", latent_dim=3,
+              epochs=1, quiet=True, figures=False)
+    runs = {name: vaekit.train(regularizers=regs, out=str(tmp_path / name), **dict(kw, **extra)).run_dir
+            for name, regs, extra in (("code", ["sparsity"], {}), ("plain", [], {}),
+                                      ("features", ["sparsity:target=features"],
+                                       {"encoder": "mlp:hidden=16,activation=sigmoid"}))}
+    assert json.loads((runs["code"] / "config.json").read_text())["format"] == "vaekit-run/2"
+    x = torch.rand(4, 1, 28, 28)
+    before = {name: vaekit.load_run(run).reconstruct(x) for name, run in runs.items()}
+    for run in runs.values():  # written by the previous vaekit, by hand
+        info = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps(dict(info, format="vaekit-run/1")))
+    message = "was trained when sparse codes were raw .*retrain it"
+    with pytest.raises(CheckpointError, match=message):
+        vaekit.load_run(runs["code"])
+    with pytest.raises(CheckpointError, match=message):
+        vaekit.training.resume(runs["code"], epochs=2, quiet=True, figures=False)
+    with pytest.raises(CheckpointError, match=message):
+        vaekit.train(init=str(runs["code"]), out=str(tmp_path / "init"), **kw)
+    for name in ("plain", "features"):  # their decoders read what they always read
+        assert torch.equal(vaekit.load_run(runs[name]).reconstruct(x), before[name])
+    vaekit.train(init=str(runs["plain"]), out=str(tmp_path / "init-plain"), **kw)
+
+
 def test_optimizer_state_round_trip():
     p = torch.nn.Parameter(torch.randn(3))
     opt = torch.optim.Adam([p], lr=0.01)

@@ -241,7 +241,8 @@ def test_a_plain_parent_project_can_add_subdirectory(model_pt, tmp_path_factory)
 
 @pytest.mark.slow
 def test_the_runner_encodes_ksparse_codes(readme_build, tmp_path):
-    """A k-sparse AE's exported encode applies its top-k: the C++ runner's codes are the model's, ≤ α·k non-zeros."""
+    """A k-sparse AE's exported encode applies its top-k: the C++ runner's codes are the model's features, α·k = 10
+    non-zeros; its reconstruct decodes the k = 5 code the decoder reads."""
     run = vaekit.train(data="mnist:train_per_class=10,test_per_class=2", encoder="mlp:hidden=64", prior="none",
                        latent_dim=32, epochs=1, regularizers=["ksparse:k=5,alpha=2"], out=str(tmp_path / "run"),
                        quiet=True, figures=False)
@@ -249,10 +250,14 @@ def test_the_runner_encodes_ksparse_codes(readme_build, tmp_path):
     path = export_torchscript(model, tmp_path / "ksparse.pt")
     x = vaekit.load_data("mnist:train_per_class=10,test_per_class=2").test_x
     torch.save(x, tmp_path / "x.pt")
-    res = _run(readme_build / "build" / "vaekit-runner", path, "encode", "--in", tmp_path / "x.pt",
-               "--out", tmp_path / "codes.pt")
-    assert res.returncode == 0, res.stderr
+    for command, out in (("encode", "codes.pt"), ("reconstruct", "recon.pt")):
+        res = _run(readme_build / "build" / "vaekit-runner", path, command, "--in", tmp_path / "x.pt",
+                   "--out", tmp_path / out)
+        assert res.returncode == 0, res.stderr
     codes = torch.load(tmp_path / "codes.pt")
-    assert int((codes != 0).sum(1).max()) <= 10  # round(α·k) = 10 of 32 units
+    assert int((codes != 0).sum(1).max()) <= 10  # α·k = 10 of 32 units
     with torch.no_grad():
         assert (codes - model.embed(x)).abs().max() <= 1e-5
+        top = model.prior.mean(model.encode(x)).topk(5, dim=-1)
+        k_code = torch.zeros_like(codes).scatter(-1, top.indices, top.values)
+        assert (torch.load(tmp_path / "recon.pt") - model.decode_mean(k_code)).abs().max() <= 1e-5

@@ -117,6 +117,48 @@ def test_unexportable_plugin_is_named(trained_run, monkeypatch):
         export_torchscript(model, "/tmp/never-written.pt")
 
 
+# --- features that differ from the codes: a k-sparse AE with alpha > 1 -----------------------------
+
+@pytest.fixture(scope="module")
+def ksparse_vae(tmp_path_factory):
+    """A k-sparse VAE (k = 3 of 12 in the code, ⌊2·3 + ½⌋ = 6 in the features) and its TorchScript archive."""
+    from vaekit.config import RunConfig
+    from vaekit.manager import get_plugin_manager
+    from vaekit.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(RunConfig(encoder="mlp:hidden=32", latent_dim=12, regularizers=["ksparse:k=3,alpha=2"]),
+                        (1, 28, 28), get_plugin_manager()).eval()
+    return model, export_torchscript(model, tmp_path_factory.mktemp("ksparse") / "model.pt")
+
+
+def _top(z, k):
+    top = z.topk(k, dim=-1)
+    return torch.zeros_like(z).scatter(-1, top.indices, top.values)
+
+
+def test_exported_encode_gives_features_and_reconstruct_decodes_codes(ksparse_vae, digits, tmp_path):
+    """encode returns (top-6(μ), log σ²), the features; reconstruct and sample decode top-3 codes, as the decoder was
+    trained; an AOTInductor package (which reconstructs as decode(encode(x))) is refused, naming the way out."""
+    from vaekit.export import export_aoti, features_differ
+
+    model, path = ksparse_vae
+    module = load_exported(path)
+    features, logvar = module.encode(digits)
+    with torch.no_grad():
+        mu, expected_logvar = model.encode(digits).chunk(2, dim=-1)
+        assert torch.allclose(features, _top(mu, 6), atol=1e-6) and torch.allclose(logvar, expected_logvar, atol=1e-6)
+        assert torch.allclose(module.reconstruct(digits), model.decode_mean(_top(mu, 3)), atol=1e-6)
+        z = torch.randn(4, 12, generator=torch.Generator().manual_seed(5))
+        assert torch.allclose(module.sample(4, 5), model.decode_mean(_top(z, 3)), atol=1e-6)
+    assert [reg.name for reg in features_differ(model)] == ["ksparse"]
+    with pytest.raises(ConfigError, match=r"regularizer 'ksparse' gives features .*\(--format torchscript\)"):
+        export_aoti(model, tmp_path / "never.pt2")
+    assert not (tmp_path / "never.pt2").exists()
+    model.regularizers[0].k_features = 3  # alpha = 1: features are the codes, nothing to refuse
+    assert features_differ(model) == []
+
+
 # --- the C++ runtime ------------------------------------------------------------------------------
 
 def _need_toolchain():

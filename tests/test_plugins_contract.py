@@ -19,7 +19,8 @@ def test_plugin_contract(kind, name, tmp_path):
         bundle = CHECKS[kind](info, path=str(path))
         assert bundle.shape == (1, 8, 8)
     elif kind == "regularizer" and name == "ksparse":
-        CHECKS[kind](info, latent_dim=32)  # its default k = 25 needs at least 25 code units
+        assert CHECKS[kind](info).k == 4  # the default k = min(25, latent-dim) fits any code
+        assert CHECKS[kind](info, latent_dim=32).k == 25
     else:
         CHECKS[kind](info)
 

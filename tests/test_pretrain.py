@@ -58,6 +58,30 @@ def test_pretraining_helps_fine_tuning(tmp_path):
     assert nll[0] < 0.85 * nll[1], nll
 
 
+def test_the_last_stage_pretrains_on_the_codes_the_decoder_reads(tmp_path):
+    """With a latent transform (the sparse AE's sigmoid) the last stage's code is the decoder's code,
+    sigmoid(head(h)), so the head and the mirrored decoder's first layer are pretrained on what fine-tuning decodes:
+    the pretrained stack (no end-to-end epoch) reconstructs test digits better than the same stages pretrained on
+    the raw code head(h) (the old stage, which the decoder then read through a sigmoid it never saw).
+    Seen: MSE 0.077 vs 0.113 (seeds 1, 2: 0.074 vs 0.104, 0.073 vs 0.112; ratios 0.65-0.71)."""
+    def pretrained(raw_code: bool, out: str):
+        t = Trainer(RunConfig(data="mnist:train_per_class=30,test_per_class=10", encoder="mlp:hidden=128", prior="none",
+                              latent_dim=32, batch_size=25, regularizers=["sparsity"], pretrain="layerwise:epochs=4,lr=3e-3",
+                              out=str(tmp_path / out)), quiet=True)
+        t.setup()
+        model, last = t.model, t.pretraining.stages[-1]
+        h = model.encoder(t.data.test_x[:4])
+        with torch.no_grad():
+            assert torch.allclose(last.encode(h), torch.sigmoid(model.head(h)))
+        if raw_code:
+            last.encode = lambda h: model.head(h)
+        t.pretraining.run(t)
+        return _test_mse(model.eval(), t.data.test_x)
+
+    new, raw = pretrained(False, "code"), pretrained(True, "raw")
+    assert new < 0.85 * raw, (new, raw)
+
+
 def test_a_decoder_that_is_not_the_mirror_keeps_its_initialization(tmp_path, capsys):
     t = Trainer(RunConfig(data="mnist:train_per_class=10,test_per_class=2", encoder="mlp:hidden=64,64", prior="none",
                           decoder="mlp:hidden=64", pretrain="layerwise:epochs=1", out=str(tmp_path / "r")),

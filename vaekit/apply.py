@@ -116,8 +116,10 @@ def load_split(model: VAEModel, data=None, split: str = "test", pm=None) -> tupl
 def embed(run, data=None, split: str = "test", batch_size: int = 500, device: str = "auto", pm=None) -> Codes:
     """The codes ``model.embed(x)`` of a split, ``[N, d]`` float32, and its labels: ``vaekit embed``.
 
-    The code is what the decoder reads at encode time: the posterior mean for a VAE, after the
-    regularizers' latent transforms (k-sparse).  Batched without gradients.  Errors as in
+    The codes are the features of :meth:`~vaekit.model.VAEModel.embed`: the posterior mean (the
+    code itself for an autoencoder) after the regularizers' feature transforms — the code the decoder
+    reads (a sparse AE's sigmoid, a k-sparse AE's top-k), except that a k-sparse AE with alpha > 1
+    keeps ⌊αk + ½⌋ units here.  Batched without gradients.  Errors as in
     :func:`resolve_run` and :func:`load_split`; ConfigError for ``batch_size < 1``.
     """
     model = resolve_run(run, device, pm)

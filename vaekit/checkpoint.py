@@ -19,6 +19,9 @@ from safetensors.torch import save_file
 
 from .errors import CheckpointError, ConfigError, OutputError, first_line
 
+RUN_FORMAT = "vaekit-run/2"
+"""The format ``config.json`` records.  2: a ``sparsity:target=code`` run's decoder reads sigmoid codes
+(in 1 it read the raw code, so those weights are refused: :func:`check_run_format`)."""
 CONFIG = "config.json"
 MODEL = "model.safetensors"
 STATE = "trainer_state.safetensors"
@@ -153,10 +156,13 @@ def load_matching_weights(run_dir: Path, model: torch.nn.Module, exclude: set[st
     basis of ``--init RUN``: fine-tuning, stacking, clustering on a pretrained encoder.  Returns
     ``(initialized, total)``, the counts of tensors set and of tensors in ``model``.
 
-    Raises CheckpointError if ``run_dir`` or its weights are missing or corrupt, ConfigError if a
+    Raises CheckpointError if ``run_dir`` or its weights are missing or corrupt, or its ``config.json``
+    (when it has one) is refused by :func:`read_run_config`, ConfigError if a
     matched tensor's shape differs (naming it and both shapes) or if no tensor matches at all.
     """
     run_dir = _run_dir(run_dir)
+    if (run_dir / CONFIG).is_file():  # a bare weights file has no format to check
+        read_run_config(run_dir)
     tensors, _ = load_tensors(run_dir / MODEL, "checkpoint")
     own = model.state_dict()
     matched = [k for k in own if k in tensors and k not in exclude]
@@ -266,11 +272,34 @@ def load_trainer_state(run_dir: Path, optimizers: dict[str, torch.optim.Optimize
 # --- whole runs ---------------------------------------------------------------------------------
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run's ``config.json``, checked: the one place every use of a run's weights reads it
+    (:func:`load_run`, resuming, ``--init``).  Raises CheckpointError if it is missing, not a vaekit
+    run config, or from a format whose weights now mean something else (:func:`check_run_format`)."""
     run_dir = _run_dir(run_dir)
     info = read_json(run_dir / CONFIG, "run config")
     if not isinstance(info, dict) or "config" not in info or "data" not in info:
         raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} is not a vaekit run config")
+    check_run_format(run_dir, info)
     return info
+
+
+def check_run_format(run_dir: Path, info: dict[str, Any]) -> None:
+    """CheckpointError for a ``vaekit-run/1`` run with a ``sparsity`` regularizer on the code: its
+    decoder was trained on raw codes, but the decoder now reads ``sigmoid(z)``, so its weights would
+    load with different results; every other run loads as before."""
+    if info.get("format") != "vaekit-run/1":
+        return
+    from .registry import PluginSpec
+
+    config = info["config"] if isinstance(info["config"], dict) else {}
+    for spec in config.get("regularizers") or []:
+        try:
+            spec = PluginSpec.parse(spec)
+        except ConfigError:
+            continue
+        if spec.name == "sparsity" and str(spec.options.get("target", "code")) == "code":
+            raise CheckpointError(f"{str(run_dir)!r} was trained when sparse codes were raw (format vaekit-run/1: its "
+                                  "decoder read z, it now reads sigmoid(z)), so its weights no longer fit: retrain it")
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):

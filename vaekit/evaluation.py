@@ -97,7 +97,7 @@ def map_batches(model: VAEModel, fn: Callable[[torch.Tensor], torch.Tensor], x: 
     """``fn`` applied to ``x [N, *S]`` in batches of ``batch_size`` on the model's device, in eval mode
     and without gradients; the results are concatenated on the CPU (``[N, ...]``).
 
-    ``map_batches(model, model.embed, x)`` are the codes ``[N, d]``; the model's training mode is
+    ``map_batches(model, model.embed, x)`` are the features ``[N, d]``; the model's training mode is
     restored afterwards.  Raises ConfigError for ``batch_size < 1``.
     """
     if batch_size < 1:

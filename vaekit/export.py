@@ -2,13 +2,17 @@
 
 The archive is one scripted module with the methods
 
-* ``encode(x [B, *S]) -> (mu [B, d], logvar [B, d])`` — ``mu`` is the code the decoder reads,
-  ``VAEModel.embed(x)`` (the posterior mean after the latent transforms, e.g. a k-sparse AE's top-k),
-  ``logvar`` the posterior's log σ² as is; for a deterministic autoencoder ``mu`` is the code and
-  ``logvar`` is empty (``[B, 0]``), so the signature is the same for every model;
-* ``decode(code [B, d]) -> x_mean [B, *S]`` — the likelihood's mean (e.g. sigmoid of the logits) for a
-  code as ``encode`` returns it (no latent transform is applied);
-* ``reconstruct(x) -> x_mean`` — decode of the code;
+* ``encode(x [B, *S]) -> (mu [B, d], logvar [B, d])`` — ``mu`` is the features,
+  ``VAEModel.embed(x)``: the posterior mean after the regularizers' feature transforms (a sparse
+  AE's sigmoid, a k-sparse AE's top-k — top-⌊αk + ½⌋ with alpha > 1), ``logvar`` the posterior's
+  log σ² as is; so for a VAE with a transform ``encode`` returns ``(transform(μ), log σ²)``.  For a
+  deterministic autoencoder ``mu`` is the code and ``logvar`` is empty (``[B, 0]``), so the
+  signature is the same for every model;
+* ``decode(code [B, d]) -> x_mean [B, *S]`` — the likelihood's mean (e.g. sigmoid of the logits) for
+  a code as the decoder reads it — as ``encode`` returns it, unless the features differ from the
+  codes (a k-sparse AE with alpha > 1: decode ``VAEModel.code``) — no latent transform is applied;
+* ``reconstruct(x) -> x_mean`` — decode of the code the decoder reads, ``VAEModel.reconstruct``
+  (``transform_latent`` of μ: a k-sparse AE's k units even where ``encode`` returns αk);
 * ``sample(n, seed) -> x_mean [n, *S]`` — ``decode(transform(z))``, z ~ N(0, I) from a
   ``torch.Generator`` seeded with ``seed``, so Python and C++ draw the same samples;
 
@@ -17,11 +21,13 @@ plus attributes ``vaekit_format``, ``input_shape``, ``latent_dim``, ``determinis
 recorded (the fused op is replaced by its formula), so libtorch alone runs it.
 
 The AOTInductor package (``.pt2``, :func:`export_aoti`) holds two compiled models, ``encode``
-(latent transforms included) and ``decode`` (dynamic batch size), compiled for a portable CPU target (x86-64-v3, i.e. AVX2,
+(feature transforms included) and ``decode`` (dynamic batch size), compiled for a portable CPU target (x86-64-v3, i.e. AVX2,
 rather than ``-march=native``), with the same attributes as package metadata; ``reconstruct``
 and ``sample`` are composed from them by the loaders (:class:`AOTIModel` here, ``vaekit::Model``
 in C++), with the same seeded generator as the TorchScript archive; the loaders cannot apply a
-latent transform to the draws, so sampling from a model with one is refused (:func:`sample_error`).
+latent transform to the draws, so sampling from a model with one is refused (:func:`sample_error`),
+and since they reconstruct as ``decode(encode(x))`` a model whose features differ from its codes (a
+k-sparse AE with alpha > 1) is refused too (:func:`features_differ`; export it as TorchScript).
 Loading a package runs the native code inside it, so :func:`load_exported` loads a ``.pt2`` only
 with ``trust=True``; the TorchScript archive is the safe default.
 """
@@ -42,39 +48,68 @@ AOTI_FORMAT = "vaekit-aoti/1"
 
 
 def _transforming(model) -> list:
-    """The model's regularizers that override ``transform_latent`` (the rest leave codes alone)."""
+    """The model's regularizers that override ``transform_latent`` or ``transform_features`` (the rest
+    leave codes and features alone)."""
     from .interfaces import Regularizer
 
-    return [reg for reg in model.regularizers if type(reg).transform_latent is not Regularizer.transform_latent]
+    return [reg for reg in model.regularizers if type(reg).transform_latent is not Regularizer.transform_latent
+            or type(reg).transform_features is not Regularizer.transform_features]
+
+
+@torch.no_grad()
+def features_differ(model) -> list:
+    """The regularizers whose features (``transform_features``, what ``encode`` returns) differ from the
+    codes their decoder reads (``transform_latent``) — a k-sparse AE with alpha > 1 — on a probe of
+    random latent values; empty when ``embed`` and ``code`` agree."""
+    from .interfaces import Regularizer
+
+    z = torch.randn(64, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    z = z.to(model.prior._device_anchor.device)
+    if torch.equal(model.transform_features(z), model.transform_latent(z)):
+        return []
+    return [reg for reg in model.regularizers if type(reg).transform_features is not Regularizer.transform_features]
 
 
 class _Transform(nn.Module):
-    """z -> code: the latent transforms in order; mirrors ``VAEModel.transform_latent``."""
+    """z -> the code (``features=False``: ``VAEModel.transform_latent``) or the features
+    (``features=True``: ``VAEModel.transform_features``): the regularizers' transforms in order."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, features: bool = False) -> None:
         super().__init__()
         self.transforms = nn.ModuleList(_transforming(model))
+        self.features = features
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         for reg in self.transforms:
-            z = reg.transform_latent(z)
+            z = reg.transform_features(z) if self.features else reg.transform_latent(z)
         return z
 
 
-class _Encode(nn.Module):
-    """x -> the code (deterministic AE) or ``[transform(μ), log σ²]`` (encoder, head, latent transforms):
-    the part that is scripted, traced or compiled; its code part is ``VAEModel.embed``."""
+class _Params(nn.Module):
+    """x -> the posterior parameters ``[B, P]`` (encoder, head): ``VAEModel.encode``."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.encoder = model.encoder
         self.head = model.head
-        self.transform = _Transform(model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+class _Encode(nn.Module):
+    """x -> the features (deterministic AE) or ``[features(μ), log σ²]`` (encoder, head, feature
+    transforms): an AOTInductor package's ``encode`` part; its first part is ``VAEModel.embed``."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.params = _Params(model)
+        self.transform = _Transform(model, features=True)
         self.deterministic = not model.prior.stochastic
         self.latent_dim = model.latent_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = self.head(self.encoder(x))
+        params = self.params(x)
         if self.deterministic:
             return self.transform(params)
         code = self.transform(params[:, : self.latent_dim])
@@ -96,12 +131,13 @@ class _Decode(nn.Module):
 class ExportedModel(nn.Module):
     """The exported module; see the module docstring for its methods."""
 
-    def __init__(self, encode: nn.Module, decode: nn.Module, transform: nn.Module, input_shape: List[int],
-                 latent_dim: int, deterministic: bool, sample_error: str) -> None:
+    def __init__(self, encode: nn.Module, decode: nn.Module, transform: nn.Module, features: nn.Module,
+                 input_shape: List[int], latent_dim: int, deterministic: bool, sample_error: str) -> None:
         super().__init__()
         self.encode_net = encode
         self.decode_net = decode
         self.transform_net = transform
+        self.features_net = features
         self.vaekit_format = FORMAT
         self.input_shape = input_shape
         self.latent_dim = latent_dim
@@ -109,8 +145,7 @@ class ExportedModel(nn.Module):
         self.can_sample = sample_error == ""
         self.sample_error = sample_error
 
-    @torch.jit.export
-    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _mean_logvar(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         params = self.encode_net(x)
         if self.deterministic:
             return params, params.new_empty([params.shape[0], 0])
@@ -118,13 +153,18 @@ class ExportedModel(nn.Module):
         return mu, logvar
 
     @torch.jit.export
+    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self._mean_logvar(x)
+        return self.features_net(mu), logvar
+
+    @torch.jit.export
     def decode(self, code: torch.Tensor) -> torch.Tensor:
         return self.decode_net(code)
 
     @torch.jit.export
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        mu, _ = self.encode(x)
-        return self.decode(mu)
+        mu, _ = self._mean_logvar(x)
+        return self.decode(self.transform_net(mu))
 
     @torch.jit.export
     def sample(self, n: int, seed: int) -> torch.Tensor:
@@ -235,13 +275,15 @@ def export_torchscript(model, out, sampling: bool = True) -> Path:
     shape = list(model.data_shape)
     info = getattr(model, "run_info", {})
     names = info.get("config", {})
-    encode = _script_or_trace(_Encode(model), torch.rand([2] + shape),
+    encode = _script_or_trace(_Params(model), torch.rand([2] + shape),
                               f"encoder {names.get('encoder', {}).get('name', '?')!r}")
     decode = _script_or_trace(_Decode(model), torch.randn(2, model.latent_dim),
                               f"decoder {names.get('decoder', {}).get('name', '?')!r} (with its likelihood)")
-    transform = _script_or_trace(_Transform(model), torch.randn(2, model.latent_dim),
-                                 "latent transform of the regularizers " + ", ".join(repr(r.name) for r in _transforming(model)))
-    wrapper = ExportedModel(encode, decode, transform, shape, model.latent_dim, not model.prior.stochastic, why_not)
+    regs = ", ".join(repr(r.name) for r in _transforming(model))
+    transform, features = (_script_or_trace(_Transform(model, features), torch.randn(2, model.latent_dim),
+                                            f"latent transform of the regularizers {regs}") for features in (False, True))
+    wrapper = ExportedModel(encode, decode, transform, features, shape, model.latent_dim, not model.prior.stochastic,
+                            why_not)
     scripted = torch.jit.script(wrapper)
     out = Path(out)
     extra = {"config.json": json.dumps(info, indent=2)}
@@ -268,8 +310,9 @@ def export_aoti(model, out, sampling: bool = True) -> Path:
 
     Compiles a CPU copy in eval mode: ``model`` itself is not moved or switched out of training.
     Raises ConfigError if a plugin cannot be exported by ``torch.export``, the prior cannot be
-    carried (:func:`sample_error`, ``sampling`` as in :func:`export_torchscript`), or the output
-    name does not end in ``.pt2``.
+    carried (:func:`sample_error`, ``sampling`` as in :func:`export_torchscript`), the model's
+    features differ from its codes (:func:`features_differ`: a k-sparse AE with alpha > 1, which the
+    TorchScript archive carries), or the output name does not end in ``.pt2``.
     """
     import logging
     import platform
@@ -283,6 +326,12 @@ def export_aoti(model, out, sampling: bool = True) -> Path:
     if out.suffix != ".pt2":
         raise ConfigError(f"an AOTInductor package must end in .pt2, got {str(out)!r}")
     model = _cpu_eval_copy(model)
+    differ = features_differ(model)
+    if differ:
+        names = ", ".join(repr(reg.name) for reg in differ)
+        raise ConfigError(f"cannot export to an AOTInductor package: the regularizer {names} gives features (what "
+                          "encode returns, e.g. ksparse with alpha > 1) that differ from the codes its decoder reads, "
+                          "and a package reconstructs as decode(encode(x)); export as TorchScript (--format torchscript)")
     shape = list(model.data_shape)
     info = getattr(model, "run_info", {})
     batch = torch.export.Dim("batch", min=1, max=1 << 20)

@@ -7,12 +7,15 @@ for the latent dimension.  Log-densities are in nats, one value per sample.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributions import Distribution, kl_divergence
+
+from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import VAEModel
@@ -86,8 +89,6 @@ class Prior(Plugin):
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         if int(latent_dim) < 1:
-            from .errors import ConfigError
-
             raise ConfigError(f"latent-dim must be at least 1, got {latent_dim}")
         self.latent_dim = int(latent_dim)
         self.register_buffer("_device_anchor", torch.zeros(()), persistent=False)
@@ -239,8 +240,11 @@ class Regularizer(Plugin):
 
     * :meth:`corrupt` the encoder's input (denoising AEs);
     * :meth:`transform_latent` a latent draw into the code the decoder reads (top-k of a
-      k-sparse AE, the sigmoid of a sparse AE) — part of encoding: ``VAEModel.embed``, the
-      training step and sampling apply it, ``VAEModel.decode`` (which takes codes) does not;
+      k-sparse AE, the sigmoid of a sparse AE) — part of encoding: ``VAEModel.code``, the
+      training step, reconstructions and sampling apply it, ``VAEModel.decode`` (which takes
+      codes) does not;
+    * :meth:`transform_features` the posterior mean into the features ``VAEModel.embed`` returns
+      (by default the code; a k-sparse AE with alpha > 1 keeps more units there);
     * return a :meth:`penalty` read from the step's :class:`StepOutput`; the
       pipeline adds ``weight * penalty`` to the loss and logs it under :attr:`name`;
     * own parameters with an optimizer of their own (:meth:`configure_optimizer`),
@@ -255,10 +259,15 @@ class Regularizer(Plugin):
     histogram of code activations (``codes.png``)."""
 
     def __init__(self, latent_dim: int, data_shape: tuple[int, ...], weight: float = 1.0) -> None:
+        """Raises ConfigError, naming :attr:`name`, for a ``weight`` that is not a finite number ≥ 0
+        (a negative weight would reward the penalty)."""
         super().__init__()
         self.latent_dim = int(latent_dim)
         self.data_shape = tuple(data_shape)
-        self.weight = float(weight)
+        weight = float(weight)
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"{self.name}: weight must be a finite number >= 0, got {weight}")
+        self.weight = weight
 
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's input for clean ``x [B, *S]`` (training only). Default: ``x``."""
@@ -267,12 +276,22 @@ class Regularizer(Plugin):
     def transform_latent(self, z: torch.Tensor) -> torch.Tensor:
         """The code the decoder reads for a latent draw ``z``, ``[B, d] -> [B, d]``. Default: ``z``.
 
-        Applied once, as part of encoding: to the posterior mean (``VAEModel.embed``, an exported
-        ``encode``), to the training step's sample, and to draws from p(z) when sampling; never by
-        ``decode``, so it need not be idempotent.  It may depend on ``self.training`` (a k-sparse AE
-        keeps more units at encoding time).  Must be TorchScript-scriptable (it is exported).
+        Applied once, as part of encoding: to the posterior mean (``VAEModel.code``, reconstructions),
+        to the training step's sample, and to draws from p(z) when sampling and in the
+        importance-sampled NLL; never by ``decode``, so it need not be idempotent.  The decoder reads
+        the same transform in training and evaluation, so it should not depend on ``self.training``.
+        Must be TorchScript-scriptable (it is exported).
         """
         return z
+
+    def transform_features(self, z: torch.Tensor) -> torch.Tensor:
+        """The features for a posterior mean ``z``, ``[B, d] -> [B, d]``: what ``VAEModel.embed``,
+        ``vaekit embed`` and an exported ``encode`` return; never decoded.  Default:
+        ``self.transform_latent(z)`` (features are the codes).  Override it where features for a
+        downstream model differ from the codes the decoder reads (a k-sparse AE keeps αk units here,
+        k in :meth:`transform_latent`; Makhzani & Frey 2013).  Must be TorchScript-scriptable.
+        """
+        return self.transform_latent(z)
 
     def penalty(self, record: StepOutput) -> torch.Tensor | None:
         """A scalar penalty (already averaged over the batch), or None."""

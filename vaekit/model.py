@@ -59,9 +59,16 @@ class VAEModel(nn.Module):
         """Posterior parameters ``[B, P]`` for data ``x [B, *S]``."""
         return self.head(self.encoder(x))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The code the decoder reads for ``x``, ``[B, d]``: :meth:`transform_latent` of the posterior mean."""
+    def code(self, x: torch.Tensor) -> torch.Tensor:
+        """The code the decoder reads for ``x``, ``[B, d]``: :meth:`transform_latent` of the posterior mean
+        (what :meth:`reconstruct` decodes)."""
         return self.transform_latent(self.prior.mean(self.encode(x)))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` for downstream use, ``[B, d]``: :meth:`transform_features` of the posterior
+        mean (``vaekit embed``, an exported ``encode``).  The same as :meth:`code` unless a regularizer's
+        features differ from its codes (a k-sparse AE with alpha > 1 keeps αk units here, k in the code)."""
+        return self.transform_features(self.prior.mean(self.encode(x)))
 
     def transform_latent(self, z: torch.Tensor) -> torch.Tensor:
         """The code for latent draws ``z [B, d]``: each regularizer's
@@ -72,8 +79,16 @@ class VAEModel(nn.Module):
             z = reg.transform_latent(z)
         return z
 
+    def transform_features(self, z: torch.Tensor) -> torch.Tensor:
+        """The features for latent values ``z [B, d]``: each regularizer's
+        :meth:`~vaekit.interfaces.Regularizer.transform_features` in order (by default its
+        ``transform_latent``).  Never decoded."""
+        for reg in self.regularizers:
+            z = reg.transform_features(z)
+        return z
+
     def decode(self, code: torch.Tensor) -> torch.Tensor:
-        """Likelihood parameters for codes ``code [B, d]`` — what :meth:`embed` or
+        """Likelihood parameters for codes ``code [B, d]`` — what :meth:`code` or
         :meth:`transform_latent` returns; no latent transform is applied here."""
         return self.decoder(code)
 
@@ -82,8 +97,8 @@ class VAEModel(nn.Module):
         return self.likelihood.mean(self.decode(code))
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``E[x|z = posterior mean]`` ``[B, *S]``: ``decode_mean(embed(x))``."""
-        return self.decode_mean(self.embed(x))
+        """``E[x|z = posterior mean]`` ``[B, *S]``: ``decode_mean(code(x))``."""
+        return self.decode_mean(self.code(x))
 
     def sampling_distribution(self) -> Distribution | None:
         """p(z) to generate from: the prior's, else the latent target of a regularizer (AAE, WAE), else None."""

@@ -95,9 +95,12 @@ class Layerwise:
       the decoder's layout ``[k·D]`` with no activation (the likelihood applies its link);
     * stage i > 1 reconstructs its input ``h_{i−1}`` (the codes below) with squared error
       ``Σ_j (h_{i−1,j} − ĥ_j)²`` per sample, through the activation that produced ``h_{i−1}``;
-    * the last stage trains the posterior head; its code is what the prior's ``mean`` reads (the
-      code itself for ``--prior none``, μ for a Gaussian VAE, whose log σ² rows keep their
-      initialization), and it has no activation, so the embedding keeps full information (as in DEC).
+    * the last stage trains the posterior head; its code is the one the decoder reads,
+      ``model.transform_latent`` of the prior's ``mean`` (the head's output for ``--prior none``, μ
+      for a Gaussian VAE, whose log σ² rows keep their initialization; then a sparse AE's sigmoid or
+      a k-sparse AE's top-k), so the head and the mirrored decoder's first layer are pretrained on the
+      codes fine-tuning decodes; the head has no activation of its own, so without a transform the
+      embedding keeps full information (as in DEC).
 
     With ``mask > 0`` every stage is a denoising autoencoder: a fraction ``mask`` of its input
     entries is set to 0 (masking noise, Vincent et al. 2010; DEC uses 20 %) and the clean input is
@@ -151,7 +154,7 @@ class Layerwise:
                                       linear.in_features if i else out_flat, below_act, device))
             below_act = after
         head, prior = model.head, model.prior
-        stages.append(self._stage(lambda h: prior.mean(head(h)), list(head.parameters()), model.latent_dim,
+        stages.append(self._stage(lambda h: model.transform_latent(prior.mean(head(h))), list(head.parameters()), model.latent_dim,
                                   model.encoder.out_features if layers else out_flat, below_act, device))
         self.stages = stages
         z = torch.randn(x.shape[0], model.latent_dim, generator=torch.Generator().manual_seed(0)).to(device)

@@ -196,6 +196,7 @@ def check_regularizer(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[i
     assert reg.corrupt(x).shape == x.shape, f"regularizer {info.name!r}: corrupt changed the shape"
     z = torch.randn(BATCH, latent_dim, requires_grad=True)
     assert reg.transform_latent(z).shape == z.shape, f"regularizer {info.name!r}: transform_latent changed the shape"
+    assert reg.transform_features(z).shape == z.shape, f"regularizer {info.name!r}: transform_features changed the shape"
     model = composed_model(regularizers=[reg], latent_dim=latent_dim, data_shape=data_shape)
     record = _train_step(model, info, "regularizer")
     penalty = reg.penalty(record)

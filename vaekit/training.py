@@ -237,7 +237,7 @@ class Trainer:
                     ("prior", resolved.prior), ("likelihood", resolved.likelihood))}
         sources["regularizers"] = [reg["regularizer"].get(r.name).source for r in resolved.regularizers]
         return {
-            "format": "vaekit-run/1",
+            "format": checkpoint.RUN_FORMAT,
             "created": datetime.now().isoformat(timespec="seconds"),
             "config": resolved.to_dict(),
             "data": {"name": self.data.name, "shape": list(self.data.shape), "n_train": len(self.data.train_x),

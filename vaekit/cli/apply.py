@@ -91,8 +91,9 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 500,
     device: Device = "auto",
 ) -> None:
-    """Write the codes model.embed(x) of a split, [N, d] float32: the posterior means for a VAE, the code
-    the decoder reads for an autoencoder (after k-sparse and other latent transforms)."""
+    """Write the codes model.embed(x) of a split, [N, d] float32: the posterior means (the code of an
+    autoencoder) after the latent transforms (sparse AE sigmoid, k-sparse top-k; a k-sparse AE with alpha > 1
+    keeps alpha*k units here, k in the code its decoder reads)."""
     from ..apply import embed as embed_run
 
     _check_options(out, (".npy", ".npz"), batch_size, split)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Literal
 
 import torch
@@ -14,8 +15,9 @@ from .encoders import MLPEncoder
 
 EXACT_MAX_UNITS = 16
 """``contractive:estimator=auto`` computes the exact Jacobian for at most this many units, else Hutchinson's estimate
-(the exact one costs a reverse pass per unit — about 30 ms a step for 16 units of a 784-256-16 MLP on
-one CPU core, three times Hutchinson's single forward-mode pass)."""
+(the exact one costs a reverse pass per unit).  Measured on one CPU core, a training step (batch 64) of a
+784-256-16 MLP autoencoder takes about 3× as long with the exact Jacobian of its 16 code units as with
+Hutchinson's one-draw estimate (32 vs 10 ms; 6 ms without the penalty); at 8 units about 1.7-2×."""
 
 
 class KSparse(Regularizer):
@@ -23,61 +25,90 @@ class KSparse(Regularizer):
 
     ``transform_latent`` sets every unit of ``z [B, d]`` outside the k largest of its sample to 0,
     ``z ↦ z ⊙ 1[j ∈ supp_k(z)]``, so the decoder reads at most k non-zeros and gradients flow through
-    the kept units only.  In training k units are kept; at encoding time (eval mode: ``embed``,
-    reconstructions, exported ``encode``) ``round(alpha·k)`` of them (at most d), the paper's α ≥ 1.
-    With a linear encoder (``--encoder mlp:hidden=`` leaves only the linear head) this is the paper's
-    linear-activation k-sparse AE, whose filters (decoder columns) are more local than a plain
-    linear AE's.  No penalty.
+    the kept units only.  The decoder always reads k-sparse codes — in training and on every decode
+    path (evaluation, reconstructions, samples, the NLL, figures) — since it was trained on them.
+    The features, ``transform_features`` (``VAEModel.embed``, ``vaekit embed``, an exported
+    ``encode``), keep ``⌊alpha·k + ½⌋`` units (at most d): the paper's α ≥ 1, used only for the
+    features handed to a classifier (their Algorithm 1, encoding).  With a linear encoder (``--encoder mlp:hidden=`` leaves
+    only the linear head) this is the paper's linear-activation k-sparse AE, whose filters (decoder
+    columns) are more local than a plain linear AE's.  No penalty.
 
-    :param k: units kept per sample in training, 1 ≤ k ≤ latent-dim.
-    :param alpha: encoding keeps round(alpha·k) units (at most latent-dim); alpha ≥ 1.
+    :param k: units kept per sample in the codes the decoder reads, 1 ≤ k ≤ latent-dim (default min(25, latent-dim), the paper's MNIST k = 25; at latent-dim ≤ 25 that keeps every unit, so set k for sparse codes).
+    :param alpha: the features keep ⌊alpha·k + ½⌋ units (at most latent-dim); alpha ≥ 1.
     """
 
     name = "ksparse"
     sparse_codes = True
 
-    def __init__(self, latent_dim, data_shape, *, k: int = 25, alpha: float = 1.0):
+    def __init__(self, latent_dim, data_shape, *, k: int | None = None, alpha: float = 1.0):
         super().__init__(latent_dim, data_shape)
+        if not (math.isfinite(alpha) and alpha >= 1.0):
+            raise ConfigError(f"ksparse: alpha must be a finite number of at least 1, got {alpha}")
+        k = min(25, self.latent_dim) if k is None else k
         if not 1 <= k <= self.latent_dim:
             raise ConfigError(f"ksparse: k must be between 1 and the latent dimension {self.latent_dim}, got {k}")
-        if not alpha >= 1.0:
-            raise ConfigError(f"ksparse: alpha must be at least 1, got {alpha}")
         self.k = int(k)
         self.alpha = float(alpha)
-        self.k_encode = min(self.latent_dim, int(round(self.alpha * self.k)))
+        self.k_features = min(self.latent_dim, math.floor(self.alpha * self.k + 0.5))
 
     def transform_latent(self, z: torch.Tensor) -> torch.Tensor:
-        k = self.k if self.training else self.k_encode
-        if k >= z.shape[-1]:
-            return z
-        top = torch.topk(z, k, dim=-1)
-        return torch.zeros_like(z).scatter(-1, top.indices, top.values)
+        return top_k(z, self.k)
+
+    def transform_features(self, z: torch.Tensor) -> torch.Tensor:
+        return top_k(z, self.k_features)
+
+
+def top_k(z: torch.Tensor, k: int) -> torch.Tensor:
+    """``z [B, d]`` with every entry outside the ``k`` largest of its row set to 0 (``z`` itself if k ≥ d)."""
+    if k >= z.shape[-1]:
+        return z
+    top = torch.topk(z, k, dim=-1)
+    return torch.zeros_like(z).scatter(-1, top.indices, top.values)
+
+
+_NOISE_OPTIONS = {"gaussian": ("std",), "masking": ("p",), "salt_pepper": ("p", "low", "high")}
 
 
 class Denoising(Regularizer):
     """Denoising autoencoder (Vincent et al. 2008): corrupt the encoder's input in training, reconstruct the clean x.
 
     ``corrupt`` draws x̃ from q(x̃|x): ``gaussian``: x̃ = x + std·ε, ε ~ N(0, I); ``masking``: each
-    entry set to 0 with probability p; ``salt_pepper``: each entry, with probability p, set to 0 or
-    1 by a fair coin (the minimum and maximum of data in [0, 1]; Vincent et al. 2010, §4.1).  The
-    likelihood still scores the clean x.  The noise comes from torch's global RNG, which the run
+    entry set to 0 with probability p; ``salt_pepper``: each entry, with probability p, set to
+    ``low`` or ``high`` by a fair coin — the minimum and maximum of the data (Vincent et al. 2010,
+    §4.1); the defaults 0 and 1 are the range of image data in [0, 1] (the bundled digits), set them
+    for other data.  Each noise takes only its own options (an option another noise uses is refused).
+    The likelihood still scores the clean x.  The noise comes from torch's global RNG, which the run
     seeds and its checkpoints save.  Evaluation and encoding see the clean input.  No penalty.
 
     :param noise: ``gaussian``, ``masking`` or ``salt_pepper``.
-    :param std: standard deviation of the Gaussian noise (``gaussian`` only), > 0.
-    :param p: fraction of entries corrupted (``masking`` and ``salt_pepper`` only), in (0, 1).
+    :param std: standard deviation of the Gaussian noise (``gaussian`` only; default 0.3), finite and > 0.
+    :param p: fraction of entries corrupted (``masking`` and ``salt_pepper`` only; default 0.25), in (0, 1).
+    :param low: the value of "pepper" entries, the data's minimum (``salt_pepper`` only; default 0).
+    :param high: the value of "salt" entries, the data's maximum (``salt_pepper`` only; default 1), > low.
     """
 
     name = "denoising"
 
     def __init__(self, latent_dim, data_shape, *, noise: Literal["gaussian", "masking", "salt_pepper"] = "gaussian",
-                 std: float = 0.3, p: float = 0.25):
+                 std: float | None = None, p: float | None = None, low: float | None = None,
+                 high: float | None = None):
         super().__init__(latent_dim, data_shape)
-        if not std > 0:
-            raise ConfigError(f"denoising: std must be positive, got {std}")
+        if noise not in _NOISE_OPTIONS:
+            raise ConfigError(f"denoising: noise must be one of {', '.join(_NOISE_OPTIONS)}, got {noise!r}")
+        given = {"std": std, "p": p, "low": low, "high": high}
+        unused = [name for name, value in given.items() if value is not None and name not in _NOISE_OPTIONS[noise]]
+        if unused:
+            raise ConfigError(f"denoising: noise={noise} does not use {', '.join(unused)} (it takes "
+                              f"{', '.join(_NOISE_OPTIONS[noise])})")
+        std, p = 0.3 if std is None else float(std), 0.25 if p is None else float(p)
+        low, high = 0.0 if low is None else float(low), 1.0 if high is None else float(high)
+        if not (math.isfinite(std) and std > 0):
+            raise ConfigError(f"denoising: std must be a finite number > 0, got {std}")
         if not 0.0 < p < 1.0:
             raise ConfigError(f"denoising: p must be in (0, 1), got {p}")
-        self.noise, self.std, self.p = noise, float(std), float(p)
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ConfigError(f"denoising: low and high must be finite with low < high, got {low} and {high}")
+        self.noise, self.std, self.p, self.low, self.high = noise, std, p, low, high
 
     def corrupt(self, x: torch.Tensor) -> torch.Tensor:
         if self.noise == "gaussian":
@@ -85,7 +116,8 @@ class Denoising(Regularizer):
         hit = torch.rand_like(x) < self.p
         if self.noise == "masking":
             return x.masked_fill(hit, 0.0)
-        return torch.where(hit, (torch.rand_like(x) < 0.5).to(x.dtype), x)
+        salt = torch.rand_like(x) < 0.5
+        return torch.where(hit, torch.where(salt, self.high, self.low).to(x.dtype), x)
 
 
 def jacobian_sq_norm(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -98,6 +130,8 @@ def jacobian_sq_norm(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     forward-mode pass (``torch.func.jvp``), v from torch's global RNG.  Both are differentiable
     w.r.t. the parameters ``f`` closes over (double backward), so they can be penalised.
     """
+    if estimator not in ("exact", "hutchinson"):
+        raise ValueError(f"estimator must be 'exact' or 'hutchinson', got {estimator!r}")
     if estimator == "exact":
         jac = torch.func.vmap(torch.func.jacrev(lambda xb: f(xb.unsqueeze(0)).squeeze(0)))(x)
         return jac.square().flatten(1).sum(1)
@@ -121,14 +155,25 @@ class Contractive(Regularizer):
     """Contractive autoencoder (Rifai et al. 2011): penalty ‖J_f(x)‖²_F, mean over the batch.
 
     J_f(x) = ∂f(x)/∂x is the Jacobian of the code w.r.t. the encoder's input: ``target=code``:
-    f = the code the decoder reads, ``VAEModel.embed`` (posterior mean, latent transforms
-    applied); ``target=features``: f = the encoder's features h.  Estimators: ``closed_form``
-    for a one-layer sigmoid encoder h = sigmoid(Wx + b) (``--encoder mlp:hidden=H,activation=sigmoid``,
-    ``target=features``): ‖J‖²_F = Σ_j (h_j(1 − h_j))² ‖W_j‖²; ``exact``: the
-    per-sample Jacobian (``torch.func``); ``hutchinson``: the unbiased estimate mean_v ‖J v‖² over
-    ``samples`` draws v ~ N(0, I) (forward mode, ``torch.func.jvp``); ``auto``: closed form where it
-    applies, else exact for at most 16 units, else Hutchinson.  The encoder must act on each
-    sample alone (no batch norm in training mode).  Loss: J + weight·‖J_f‖²_F.
+    f = the code the decoder reads, ``VAEModel.code`` (posterior mean, latent transforms
+    applied); ``target=features``: f = the encoder's features h, *not* the code z = head(h) that
+    ``embed`` returns and the decoder reads (the linear head after h is not penalised).  Estimators:
+    ``closed_form`` for a one-layer sigmoid encoder h = sigmoid(Wx + b)
+    (``--encoder mlp:hidden=H,activation=sigmoid``, ``target=features``, so it too penalises h):
+    ‖J‖²_F = Σ_j (h_j(1 − h_j))² ‖W_j‖²; ``exact``: the per-sample Jacobian
+    (``torch.func``); ``hutchinson``: the unbiased estimate mean_v ‖J v‖² over ``samples`` draws
+    v ~ N(0, I) (forward mode, ``torch.func.jvp``); ``auto``: closed form where it applies, else
+    exact for at most 16 units, else Hutchinson.  The encoder must act on each sample alone (no
+    batch norm in training mode).  Loss: J + weight·‖J_f‖²_F.
+
+    What the penalty achieves here: Rifai et al. tie the decoder to the encoder (W′ = Wᵀ); vaekit's
+    decoder is untied, so it can undo a uniformly smaller code, and most of the drop in ‖J_f‖_F
+    is the code shrinking.  On the bundled MNIST digits (784-256-8 MLP, 20 epochs) the default
+    weight lowers the code's mean ‖J‖_F 3.5× (7.9 → 2.3) while the code's spread (norm of the
+    per-unit standard deviations) drops 2.7× (10.1 → 3.7); the Jacobian of the code standardized
+    per unit — a scale-free measure of contraction — is 1.3× lower than the plain AE's (2.2 → 1.75,
+    three seeds), and stays so for weights 0.3 to 10, which mostly move the scale.  Compare the
+    codes of different models after standardizing them.
 
     :param weight: λ, the penalty's weight.
     :param target: ``code`` (what the decoder reads) or ``features`` (the encoder's output h).
@@ -142,6 +187,10 @@ class Contractive(Regularizer):
                  target: Literal["code", "features"] = "code",
                  estimator: Literal["auto", "closed_form", "exact", "hutchinson"] = "auto", samples: int = 1):
         super().__init__(latent_dim, data_shape, weight)
+        if target not in ("code", "features"):
+            raise ConfigError(f"contractive: target must be code or features, got {target!r}")
+        if estimator not in ("auto", "closed_form", "exact", "hutchinson"):
+            raise ConfigError(f"contractive: estimator must be auto, closed_form, exact or hutchinson, got {estimator!r}")
         if samples < 1:
             raise ConfigError(f"contractive: samples must be at least 1, got {samples}")
         self.target, self.estimator, self.samples = target, estimator, int(samples)
@@ -150,6 +199,10 @@ class Contractive(Regularizer):
     def bind(self, model) -> None:
         super().bind(model)
         object.__setattr__(self, "_model", model)
+        if self.target == "features" and not any(p.requires_grad for p in model.encoder.parameters()):
+            raise ConfigError(f"contractive:target=features needs an encoder with trainable parameters: the features of "
+                              f"this one ({type(model.encoder).__name__}) have a Jacobian that training cannot change "
+                              "(a constant penalty); use target=code")
         layer = _one_sigmoid_layer(model.encoder) if self.target == "features" else None
         object.__setattr__(self, "_layer", layer)
         if self.estimator == "closed_form" and layer is None:
@@ -162,7 +215,7 @@ class Contractive(Regularizer):
     def code(self, x: torch.Tensor) -> torch.Tensor:
         """f(x): the code (``target=code``) or the encoder's features, ``[B, units]``."""
         model = self._model
-        return model.encoder(x) if self.target == "features" else model.embed(x)
+        return model.encoder(x) if self.target == "features" else model.code(x)
 
     def penalty(self, record: StepOutput) -> torch.Tensor:
         if self.method == "closed_form":

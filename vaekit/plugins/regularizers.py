@@ -25,8 +25,12 @@ class Sparsity(Regularizer):
     and the decoder reads them — and ρ̂_j is the mean of code unit j.  ``target=features``: the
     encoder's features h are the activations, and they must lie in [0, 1] (a sigmoid encoder,
     ``--encoder mlp:activation=sigmoid``); the code is left as it is.  Works with over-complete codes
-    (latent-dim > input dim).  Loss: J + weight·Ω.  The default weight 3 is Ng's β; on the bundled
-    MNIST digits (200 code units, ρ = 0.05) it gives codes of mean ≈ ρ with most entries below 0.05.
+    (latent-dim > input dim).  With ``target=code`` it must come before any other regularizer that
+    transforms the code (``--regularizer sparsity --regularizer ksparse:k=10``: sigmoid, then top-k;
+    the other order is refused, since the sigmoid would turn the zeros into 0.5).  Loss: J + weight·Ω.
+    The default weight 3 is Ng's β; on the bundled MNIST digits (200 code units, ρ = 0.05) it gives
+    codes of mean ≈ ρ with most entries below 0.05.  Runs of format ``vaekit-run/1`` with
+    ``target=code`` decoded the raw z and are refused when loaded: retrain them.
 
     :param rho: target mean activation ρ, in (0, 1).
     :param weight: β, the penalty's weight.
@@ -49,6 +53,17 @@ class Sparsity(Regularizer):
         super().bind(model)
         if self.target == "features":
             _check_unit_interval(model)
+            return
+        before = []
+        for reg in model.regularizers:
+            if reg is self:
+                break
+            if type(reg).transform_latent is not Regularizer.transform_latent:
+                before.append(reg.name)
+        if before:
+            raise ConfigError(f"sparsity:target=code applies a sigmoid to the code, but it comes after "
+                              f"{', '.join(repr(n) for n in before)}, which transforms the code first (a sigmoid "
+                              "turns top-k zeros into 0.5); list sparsity first (--regularizer sparsity before it)")
 
     def transform_latent(self, z: torch.Tensor) -> torch.Tensor:
         if self.target == "code":

@@ -52,14 +52,16 @@ class Model {
   bool deterministic() const { return deterministic_; }
   bool can_sample() const { return can_sample_; }
 
-  // x [B, *input_shape] -> (mu [B, d], logvar [B, d]).
+  // x [B, *input_shape] -> (mu [B, d], logvar [B, d]); with a latent transform (sparse, k-sparse codes)
+  // mu is transform(posterior mean), the features Python's embed gives.
   std::pair<torch::Tensor, torch::Tensor> encode(const torch::Tensor& x);
-  // z [B, d] -> the likelihood's mean [B, *input_shape].
+  // codes [B, d] (as encode returns them; no transform is applied) -> the likelihood's mean [B, *input_shape].
   torch::Tensor decode(const torch::Tensor& z);
-  // x -> decode(mu).
+  // x -> decode of the code the decoder reads: decode(mu), except for a k-sparse AE with alpha > 1
+  // (TorchScript only), whose encode gives alpha*k units and whose reconstruct decodes the k-unit code.
   torch::Tensor reconstruct(const torch::Tensor& x);
-  // n samples decoded from z ~ N(0, I) drawn with a generator seeded with `seed`; n >= 1, and the
-  // output must fit in this machine's memory.
+  // n samples decoded from transform(z), z ~ N(0, I) drawn with a generator seeded with `seed`; n >= 1,
+  // and the output must fit in this machine's memory.
   torch::Tensor sample(int64_t n, int64_t seed);
 
  private:
