@@ -350,19 +350,3 @@ def test_exported_ksparse_codes_are_the_models(ksparse_runs, tmp_path):
     assert "exported without sampling" in sample_error(vae, sampling=False, aoti=True)
     assert sample_error(vae) == ""  # TorchScript samples with the transform
 
-
-@pytest.mark.slow
-def test_aoti_package_carries_the_ksparse_transform_in_encode(ksparse_runs, tmp_path):
-    """With alpha = 1 (features = codes) the package's encode is the k-sparse code; alpha > 1 is refused
-    (tests/test_export.py), since a package reconstructs as decode(encode(x))."""
-    from vaekit.export import export_aoti, load_exported
-
-    x = load_mnist5k(10, 2).test_x
-    run = vaekit.train(data=TINY, encoder="mlp:hidden=64", latent_dim=32, epochs=1, quiet=True, figures=False,
-                       prior="none", regularizers=["ksparse:k=10"], out=str(tmp_path / "run"))
-    model = vaekit.load_run(run.run_dir).eval()
-    package = load_exported(export_aoti(model, tmp_path / "ksparse.pt2"), trust=True)
-    code, _ = package.encode(x)
-    with torch.no_grad():
-        assert (code - model.embed(x)).abs().max() <= 1e-5 and int((code != 0).sum(1).max()) <= 10
-        assert (package.reconstruct(x) - model.reconstruct(x)).abs().max() <= 1e-5

@@ -338,29 +338,36 @@ def test_aoti_needs_a_pt2_name(trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_aoti_exports_in_sequence_never_share_compiled_code(tmp_path, monkeypatch, small_mnist):
-    """Three exports through one shared Inductor cache: a latent-16 model, a latent-2 model (other shapes),
-    then a latent-2 model of the same architecture with other weights; each package must be its own model."""
+    """Three exports through one shared Inductor cache: a latent-16 k-sparse model, a latent-2 model (other
+    shapes), then a latent-2 model of the same architecture with other weights; each package must be its own
+    model.  The k-sparse one also shows a package's encode carries the latent transform (its codes have at
+    most k non-zeros and equal model.embed; reconstruct decodes them), exported without sampling (a package
+    cannot apply the transform to prior draws)."""
     from vaekit.export import export_aoti
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "shared-inductor-cache"))
     runs = {name: vaekit.train(data="mnist:train_per_class=10,test_per_class=2", encoder="mlp:hidden=32",
                                latent_dim=latent, seed=seed, epochs=1, out=str(tmp_path / name), quiet=True,
-                               figures=False).run_dir
-            for name, latent, seed in (("z16", 16, 0), ("z2", 2, 0), ("z2-seed1", 2, 1))}
-    packages = {name: export_aoti(vaekit.load_run(run), tmp_path / f"{name}.pt2") for name, run in runs.items()}
+                               figures=False, regularizers=regs).run_dir
+            for name, latent, seed, regs in (("z16", 16, 0, ["ksparse:k=5"]), ("z2", 2, 0, []), ("z2-seed1", 2, 1, []))}
+    packages = {name: export_aoti(vaekit.load_run(run), tmp_path / f"{name}.pt2", sampling=name != "z16")
+                for name, run in runs.items()}
     x = small_mnist.test_x[:8]
     for name, run in runs.items():
         model, package = vaekit.load_run(run), load_exported(packages[name], trust=True)
         with torch.no_grad():
-            params = model.encode(x)
+            params, code, recon = model.encode(x), model.embed(x), model.reconstruct(x)
             z = torch.randn(5, model.latent_dim, generator=torch.Generator().manual_seed(0))
             expected_decode = model.decode_mean(z)
         mu, logvar = package.encode(x)
         assert package.latent_dim == model.latent_dim, name
         assert mu.shape == logvar.shape == (8, model.latent_dim), (name, mu.shape)
         d = model.latent_dim
-        assert (mu - params[:, :d]).abs().max() <= 1e-5 and (logvar - params[:, d:]).abs().max() <= 1e-5, name
+        assert (mu - code).abs().max() <= 1e-5 and (logvar - params[:, d:]).abs().max() <= 1e-5, name
         assert (package.decode(z) - expected_decode).abs().max() <= 1e-5, name
+        assert (package.reconstruct(x) - recon).abs().max() <= 1e-5, name
+    k_sparse = load_exported(packages["z16"], trust=True).encode(x)[0]
+    assert int((k_sparse != 0).sum(1).max()) <= 5 and not torch.equal(k_sparse, vaekit.load_run(runs["z16"]).encode(x)[:, :16])
     # the two latent-2 models really differ, so the last check is not vacuous
     assert (load_exported(packages["z2"], trust=True).encode(x)[0]
             - load_exported(packages["z2-seed1"], trust=True).encode(x)[0]).abs().max() > 1e-2
