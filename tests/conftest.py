@@ -32,6 +32,22 @@ def trained_run(tmp_path_factory):
     return result.run_dir
 
 
+@pytest.fixture(scope="session")
+def readme_build(trained_run, tmp_path_factory):
+    """cpp_runtime/README.md's Build commands as written (run dir filled in), in a fresh directory holding
+    cpp_runtime/: export model.pt, configure, build, ctest.  Built once per pytest run: tests/test_cpp_runtime.py
+    runs the README's commands in it, tests/test_export.py uses its runner."""
+    from cpp_helpers import ROOT, bash, need_toolchain, readme_blocks
+
+    need_toolchain()
+    work = tmp_path_factory.mktemp("readme")
+    (work / "cpp_runtime").symlink_to(ROOT / "cpp_runtime")
+    script = readme_blocks("bash")["Build"][0]
+    assert "runs/<run>" in script
+    bash(script.replace("runs/<run>", str(trained_run)), work)
+    return work
+
+
 def install_plugin_distribution(tmp_path, name: str, version: str, module: str, source: str):
     """Build and install a throwaway distribution ``name==version`` holding one module ``module``
     (``source``) with a ``vaekit`` entry point, as a third party's would be, into a new folder

@@ -6,7 +6,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,38 +14,9 @@ import pytest
 import torch
 
 import vaekit
-from test_export import _need_toolchain
+from cpp_helpers import BUILD_TIMEOUT, ROOT, TORCH_CMAKE, TORCH_LIB
+from cpp_helpers import bash as _bash, tool_env as _env, need_toolchain as _need_toolchain, readme_blocks as _readme_blocks
 from vaekit.export import export_torchscript, load_exported
-
-ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "cpp_runtime" / "README.md"
-TORCH_CMAKE = torch.utils.cmake_prefix_path
-TORCH_LIB = Path(TORCH_CMAKE).parent.parent / "lib"  # what TorchConfig.cmake links: <torch>/lib
-BUILD_TIMEOUT = 1200
-
-
-def _readme_blocks(lang: str) -> dict[str, list[str]]:
-    """The README's code blocks in language `lang`, by section heading."""
-    blocks = {}
-    for section in re.split(r"^## ", README.read_text(), flags=re.M)[1:]:
-        heading = section.splitlines()[0].strip()
-        blocks[heading] = re.findall(rf"```{lang}\n(.*?)```", section, flags=re.S)
-    return blocks
-
-
-def _env(**extra) -> dict:
-    """This environment, with this Python's bin/ (python, vaekit) first on PATH, as the README assumes."""
-    env = dict(os.environ, **extra)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def _bash(script: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    res = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env or _env(),
-                         capture_output=True, text=True, timeout=BUILD_TIMEOUT)
-    assert res.returncode == 0, f"{script}\n--- stdout\n{res.stdout[-4000:]}\n--- stderr\n{res.stderr[-4000:]}"
-    return res
-
 
 def _run(*cmd, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=BUILD_TIMEOUT, **kwargs)
@@ -77,19 +47,6 @@ def _rpath(binary: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def model_pt(trained_run, tmp_path_factory):
     return export_torchscript(vaekit.load_run(trained_run), tmp_path_factory.mktemp("export") / "model.pt")
-
-
-@pytest.fixture(scope="module")
-def readme_build(trained_run, tmp_path_factory):
-    """The README's Build commands as written (run dir filled in), in a fresh directory holding cpp_runtime/:
-    export model.pt, configure, build, ctest."""
-    _need_toolchain()
-    work = tmp_path_factory.mktemp("readme")
-    (work / "cpp_runtime").symlink_to(ROOT / "cpp_runtime")
-    script = _readme_blocks("bash")["Build"][0]
-    assert "runs/<run>" in script
-    _bash(script.replace("runs/<run>", str(trained_run)), work)
-    return work
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Export to TorchScript and the C++ runtime: parity with Python on real digits, one-line errors."""
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -161,26 +160,11 @@ def test_exported_encode_gives_features_and_reconstruct_decodes_codes(ksparse_va
 
 # --- the C++ runtime ------------------------------------------------------------------------------
 
-def _need_toolchain():
-    missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
-    if missing:
-        if os.environ.get("VAEKIT_REQUIRE_CPP", "") not in ("", "0"):
-            pytest.fail(f"VAEKIT_REQUIRE_CPP is set but {', '.join(missing)} is missing")
-        pytest.skip(f"{', '.join(missing)} not installed")
-
-
 @pytest.fixture(scope="session")
-def cpp_build(tmp_path_factory):
-    """cpp_runtime built once per pytest run, in a temporary build directory."""
-    _need_toolchain()
-    build = tmp_path_factory.mktemp("cpp_build")
-    prefix = torch.utils.cmake_prefix_path
-    for cmd in (["cmake", "-S", str(ROOT / "cpp_runtime"), "-B", str(build), f"-DCMAKE_PREFIX_PATH={prefix}",
-                 "-DCMAKE_BUILD_TYPE=Release"],
-                ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2)]):
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return build
+def cpp_build(readme_build):
+    """The runner built by cpp_runtime/README.md's Build commands (one build per pytest run, shared with
+    tests/test_cpp_runtime.py)."""
+    return readme_build / "build"
 
 
 def _runner(build, *args):
