@@ -65,8 +65,10 @@ def test_eval_json_and_table(cli_run):
     figures = json.loads(res.stdout)
     assert figures["n"] == 100 and figures["nll_samples"] == 50
     assert figures["nll"] <= -figures["elbo"] + 0.5  # the importance-sampled bound is tighter
+    assert 0 < figures["nll_mc_se"] < figures["nll_se"] < 10  # nats; the literature's table gives NLL ± se
     table = invoke("eval", out, "-k", "5")
     assert table.exit_code == 0 and "NLL (importance-sampled)" in table.stdout
+    assert "standard error over test points" in table.stdout and "Monte-Carlo standard error" in table.stdout
 
 
 def test_sample_writes_a_png(cli_run, tmp_path):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -43,21 +43,41 @@ def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = ELBO_BATCH_SI
     return {"log_px": lp, "kl": k, "elbo": lp - k}
 
 
+class ImportanceSampled(NamedTuple):
+    """What :func:`importance_sampled_log_likelihood` returns, per data point.
+
+    log_px: ``[N]`` nats, the estimate ``log (1/K) Σ_k w_k``; mc_var: ``[N]`` nats², its Monte-Carlo
+    variance by the delta method, ``(mean_k w_k² / (mean_k w_k)² − 1) / K`` (the squared coefficient of
+    variation of the weights over K; Owen 2013, "Monte Carlo theory, methods and examples", §9.2), itself
+    estimated from the same K weights.
+    """
+
+    log_px: torch.Tensor
+    mc_var: torch.Tensor
+
+
 @torch.no_grad()
-def iwae_log_likelihood(
+def importance_sampled_log_likelihood(
     model: VAEModel,
     x: torch.Tensor,
     num_samples: int = 1000,
     batch_size: int = 100,
     max_rows: int = 1024,
-    progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """Importance-sampled ``log p(x) ≈ log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)``, per sample ``[N]`` nats.
+    progress: Callable[[float], None] | None = None,
+) -> ImportanceSampled:
+    """Importance-sampled ``log p(x) ≈ log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)``, per data point,
+    with the Monte-Carlo variance of each estimate (:class:`ImportanceSampled`).
 
-    Burda et al. 2015 (eq. 8); ``K = 1`` is the ELBO.  Samples are drawn in
-    chunks of at most ``max_rows`` decoder rows.  ``progress(n)`` is called
-    with the number of data points finished.  Raises ConfigError for models
-    without a stochastic prior (the bound is undefined).
+    Burda et al. 2015 (eq. 8); ``K = 1`` is the ELBO, ``K = 5000`` the literature's protocol for the
+    test NLL.  ``x [N, *S]`` is taken ``batch_size`` data points at a time, and their K samples in
+    chunks of at most ``max_rows`` decoder rows (``max_rows // batch_size`` samples per chunk, at
+    least one): memory is bounded by ``max_rows`` decoder rows whatever K, because each chunk is
+    reduced to its log-sum-exp (and that of the squared weights) before the next is drawn.
+    ``progress(n)`` is called after each chunk with the (fractional) number of data points it
+    finished, so a bar over N moves steadily.  The noise comes from the caller's global RNG.
+
+    Raises ConfigError for models without a stochastic prior (the bound is undefined), a likelihood
+    that is not a normalised density for ``x``, or ``num_samples < 1``.
     """
     if not model.prior.stochastic:
         raise ConfigError("the importance-sampled NLL needs a prior and posterior; this is a deterministic autoencoder (prior 'none')")
@@ -70,25 +90,38 @@ def iwae_log_likelihood(
     model.eval()
     device = _device(model)
     p_z = model.prior.distribution()
-    out = []
+    log_px, mc_var = [], []
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size].to(device)
         b = xb.shape[0]
         q = model.prior.posterior(model.encode(xb))
         chunk = max(1, min(num_samples, max_rows // b))
-        log_w = []
+        lse_w, lse_w2 = [], []  # per chunk: log Σ w and log Σ w², [b] each
         for k0 in range(0, num_samples, chunk):
             k = min(chunk, num_samples - k0)
             z = q.rsample((k,))  # [k, b, d]
             params = model.decode(model.transform_latent(z.reshape(k * b, -1)))
             xk = xb.unsqueeze(0).expand((k,) + xb.shape).reshape((k * b,) + xb.shape[1:])
-            log_px = model.likelihood.log_prob(params, xk).view(k, b)
-            log_w.append(log_px + p_z.log_prob(z) - q.log_prob(z))
-        out.append((torch.logsumexp(torch.cat(log_w), 0) - math.log(num_samples)).cpu())
-        if progress is not None:
-            progress(b)
+            log_w = model.likelihood.log_prob(params, xk).view(k, b) + p_z.log_prob(z) - q.log_prob(z)
+            log_w = log_w.double()  # the sums of K = 5000 weights and of their squares
+            lse_w.append(torch.logsumexp(log_w, 0))
+            lse_w2.append(torch.logsumexp(2 * log_w, 0))
+            if progress is not None:
+                progress(b * k / num_samples)
+        log_sum, log_sum2 = torch.logsumexp(torch.stack(lse_w), 0), torch.logsumexp(torch.stack(lse_w2), 0)
+        # mean w² / (mean w)² = K Σw² / (Σw)²; its log is ≥ 0 up to rounding
+        ratio = torch.exp(math.log(num_samples) + log_sum2 - 2 * log_sum)
+        log_px.append((log_sum - math.log(num_samples)).float().cpu())
+        mc_var.append(((ratio - 1).clamp_min(0) / num_samples).float().cpu())
     model.train(was_training)
-    return torch.cat(out)
+    return ImportanceSampled(torch.cat(log_px), torch.cat(mc_var))
+
+
+def iwae_log_likelihood(model: VAEModel, x: torch.Tensor, num_samples: int = 1000, batch_size: int = 100,
+                        max_rows: int = 1024, progress: Callable[[float], None] | None = None) -> torch.Tensor:
+    """The importance-sampled ``log p(x)`` ``[N]`` nats of :func:`importance_sampled_log_likelihood`
+    (same arguments and errors), without its variance."""
+    return importance_sampled_log_likelihood(model, x, num_samples, batch_size, max_rows, progress).log_px
 
 
 @torch.no_grad()
@@ -132,6 +165,12 @@ def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_si
              progress: Callable[[int], None] | None = None, seed: int = EVAL_SEED) -> dict[str, float]:
     """Test-set summary: ``elbo``, ``log_px``, ``kl``, ``nll`` (importance-sampled, K = ``nll_samples``; 0 skips it), ``recon_mse``.
 
+    With the NLL come its two standard errors (nats): ``nll_se``, the standard error of the mean over
+    the test points (sample standard deviation of the per-point NLL over √N: how far another test
+    set of the same size could move it), and ``nll_mc_se``, the Monte-Carlo standard error of this
+    estimate for these points (√(Σ_i var_i)/N, var_i the delta-method variance of
+    :class:`ImportanceSampled`: how far another seed could move it).
+
     Values are means over the samples, nats (``recon_mse`` in data units²).
     Where the likelihood is not a normalised density for ``x``
     (:meth:`~vaekit.interfaces.Likelihood.normalized_for`: a robust loss such as MCC,
@@ -144,7 +183,10 @@ def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_si
     """
     out: dict[str, float] = {"n": len(x), **elbo_summary(model, x, seed)}
     if "elbo" in out and nll_samples > 0:
-        out["nll"] = float(-iwae_log_likelihood(model, x, nll_samples, batch_size, progress=progress).mean())
+        est = importance_sampled_log_likelihood(model, x, nll_samples, batch_size, progress=progress)
+        out["nll"] = float(-est.log_px.double().mean())
+        out["nll_se"] = float(est.log_px.double().std() / math.sqrt(len(x))) if len(x) > 1 else float("nan")
+        out["nll_mc_se"] = float(est.mc_var.double().sum().sqrt() / len(x))
         out["nll_samples"] = nll_samples
     out["recon_mse"] = float(reconstruction_error(model, x).mean())
     return out

@@ -18,6 +18,8 @@ _LABELS = {
     "log_px": ("log p(x|z)", "nats"),
     "kl": ("KL(q(z|x) ‖ p(z))", "nats"),
     "nll": ("NLL (importance-sampled)", "nats"),
+    "nll_se": ("  standard error over test points", "nats"),
+    "nll_mc_se": ("  Monte-Carlo standard error", "nats"),
     "loss_recon": ("reconstruction loss (not a density: no ELBO or NLL)", "loss units"),
     "recon_mse": ("reconstruction MSE", "per pixel"),
     "n": ("test samples", ""),
@@ -43,10 +45,14 @@ def evaluate_run(
     if as_json:
         result = evaluate_run(run_dir, "test", nll_samples, batch_size, device, seed)
     else:
-        from rich.progress import Progress
+        from rich.progress import MofNCompleteColumn, Progress
 
-        with Progress(transient=True) as bar:
-            task = bar.add_task("importance sampling", total=None)
+        from ..checkpoint import read_run_config
+
+        total = read_run_config(run_dir).get("data", {}).get("n_test")  # test points: the bar's unit
+        with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True) as bar:
+            task = bar.add_task(f"importance sampling, K = {nll_samples}",
+                                total=total if isinstance(total, int) and nll_samples > 0 else None)
             result = evaluate_run(run_dir, "test", nll_samples, batch_size, device, seed,
                                   progress=lambda n: bar.advance(task, n))
     result = {"run_dir": str(run_dir), **result}
