@@ -303,3 +303,25 @@ def test_an_output_that_cannot_be_a_file_is_one_line(cli_run, tmp_path, command)
     (tmp_path / "file").write_text("x")
     assert_one_line_error(invoke(command, cli_run[0], "--out", tmp_path / "file" / f"x{suffix}"), "is not a folder")
 
+
+
+def test_plot_draws_the_figures_of_a_run_again(trained_run, tmp_path):
+    """`vaekit plot RUN` writes every figure that applies (interpolation.png and, d <= 10, traversal.png
+    among them) into the run; `--kind K --out F` one of them anywhere; a figure that does not apply, an
+    unknown kind or --out with two kinds is one line."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    for name in ("interpolation.png", "traversal.png"):
+        (run / name).unlink(missing_ok=True)
+    res = invoke("plot", run)
+    assert res.exit_code == 0, res.output
+    for name in ("interpolation.png", "traversal.png", "samples.png", "manifold.png", "loss.png"):
+        assert (run / name).read_bytes()[:4] == b"\x89PNG", name
+    res = invoke("plot", run, "--kind", "traversal", "--out", tmp_path / "t.png")
+    assert res.exit_code == 0 and (tmp_path / "t.png").exists(), res.output
+    assert_one_line_error(invoke("plot", run, "--kind", "codes"), "codes.png does not apply to this run: it needs a regularizer")
+    assert_one_line_error(invoke("plot", run, "--kind", "nope"), "unknown figure 'nope'; figures: reconstructions, samples")
+    assert_one_line_error(invoke("plot", run, "--kind", "samples", "--kind", "loss", "--out", tmp_path / "x.png"),
+                          "give exactly one --kind")

@@ -306,8 +306,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
     """Load a trained model from a run directory.
 
     Returns the :class:`~vaekit.model.VAEModel` in eval mode, with
-    ``model.config`` (:class:`~vaekit.config.RunConfig`) and ``model.run_info``
-    (the whole ``config.json``).  Raises CheckpointError if the directory,
+    ``model.config`` (:class:`~vaekit.config.RunConfig`), ``model.run_info``
+    (the whole ``config.json``) and ``model.run_dir`` (the directory it was loaded from).  Raises CheckpointError if the directory,
     config or weights are missing, corrupt or mismatched.
     """
     from .config import RunConfig
@@ -328,6 +328,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
     load_model_weights(Path(run_dir), model)
     model.config = config
     model.run_info = info
+    model.run_dir = Path(run_dir)
     return model.to(device).eval()
 
 

@@ -1,12 +1,12 @@
-"""Figures of a run: reconstructions, samples, latent space, learned manifold, loss curves, first-layer
-filters and a histogram of sparse codes (matplotlib)."""
+"""Figures of a run: reconstructions, samples, latent space, learned manifold, interpolations, latent
+traversals, loss curves, first-layer filters and a histogram of sparse codes (matplotlib)."""
 
 from __future__ import annotations
 
 import math
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -220,6 +220,123 @@ def plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     save_figure(fig, path)
 
 
+TRAVERSAL_MAX_DIM = 10
+"""traversal.png is drawn for latent spaces of at most this many units (one row per unit)."""
+
+
+def _pair_indices(y: torch.Tensor | None, n: int, pairs: int) -> list[tuple[int, int]]:
+    """Index pairs of test points to interpolate between: with labels, the first point of each class
+    to the first of the next class present (so each row crosses two classes); else (0, 1), (2, 3), …"""
+    if y is not None:
+        classes = sorted(set(y.tolist()))
+        if len(classes) > 1:
+            first = {int(c): int((y == c).nonzero()[0]) for c in classes}
+            return [(first[classes[i]], first[classes[(i + 1) % len(classes)]]) for i in range(min(pairs, len(classes)))]
+    return [(i, i + 1) for i in range(0, min(2 * pairs, n) - 1, 2)]
+
+
+@torch.no_grad()
+def plot_interpolation(model, x: torch.Tensor, y: torch.Tensor | None, path: Path, pairs: int = 8,
+                       steps: int = 10) -> bool:
+    """Decoded straight lines between the latent codes of pairs of test points ``x [N, *S]``.
+
+    Row i: data point a, then ``E[x|code]`` for ``code = transform_latent((1 − t) μ_a + t μ_b)`` at ``steps``
+    evenly spaced t from 0 to 1 (μ the posterior means, interpolated before the latent transform as
+    sampling draws z before it), then data point b.  With labels ``y [N]`` each row joins the first
+    test point of one class to that of the next class.  False (nothing written) for fewer than two
+    points or data that are not images.
+    """
+    idx = _pair_indices(y, len(x), pairs)
+    if not idx:
+        return False
+    model.eval()
+    device = next(model.parameters()).device
+    a, b = torch.tensor([i for i, _ in idx]), torch.tensor([j for _, j in idx])
+    mean = map_batches(model, lambda xb: model.prior.mean(model.encode(xb)), torch.cat([x[a], x[b]])).to(device)
+    mu_a, mu_b = mean[: len(idx)], mean[len(idx):]
+    t = torch.linspace(0, 1, steps, device=device)[None, :, None]  # [1, T, 1]
+    z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]  # [P, T, d]
+    decoded = model.decode_mean(model.transform_latent(z.reshape(-1, z.shape[-1]))).cpu()
+    decoded = decoded.reshape((len(idx), steps) + tuple(decoded.shape[1:]))
+    rows = torch.cat([x[a].cpu()[:, None].to(decoded.dtype), decoded, x[b].cpu()[:, None].to(decoded.dtype)], 1)
+    return save_grid(rows.flatten(0, 1), path, nrow=steps + 2,
+                     title="interpolation: data, decoded straight line between their codes, data")
+
+
+@torch.no_grad()
+def latent_scale(model, x: torch.Tensor, n: int = 2000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Centre and spread of each latent unit, ``(m [d], σ [d], what)``: the mean and standard deviation
+    of ``n`` seeded draws from p(z) when the model can sample (any prior, a latent target of an AAE or
+    WAE), else of the posterior means of ``x [N, *S]`` (a deterministic autoencoder's codes)."""
+    if model.can_sample:
+        z = model.sample_latent(n, torch.Generator().manual_seed(seed)).float()
+        what = "p(z)"
+    else:
+        z = map_batches(model, lambda xb: model.prior.mean(model.encode(xb)), x).float()
+        what = "the test codes"
+    return z.mean(0), z.std(0) if len(z) > 1 else torch.ones(z.shape[1]), what
+
+
+@torch.no_grad()
+def plot_traversal(model, x: torch.Tensor, path: Path, steps: int = 11, span: float = 3.0) -> bool:
+    """Latent traversal (Higgins et al. 2017, fig. 7): row j sweeps unit j over ``m_j + t σ_j``,
+    ``t`` in ``[−span, span]`` (``steps`` values), the other units fixed at the posterior mean of the first
+    test point; ``m, σ`` from :func:`latent_scale` (for N(0, I): 0 and 1, so −3…3).  Each column is
+    decoded as ``E[x|transform_latent(z)]``.  Only for ``d ≤`` :data:`TRAVERSAL_MAX_DIM`; False (nothing
+    written) above it, without data, or for data that are not images.
+    """
+    d = model.latent_dim
+    if d > TRAVERSAL_MAX_DIM or len(x) == 0:
+        return False
+    model.eval()
+    device = next(model.parameters()).device
+    m, sd, what = latent_scale(model, x)
+    base = map_batches(model, lambda xb: model.prior.mean(model.encode(xb)), x[:1])[0]  # [d]
+    t = torch.linspace(-span, span, steps)
+    z = base.repeat(d, steps, 1)  # [d, T, d]
+    for j in range(d):
+        z[j, :, j] = m[j] + t * sd[j]
+    decoded = model.decode_mean(model.transform_latent(z.reshape(-1, d).to(device))).cpu()
+    return save_grid(decoded, path, nrow=steps,
+                     title=f"traversal: row j sweeps unit j over ±{span:g}σ of {what}, others at a test code")
+
+
+FIGURES: dict[str, tuple[Callable[..., bool], str]] = {
+    "reconstructions": (lambda m, ctx, p: plot_reconstructions(m, ctx.test_x, p), "image-like data"),
+    "samples": (lambda m, ctx, p: m.can_sample and plot_samples(m, p), "a model that can sample and image-like data"),
+    "latent": (lambda m, ctx, p: plot_latent(m, ctx.test_x, ctx.test_y, p) or True, "a model"),
+    "manifold": (lambda m, ctx, p: m.can_sample and plot_manifold(m, p), "a model that can sample, with a 2-D latent space"),
+    "interpolation": (lambda m, ctx, p: plot_interpolation(m, ctx.test_x, ctx.test_y, p), "two test points and image-like data"),
+    "traversal": (lambda m, ctx, p: plot_traversal(m, ctx.test_x, p), f"a latent space of at most {TRAVERSAL_MAX_DIM} units and image-like data"),
+    "loss": (lambda m, ctx, p: bool(ctx.history) and (plot_loss(ctx.history, p) or True), "a run with finished epochs"),
+    "filters": (lambda m, ctx, p: plot_filters(m, p), "an encoder whose first layer is a Linear on the flattened images (e.g. mlp)"),
+    "codes": (lambda m, ctx, p: any(getattr(r, "sparse_codes", False) for r in m.regularizers)
+              and (plot_code_histogram(map_batches(m, m.embed, ctx.test_x), p) or True),
+              "a regularizer that makes the codes sparse"),
+}
+"""Every figure of a run: name -> (draw(model, ctx, path) -> written?, what it needs).  ``ctx`` has
+``test_x [N, *S]`` (the evaluation inputs), ``test_y [N]`` or None and ``history`` (metrics records);
+the file is ``<name>.png``.  ``vaekit plot --kind NAME`` draws one."""
+
+
+class FigureContext(NamedTuple):
+    """What the figures read besides the model: test inputs, their labels and the run's metrics history."""
+
+    test_x: torch.Tensor
+    test_y: torch.Tensor | None
+    history: list[dict[str, Any]]
+
+
+def draw_figure(name: str, model, ctx: "FigureContext", path: Path) -> bool:
+    """Draw the figure ``name`` of :data:`FIGURES` to ``path``; False if it does not apply to this run.
+    Raises ConfigError (listing the names) for an unknown name."""
+    from .errors import ConfigError
+
+    if name not in FIGURES:
+        raise ConfigError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
+    return bool(FIGURES[name][0](model, ctx, Path(path)))
+
+
 def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history: list[dict[str, Any]],
                       warn: Callable[[str], None] | None = None) -> list[str]:
     """Write every figure that applies to this run; returns the file names written.
@@ -228,23 +345,55 @@ def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history:
     through ``warn`` (default: stderr); the run and the other figures are never lost to it.
     """
     run_dir = Path(run_dir)
-    figures = [
-        ("reconstructions.png", lambda p: plot_reconstructions(model, test_x, p)),
-        ("samples.png", lambda p: model.can_sample and plot_samples(model, p)),
-        ("latent.png", lambda p: plot_latent(model, test_x, data.test_y, p) or True),
-        ("manifold.png", lambda p: model.can_sample and plot_manifold(model, p)),
-        ("loss.png", lambda p: bool(history) and (plot_loss(history, p) or True)),
-        ("filters.png", lambda p: plot_filters(model, p)),
-        ("codes.png", lambda p: any(getattr(r, "sparse_codes", False) for r in model.regularizers)
-         and (plot_code_histogram(map_batches(model, model.embed, test_x), p) or True)),
-    ]
+    ctx = FigureContext(test_x, data.test_y, history)
     written = []
-    for name, draw in figures:
+    for name in FIGURES:
         try:
-            if draw(run_dir / name):
-                written.append(name)
+            if draw_figure(name, model, ctx, run_dir / f"{name}.png"):
+                written.append(f"{name}.png")
         except Exception as e:  # noqa: BLE001 - a figure is never worth the run
             _plt().close("all")
             first = first_line(e, 200, empty="")
-            (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {name} not written ({type(e).__name__}: {first})")
+            (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {name}.png not written ({type(e).__name__}: {first})")
+    return written
+
+
+def plot_run(run, kinds: list[str] | None = None, out: Path | None = None, data=None, split: str = "test",
+             device: str = "auto", pm=None) -> list[Path]:
+    """Draw figures of a trained run (``vaekit plot``); returns the files written.
+
+    ``run``: a run directory, TrainResult or model from :func:`vaekit.load_run`.  ``kinds``: names of
+    :data:`FIGURES` (default: every one that applies, as at the end of training).  Files go to
+    ``out`` (one kind only) or ``<run dir>/<kind>.png``.  The data are the run's own split (or ``data``)
+    with the run's evaluation binarization (:func:`vaekit.training.eval_inputs`), the history its
+    ``metrics.jsonl``.  Raises ConfigError for an unknown kind, ``out`` with several kinds, or a kind
+    named explicitly that does not apply to this run (saying what it needs); errors of
+    :func:`vaekit.apply.load_split` for bad data.
+    """
+    from .apply import load_split, resolve_run
+    from .checkpoint import check_output
+    from .errors import ConfigError
+    from .training import _read_metrics, eval_inputs
+
+    names = list(kinds) if kinds else list(FIGURES)
+    for name in names:
+        if name not in FIGURES:
+            raise ConfigError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
+    if out is not None:
+        if len(names) != 1:
+            raise ConfigError("--out names one file: give exactly one --kind with it")
+        check_output(Path(out), "--out")
+    model = resolve_run(run, device, pm)
+    run_dir = Path(getattr(model, "run_dir", None) or model.run_info["config"]["out"])
+    x, y = load_split(model, data, split, pm)
+    x = eval_inputs(x, model.run_info["config"].get("binarize", "none"))
+    history = [m for m in _read_metrics(run_dir) if "stage" not in m] if run_dir.is_dir() else []
+    ctx = FigureContext(x, y, history)
+    written = []
+    for name in names:
+        path = Path(out) if out is not None else run_dir / f"{name}.png"
+        if draw_figure(name, model, ctx, path):
+            written.append(path)
+        elif kinds:
+            raise ConfigError(f"{name}.png does not apply to this run: it needs {FIGURES[name][1]}")
     return written

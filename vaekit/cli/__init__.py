@@ -54,7 +54,7 @@ class VaekitGroup(TyperGroup):
 def build_app(pm=None) -> typer.Typer:
     """The root Typer app with the core commands and those plugins add through ``vaekit_register_commands``."""
     from ..manager import get_plugin_manager
-    from . import apply, evaluate, export, plugins, run, sample
+    from . import apply, evaluate, export, plot, plugins, run, sample
 
     app = typer.Typer(
         cls=VaekitGroup,
@@ -72,7 +72,7 @@ def build_app(pm=None) -> typer.Typer:
     ) -> None:
         """vaekit: train, evaluate, sample, apply and inspect autoencoders built from plugins."""
 
-    for module in (run, evaluate, sample, apply, export, plugins):
+    for module in (run, evaluate, sample, apply, plot, export, plugins):
         module.register(app)
     (pm or get_plugin_manager()).hook.vaekit_register_commands(app=app)
     return app
