@@ -49,7 +49,7 @@ def test_warmup_is_linear_from_zero_over_n_epochs():
 
 
 def test_cyclical_schedule_matches_fu_et_al():
-    """Fu et al. 2019, eq. 4: T = 10 epochs, M = 2 cycles, R = 0.5: τ = ((e−1) mod 5)/5, β·min(1, τ/R)."""
+    """Fu et al. 2019: T = 10 epochs, M = 2 cycles, R = 0.5: τ = ((e−1) mod 5)/5, β·min(1, τ/R)."""
     elbo = ELBO(RunConfig(beta=1.0, epochs=10), cycles=2)
     assert [elbo.beta_at(e) for e in range(1, 11)] == pytest.approx([0, 0.4, 0.8, 1, 1] * 2)
     # T = 7, M = 2: period 3.5, cycles restart every ceil(3.5) = 4 epochs; R = 0.25
@@ -91,7 +91,7 @@ def _record(model, params):
 
 
 def test_free_bits_loss_and_gradient_match_the_hand_formula():
-    """Kingma et al. 2016 (eq. 15): Σ_j max(λ, mean_B KL_j), KL_j per unit from torch.distributions; units below λ
+    """Kingma et al. 2016 (IAF paper, free bits): Σ_j max(λ, mean_B KL_j), KL_j per unit from torch.distributions; units below λ
     get no KL gradient, the others the gradient of their mean KL."""
     torch.manual_seed(0)
     d, lam = 6, 0.25

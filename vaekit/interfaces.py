@@ -128,7 +128,7 @@ class Prior(Plugin):
 
     def kl_per_unit(self, params: torch.Tensor) -> torch.Tensor:
         """``KL(q(z_j|x) ‖ p(z_j))`` of each latent unit ``j``, ``[B, d]`` nats; summed over ``j`` it is
-        the KL of :meth:`rsample_kl`.  Free bits (Kingma et al. 2016, eq. 15) clamp it per unit.
+        the KL of :meth:`rsample_kl`.  Free bits (Kingma et al. 2016, the IAF paper) clamp it per unit.
 
         Default: for a factorised posterior and prior — each an (``Independent``) ``Normal`` — the
         closed form ``torch.distributions.kl_divergence`` of the per-unit normals (for N(μ, σ²)

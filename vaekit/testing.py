@@ -230,7 +230,7 @@ def check_objective(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int
     assert loss.dim() == 0 and torch.isfinite(loss), f"objective {info.name!r}: loss {terms} is not a finite scalar"
     assert terms.get("loss") is loss, f"objective {info.name!r}: terms['loss'] must be the loss"
     own, _ = objective.terms(model, record)
-    assert float(loss - own) > 0, f"objective {info.name!r}: the regularizer's penalty is not part of the loss"
+    assert (loss - own).item() > 0, f"objective {info.name!r}: the regularizer's penalty is not part of the loss"
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), f"objective {info.name!r}: non-finite gradient of {name}"

@@ -21,16 +21,16 @@ class ELBO(Objective):
     * constant ``β`` (Higgins et al. 2017) by default;
     * ``warmup=N``: ``β_e = β · min(1, (e − 1)/N)``, linear from 0 over the first N epochs
       (Bowman et al. 2016, KL annealing);
-    * ``cycles=M``: cyclical annealing over the run's E epochs (Fu et al. 2019, eq. 4): with
+    * ``cycles=M``: cyclical annealing over the run's E epochs (Fu et al. 2019): with
       ``L = ceil(E/M)`` and ``τ = ((e − 1) mod L) / (E/M)``, ``β_e = β · min(1, τ/R)``, R = ``ratio``
       (β rises linearly over the first R of each cycle, then stays).  The period comes from the
       run's ``--epochs``: resuming to the same number of epochs is exact, resuming to more
       stretches the remaining cycles.
 
-    ``free_bits=λ`` (Kingma et al. 2016, eq. 15) replaces the KL term by
+    ``free_bits=λ`` (Kingma et al. 2016, IAF paper, "free bits") replaces the KL term by
     ``Σ_j max(λ, mean_B KL_j)`` over latent units j (λ in nats per unit): a unit whose mean KL is
     below λ gets no KL gradient.  It needs the prior's per-unit KL
-    (:meth:`~vaekit.interfaces.Prior.kl_per_unit`; the diagonal ``gaussian`` has it).  The logged
+    (``Prior.kl_per_unit``; the diagonal ``gaussian`` has it).  The logged
     ``kl`` stays the plain mean KL.  A deterministic autoencoder (prior ``none``) trains on the
     reconstruction term alone.
 
