@@ -1,8 +1,6 @@
 """Training objectives: β schedules and free bits of ``elbo``, the ``iwae`` bound, and their CLI."""
 
 import json
-import math
-import shutil
 
 import plugin_for_tests
 import pytest
