@@ -219,6 +219,19 @@ def test_iwae_needs_a_posterior(tmp_path):
         vaekit.train(epochs=1, prior="none", objective="iwae", out=str(tmp_path / "r"), **DIGITS)
 
 
+def test_objective_from_toml_keeps_regularizer_penalties(tmp_path):
+    """The TOML table form; iwae's k·B-row record still reaches the regularizers: their penalties are in the loss."""
+    (tmp_path / "run.toml").write_text('regularizer = "mmd:weight=10"\n[objective]\nname = "iwae"\nk = 3\n')
+    config = RunConfig.from_toml(tmp_path / "run.toml")
+    assert config.objective.name == "iwae" and config.objective.options == {"k": 3}
+    run = vaekit.train(config, epochs=1, out=str(tmp_path / "r"), **DIGITS)
+    info = json.loads((run.run_dir / "config.json").read_text())
+    assert info["config"]["objective"] == {"name": "iwae", "options": {"k": 3}}
+    m = _metrics(run.run_dir)[0]
+    assert m["train_mmd"] > 0 and "beta" not in m
+    assert m["train_loss"] == pytest.approx(-m["train_iwae"] + 10 * m["train_mmd"], rel=1e-5)
+
+
 def test_a_third_party_objective_trains(tmp_path):
     pm = PluginManager(extra_plugins=[plugin_for_tests], autoload=False)
     run = vaekit.train(epochs=1, objective="recon_only", out=str(tmp_path / "r"), pm=pm, **DIGITS)
