@@ -32,7 +32,7 @@ class ELBO(Objective):
     below λ gets no KL gradient.  It needs the prior's per-unit KL
     (``Prior.kl_per_unit``; the diagonal ``gaussian`` has it).  The logged
     ``kl`` stays the plain mean KL.  A deterministic autoencoder (prior ``none``) trains on the
-    reconstruction term alone.
+    reconstruction term alone (and logs no ``beta``); free bits are refused there.
 
     :param beta: weight β of the KL term; unset: the run's ``--beta`` (default 1).
     :param warmup: epochs of linear KL warm-up from 0 to β (0: none).
