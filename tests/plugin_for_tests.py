@@ -150,6 +150,16 @@ class FixedPrior(vaekit.Prior):
         return params, params.new_zeros(params.shape[0])
 
 
+class ReconOnly(vaekit.Objective):
+    """Reconstruction only: the loss is mean_B −log p(x|z), the KL is not penalised (a third-party objective)."""
+
+    name = "recon_only"
+
+    def terms(self, model, record):
+        recon = -record.log_px.mean()
+        return recon, {"recon": recon}
+
+
 def tiny(*, n: int = 40) -> DataBundle:
     """Random binary vectors of length 16.
 
@@ -195,6 +205,11 @@ def vaekit_register_regularizers(registry):
     registry.register("tracker", MeanTracker)
     registry.register("zero_half", ZeroHalf)
     registry.register("recorder", BatchRecorder)
+
+
+@vaekit.hookimpl
+def vaekit_register_objectives(registry):
+    registry.register("recon_only", ReconOnly)
 
 
 @vaekit.hookimpl

@@ -15,18 +15,20 @@ def test_builtins_are_registered_as_plugins(fresh_pm):
     assert fresh_pm.priors.names() == ["gaussian", "none"]
     assert fresh_pm.likelihoods.names() == ["bernoulli", "gaussian", "mcc"]
     assert fresh_pm.regularizers.names() == ["adversarial", "contractive", "denoising", "ksparse", "mmd", "sparsity"]
+    assert fresh_pm.objectives.names() == ["elbo", "iwae"]
     assert set(fresh_pm.datasets.names()) >= {"mnist", "digits", "file"}
     assert all(info.source == "builtin" for reg in fresh_pm.registries.values() for info in reg)
 
 
 def test_every_register_hook_fills_its_registry():
-    """vaekit_register_encoders/_decoders/_priors/_likelihoods/_regularizers/_datasets from one plugin module."""
+    """vaekit_register_encoders/_decoders/_priors/_likelihoods/_regularizers/_objectives/_datasets from one plugin module."""
     pm = PluginManager(extra_plugins=[plugin_for_tests], autoload=False)
     assert "identity" in pm.encoders
     assert "affine" in pm.decoders
     assert "fixed" in pm.priors
     assert "nan_after" in pm.likelihoods
     assert {"code_l2", "tracker", "zero_half"} <= set(pm.regularizers.names())
+    assert "recon_only" in pm.objectives
     assert "tiny" in pm.datasets
     assert "plugin_for_tests" in pm.encoders.get("identity").source
 

@@ -17,7 +17,7 @@ from .errors import (  # noqa: E402
     UnknownPluginError,
     VaekitError,
 )
-from .interfaces import Decoder, Encoder, Likelihood, Plugin, Prior, Regularizer, StepOutput  # noqa: E402
+from .interfaces import Decoder, Encoder, Likelihood, Objective, Plugin, Prior, Regularizer, StepOutput  # noqa: E402
 from .manager import PluginManager, get_plugin_manager  # noqa: E402
 from .registry import PluginSpec, Registry  # noqa: E402
 
@@ -59,6 +59,7 @@ __all__ = [
     "Decoder",
     "Encoder",
     "Likelihood",
+    "Objective",
     "Plugin",
     "PluginManager",
     "PluginSpec",

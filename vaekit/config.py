@@ -21,7 +21,7 @@ Binarize = Literal["auto", "dynamic", "static", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
 
-_SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood", "pretrain")
+_SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood", "objective", "pretrain")
 
 
 @dataclass
@@ -36,7 +36,9 @@ class RunConfig:
     stays in float32.  ``init`` names a run directory whose weights start this run
     (:func:`vaekit.checkpoint.load_matching_weights`); ``pretrain`` a pretraining method run before
     training (:mod:`vaekit.pretrain`, ``"layerwise:epochs=5"``).  Both set the starting weights, so
-    at most one of them may be given.
+    at most one of them may be given.  ``objective`` is the training objective
+    (:class:`~vaekit.interfaces.Objective`, ``"elbo"``, ``"iwae:k=5"``); its β is ``beta`` unless it
+    sets its own.  A ``config.json`` written before objectives existed loads with ``elbo``.
     """
 
     data: PluginSpec = field(default_factory=lambda: PluginSpec("mnist"))
@@ -45,6 +47,7 @@ class RunConfig:
     prior: PluginSpec = field(default_factory=lambda: PluginSpec("gaussian"))
     likelihood: PluginSpec = field(default_factory=lambda: PluginSpec("bernoulli"))
     regularizers: list[PluginSpec] = field(default_factory=list)
+    objective: PluginSpec = field(default_factory=lambda: PluginSpec("elbo"))
     latent_dim: int = 16
     beta: float = 1.0
     epochs: int = 30

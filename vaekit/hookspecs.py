@@ -84,6 +84,17 @@ def vaekit_register_regularizers(registry: "Registry") -> None:
 
 
 @hookspec
+def vaekit_register_objectives(registry: "Registry") -> None:
+    """Register training objectives (the loss a run minimises: ``elbo``, ``iwae``, ...).
+
+    :param registry: the objective registry; factories are called as
+        ``factory(config, **options)`` (``config``: the run's :class:`~vaekit.config.RunConfig`)
+        and return a :class:`~vaekit.interfaces.Objective`.
+    :returns: nothing.
+    """
+
+
+@hookspec
 def vaekit_register_datasets(registry: "Registry") -> None:
     """Register datasets.
 

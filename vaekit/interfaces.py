@@ -1,4 +1,4 @@
-"""The five plugin interfaces: encoder, decoder, prior, likelihood, regularizer.
+"""The plugin interfaces: encoder, decoder, prior, likelihood, regularizer and the training objective.
 
 Shapes use ``B`` for the batch, ``S`` for the data shape (``(C, H, W)`` for
 images, ``(D,)`` for vectors), ``F`` for the encoder's feature size and ``d``
@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, kl_divergence
+from torch.distributions import Distribution, Normal, kl_divergence
 
 from .errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .config import RunConfig
     from .model import VAEModel
     from .training import Trainer
 
@@ -125,6 +126,21 @@ class Prior(Plugin):
             kl = q.log_prob(z) - p.log_prob(z)
         return z, kl
 
+    def kl_per_unit(self, params: torch.Tensor) -> torch.Tensor:
+        """``KL(q(z_j|x) ‖ p(z_j))`` of each latent unit ``j``, ``[B, d]`` nats; summed over ``j`` it is
+        the KL of :meth:`rsample_kl`.  Free bits (Kingma et al. 2016, the IAF paper) clamp it per unit.
+
+        Default: for a factorised posterior and prior — each an (``Independent``) ``Normal`` — the
+        closed form ``torch.distributions.kl_divergence`` of the per-unit normals (for N(μ, σ²)
+        against N(0, 1): ``½(σ² + μ² − 1 − log σ²)``).  Raises ConfigError for any other pair
+        (a full-covariance or mixture posterior has no per-unit KL); override it where one exists.
+        """
+        q, p = base_of(self.posterior(params), Normal), base_of(self.distribution(), Normal)
+        if q is None or p is None:
+            raise ConfigError(f"prior {type(self).__name__} has no per-unit KL (free bits need a factorised "
+                              "Gaussian posterior and prior); drop free_bits or use --prior gaussian")
+        return kl_divergence(q, p)
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws from p(z), ``[n, d]``, on the prior's device; a ``generator`` (any device)
         makes them reproducible (:func:`sample_with_generator`).  Every sampling path — samples.png,
@@ -211,7 +227,11 @@ class StepOutput:
     what the encoder saw (corrupted for denoising); h: ``[B, F]``; params:
     ``[B, P]`` posterior parameters; z: ``[B, d]`` the (transformed) code;
     kl: ``[B]`` nats (zeros for deterministic AEs); likelihood_params: decoder
-    output; log_px: ``[B]`` nats; c: optional condition/label ``[B]``.
+    output; log_px: ``[B]`` nats; c: optional condition/label ``[B]``;
+    z_sample: ``[B, d]`` the draw z ~ q(z|x) before any regularizer's ``transform_latent``
+    (what log q(z|x) and log p(z) are evaluated at).  A forward pass with ``samples=k``
+    (:meth:`vaekit.model.VAEModel.forward`) has ``B = k·N`` rows: draw ``i`` of data point ``n``
+    is row ``i·N + n``.
     """
 
     x: torch.Tensor
@@ -223,6 +243,7 @@ class StepOutput:
     likelihood_params: torch.Tensor
     log_px: torch.Tensor
     c: torch.Tensor | None = None
+    z_sample: torch.Tensor | None = None
 
 
 def standard_normal(latent_dim: int, like: torch.Tensor) -> Distribution:
@@ -321,3 +342,50 @@ class Regularizer(Plugin):
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
         """Called after each epoch."""
+
+
+class Objective:
+    """A training objective: turns the model and a mini-batch into the loss to minimise and its named terms.
+
+    Built once per run as ``factory(config, **options)`` (``config``: the run's
+    :class:`~vaekit.config.RunConfig`, for its ``beta`` and ``epochs``), then :meth:`bind` to the
+    model.  Each epoch the trainer calls :meth:`set_epoch`; each step it calls :meth:`forward`,
+    steps the regularizers that own an optimizer on the record (:meth:`Regularizer.update`),
+    then :meth:`loss` and the model's optimizer.  Subclasses implement :meth:`terms`;
+    :meth:`loss` adds every regularizer's ``weight · penalty``
+    (:meth:`vaekit.model.VAEModel.add_penalties`), so no objective drops them.  Losses are nats per
+    data point (summed over data dimensions and latent units, mean over the batch).
+    Evaluation (test ELBO, NLL) does not depend on the objective.
+    """
+
+    name: str = "objective"
+
+    def __init__(self, config: "RunConfig") -> None:
+        self.config = config
+
+    def bind(self, model: "VAEModel") -> None:
+        """Called once with the composed model before training.  Raises ConfigError if this
+        objective cannot train it (e.g. a bound that needs a posterior on a deterministic AE).
+        Default: nothing."""
+
+    def set_epoch(self, epoch: int) -> dict[str, float]:
+        """Called before each training epoch (``epoch`` counts from 1, also after a resume), so
+        schedules are a function of the epoch alone.  Returns values to log in that epoch's
+        ``metrics.jsonl`` record and line (e.g. ``{"beta": 0.5}``).  Default: ``{}``."""
+        return {}
+
+    def forward(self, model: "VAEModel", x: torch.Tensor, c: torch.Tensor | None = None) -> StepOutput:
+        """The step's forward pass on ``x [B, *S]`` (``c``: optional labels ``[B]``).  Default:
+        ``model(x, c)``; a multi-sample objective asks for ``model(x, c, samples=k)``."""
+        return model(x, c)
+
+    def terms(self, model: "VAEModel", record: StepOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This objective's own scalar loss (nats, mean over the batch) and its named scalar terms,
+        without regularizer penalties."""
+        raise NotImplementedError
+
+    def loss(self, model: "VAEModel", record: StepOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scalar loss to minimise and its named terms (``loss`` among them): :meth:`terms` plus
+        every regularizer's ``weight · penalty``."""
+        loss, terms = self.terms(model, record)
+        return model.add_penalties(record, loss, terms)

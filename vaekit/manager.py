@@ -27,6 +27,7 @@ _REGISTER_HOOKS = {
     "prior": "vaekit_register_priors",
     "likelihood": "vaekit_register_likelihoods",
     "regularizer": "vaekit_register_regularizers",
+    "objective": "vaekit_register_objectives",
     "dataset": "vaekit_register_datasets",
 }
 

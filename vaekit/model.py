@@ -23,7 +23,8 @@ class VAEModel(nn.Module):
 
     ``forward(x [B, *S]) -> StepOutput``; :meth:`loss` turns the record into
     ``mean_B(−log p(x|z) + β·KL) + Σ weight·penalty`` (Kingma & Welling 2014,
-    eq. 10 with β of Higgins et al. 2017).  A deterministic autoencoder is the
+    eq. 10 with β of Higgins et al. 2017); training uses the run's objective
+    (:class:`~vaekit.interfaces.Objective`, ``elbo`` by default).  A deterministic autoencoder is the
     case ``prior.stochastic == False`` (KL = 0).
     """
 
@@ -135,25 +136,47 @@ class VAEModel(nn.Module):
 
     # --- training step ------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> StepOutput:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, samples: int = 1) -> StepOutput:
+        """One training-step forward pass on ``x [N, *S]``: corrupt (training only), encode,
+        reparameterize + KL (:meth:`~vaekit.interfaces.Prior.rsample_kl`), decode, log p(x|z).
+
+        ``samples = k > 1`` draws k latent samples per data point for multi-sample bounds (IWAE):
+        the encoder runs once, its posterior parameters are repeated k times and the draws are
+        decoded in one batched pass, so every field of the record has ``k·N`` rows (draw ``i`` of
+        point ``n`` at row ``i·N + n``).
+        """
         x_input = x
         if self.training:
             for reg in self.regularizers:
                 x_input = reg.corrupt(x_input)
         h = self.encoder(x_input)
         params = self.head(h)
-        z, kl = self.prior.rsample_kl(params)
-        z = self.transform_latent(z)
+        if samples > 1:
+            x, x_input, h, params = (_repeat_rows(t, samples) for t in (x, x_input, h, params))
+            c = None if c is None else _repeat_rows(c, samples)
+        z_sample, kl = self.prior.rsample_kl(params)
+        z = self.transform_latent(z_sample)
         lik_params = self.decoder(z)
         log_px = self.likelihood.log_prob(lik_params, x)
-        return StepOutput(x, x_input, h, params, z, kl, lik_params, log_px, c)
+        return StepOutput(x, x_input, h, params, z, kl, lik_params, log_px, c, z_sample)
 
-    def loss(self, record: StepOutput, beta: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss and its named terms (``recon`` = −log p(x|z) and ``kl`` in nats, mean over the batch)."""
+    def elbo_terms(self, record: StepOutput, beta: float = 1.0,
+                   kl: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The β-ELBO loss ``mean_B(−log p(x|z)) + β·kl`` (Kingma & Welling 2014, eq. 10; β of Higgins
+        et al. 2017) and its terms ``recon`` and ``kl`` (nats, mean over the batch), without penalties.
+        ``kl``: the KL term the loss uses (default ``mean_B record.kl``; free bits pass a clamped one);
+        the logged ``kl`` is always ``mean_B record.kl``.  A deterministic AE's loss is ``recon``."""
         recon = -record.log_px.mean()
-        kl = record.kl.mean()
-        loss = recon + beta * kl if self.prior.stochastic else recon
-        terms = {"recon": recon, "kl": kl}
+        kl_mean = record.kl.mean()
+        loss = recon + beta * (kl_mean if kl is None else kl) if self.prior.stochastic else recon
+        return loss, {"recon": recon, "kl": kl_mean}
+
+    def add_penalties(self, record: StepOutput, loss: torch.Tensor,
+                      terms: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``loss + Σ weight·penalty`` over the regularizers, each penalty added to ``terms`` under the
+        regularizer's name (the same one twice: ``mmd``, ``mmd_2``), and ``terms["loss"]``.  Every
+        objective's :meth:`~vaekit.interfaces.Objective.loss` ends here."""
+        terms = dict(terms)
         for reg in self.regularizers:
             penalty = reg.penalty(record)
             if penalty is not None:
@@ -165,6 +188,17 @@ class VAEModel(nn.Module):
                 loss = loss + reg.weight * penalty
         terms["loss"] = loss
         return loss, terms
+
+    def loss(self, record: StepOutput, beta: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss and its named terms: :meth:`elbo_terms` plus the penalties (:meth:`add_penalties`),
+        what the ``elbo`` objective computes without schedules or free bits (``recon`` = −log p(x|z)
+        and ``kl`` in nats, mean over the batch)."""
+        return self.add_penalties(record, *self.elbo_terms(record, beta))
+
+
+def _repeat_rows(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``t [N, ...] -> [k·N, ...]``, the rows repeated k times (row ``i·N + n`` is ``t[n]``)."""
+    return t.repeat((k,) + (1,) * (t.dim() - 1))
 
 
 def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginManager") -> VAEModel:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from .errors import ConfigError, UnknownPluginError
 
-KINDS = ("encoder", "decoder", "prior", "likelihood", "regularizer", "dataset")
+KINDS = ("encoder", "decoder", "prior", "likelihood", "regularizer", "objective", "dataset")
 # tables of named methods with typed options that the trainer keeps itself, not filled by plugin hooks
 TRAINER_KINDS = ("pretraining method",)
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .data import DataBundle
-from .interfaces import Decoder, Encoder, Likelihood, Prior, Regularizer, StepOutput
+from .interfaces import Decoder, Encoder, Likelihood, Objective, Prior, Regularizer, StepOutput
 from .registry import PluginInfo
 
 BATCH = 3
@@ -206,6 +206,37 @@ def check_regularizer(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[i
     return reg
 
 
+def check_objective(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int, ...] = (1, 6, 6),
+                    epochs: int = 4) -> Objective:
+    """The objective on a small composed VAE with a penalty-giving regularizer: bound, each epoch's
+    logged values finite, a finite scalar loss with ``terms["loss"]`` equal to it and the penalty
+    inside it, finite gradients."""
+    from .config import RunConfig
+    from .plugins.regularizers import Sparsity
+
+    objective = _build(info, config=RunConfig(epochs=epochs))
+    assert isinstance(objective, Objective), f"objective {info.name!r} must subclass vaekit.Objective"
+    model = composed_model(regularizers=[Sparsity(latent_dim, data_shape)], latent_dim=latent_dim,
+                           data_shape=data_shape)
+    objective.bind(model)
+    for epoch in range(1, epochs + 1):
+        logged = objective.set_epoch(epoch)
+        assert all(isinstance(v, float) and torch.isfinite(torch.tensor(v)) for v in logged.values()), (
+            f"objective {info.name!r}: set_epoch({epoch}) logged {logged}")
+    torch.manual_seed(0)
+    x = torch.rand((BATCH,) + model.data_shape).round()
+    record = objective.forward(model, x)
+    loss, terms = objective.loss(model, record)
+    assert loss.dim() == 0 and torch.isfinite(loss), f"objective {info.name!r}: loss {terms} is not a finite scalar"
+    assert terms.get("loss") is loss, f"objective {info.name!r}: terms['loss'] must be the loss"
+    own, _ = objective.terms(model, record)
+    assert (loss - own).item() > 0, f"objective {info.name!r}: the regularizer's penalty is not part of the loss"
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), f"objective {info.name!r}: non-finite gradient of {name}"
+    return objective
+
+
 def check_dataset(info: PluginInfo, **options) -> DataBundle:
     """Build the dataset with its defaults overridden by ``options`` and validate the bundle."""
     defaults = {name: opt.default for name, opt in info.options.items()}
@@ -222,5 +253,6 @@ CHECKS = {
     "prior": check_prior,
     "likelihood": check_likelihood,
     "regularizer": check_regularizer,
+    "objective": check_objective,
     "dataset": check_dataset,
 }

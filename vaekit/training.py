@@ -20,6 +20,7 @@ from .config import RunConfig
 from .data import DataBundle, binarize, looks_like_path
 from .errors import CheckpointError, ConfigError, TrainingError, UnknownPluginError
 from .evaluation import EVAL_SEED, elbo_summary
+from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model, decoder_spec
 from .precision import MixedPrecision
@@ -66,6 +67,18 @@ def load_data(spec: PluginSpec | str, pm: PluginManager | None = None) -> DataBu
     if not isinstance(bundle, DataBundle):
         raise ConfigError(f"dataset {spec.name!r} returned a {type(bundle).__name__}, not a vaekit DataBundle")
     return bundle.validate()
+
+
+def build_objective(config: RunConfig, model: VAEModel, pm: PluginManager) -> Objective:
+    """The run's training objective (``config.objective``), built with the run's config and bound to
+    ``model``.  Raises UnknownPluginError for an unknown name, ConfigError for bad options or an
+    objective that cannot train this model (``iwae`` on prior ``none``)."""
+    spec = config.objective
+    objective = pm.objectives.build(spec, config=config)
+    if not isinstance(objective, Objective):
+        raise ConfigError(f"objective {spec.name!r} built a {type(objective).__name__}, not a vaekit Objective")
+    objective.bind(model)
+    return objective
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,6 +138,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.shape, self.pm).to(self.device)
+        self.objective = build_objective(cfg, self.model, self.pm)
         lik = self.model.likelihood
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
         check_inputs(lik, self.data.train_x, self.binarize, "the training data")
@@ -230,11 +244,12 @@ class Trainer:
             prior=PluginSpec(cfg.prior.name, reg["prior"].resolve_options(cfg.prior)),
             likelihood=PluginSpec(cfg.likelihood.name, reg["likelihood"].resolve_options(cfg.likelihood)),
             regularizers=[PluginSpec(r.name, reg["regularizer"].resolve_options(r)) for r in cfg.regularizers],
+            objective=PluginSpec(cfg.objective.name, reg["objective"].resolve_options(cfg.objective)),
             binarize=self.binarize,
         )
         sources = {kind: reg[kind].get(spec.name).source for kind, spec in
                    (("dataset", resolved.data), ("encoder", resolved.encoder), ("decoder", resolved.decoder),
-                    ("prior", resolved.prior), ("likelihood", resolved.likelihood))}
+                    ("prior", resolved.prior), ("likelihood", resolved.likelihood), ("objective", resolved.objective))}
         sources["regularizers"] = [reg["regularizer"].get(r.name).source for r in resolved.regularizers]
         return {
             "format": checkpoint.RUN_FORMAT,
@@ -296,8 +311,9 @@ class Trainer:
         cfg = self.config
         with self.progress(steps_per_epoch, cfg.epochs, self.start_epoch) as bar:
             for epoch in range(self.start_epoch, cfg.epochs + 1):
+                schedule = self.objective.set_epoch(epoch)  # e.g. the β in effect: a function of the epoch alone
                 train_means, seconds = self._train_epoch(epoch, bar)
-                record = {"epoch": epoch, "step": self.step, **{f"train_{k}": v for k, v in train_means.items()}}
+                record = {"epoch": epoch, "step": self.step, **schedule, **{f"train_{k}": v for k, v in train_means.items()}}
                 record.update(self._test_metrics())
                 record["samples_per_s"] = n / seconds if seconds > 0 else float("nan")
                 record["epoch_seconds"] = seconds
@@ -306,7 +322,7 @@ class Trainer:
                     reg.on_epoch_end(self, epoch)
                 self._checkpoint(epoch)
                 self.history.append(record)
-                self.log_stage(record, _epoch_line(record, cfg.epochs))
+                self.log_stage(record, _epoch_line(record, cfg.epochs, schedule))
 
     def log_stage(self, record: dict[str, Any], line: str) -> None:
         """Append ``record`` to ``metrics.jsonl`` and print ``line`` (training epochs and pretraining stages)."""
@@ -326,7 +342,7 @@ class Trainer:
             yield x_all[idx], None if self.train_y is None else self.train_y[idx]
 
     def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float]:
-        cfg, model = self.config, self.model
+        model, objective = self.model, self.objective
         model.train()
         sums: dict[str, float] = {}
         count = 0
@@ -335,13 +351,13 @@ class Trainer:
         start = time.perf_counter()
         for x, c in self.batches():
             with self.amp.autocast():
-                record = model(x, c)
+                record = objective.forward(model, x, c)
             extra: dict[str, float] = {}
             for reg, opt in reg_opts:
                 if opt is not None:
                     extra.update(reg.update(record, opt))
             with self.amp.autocast():
-                loss, terms = model.loss(record, cfg.beta)
+                loss, terms = objective.loss(model, record)
             value = loss.item()
             self.step += 1
             if not math.isfinite(value):
@@ -436,9 +452,10 @@ class _Bar:
         self.progress.update(self.task, completed=self.done, epoch=epoch, stats=stats)
 
 
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+def _epoch_line(record: dict[str, Any], epochs: int, schedule: dict[str, float] | None = None) -> str:
     skip = {"epoch", "step", "epoch_seconds", "samples_per_s"}
-    parts = [f"{k.replace('train_', '')} {v:.2f}" for k, v in record.items() if k.startswith("train_") and k not in skip]
+    parts = [f"{k} {v:.3g}" for k, v in (schedule or {}).items()]
+    parts += [f"{k.replace('train_', '')} {v:.2f}" for k, v in record.items() if k.startswith("train_") and k not in skip]
     tests = [f"{k} {v:.2f}" for k, v in record.items() if k.startswith("test_")]
     return (f"epoch {record['epoch']}/{epochs}  " + "  ".join(parts) + "  |  " + "  ".join(tests)
             + f"  |  {record['samples_per_s']:,.0f} samples/s")

@@ -17,7 +17,7 @@ def list_plugins(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     docs: Annotated[Optional[Path], typer.Option(help="Write one Markdown page per plugin kind into this folder.")] = None,
 ) -> None:
-    """List encoders, decoders, priors, likelihoods, regularizers and datasets, and where each came from."""
+    """List encoders, decoders, priors, likelihoods, regularizers, objectives and datasets, and where each came from."""
     from ..manager import get_plugin_manager
 
     pm = get_plugin_manager()
@@ -76,6 +76,8 @@ _INTROS = {
                   "dimensions). Choose with `--likelihood`.",
     "regularizer": "Regularizers add named, weighted penalties (and may corrupt inputs, transform codes or own an "
                    "optimizer). Combine several with repeated `--regularizer`.",
+    "objective": "An objective is the loss a run minimises; evaluation (test ELBO, NLL) does not depend on it. "
+                 "Choose with `--objective NAME:key=value,...` (default `elbo`).",
     "dataset": "Datasets are held in memory; nothing is downloaded. Choose with `--data NAME:key=value` or `--data PATH`.",
 }
 

@@ -23,8 +23,9 @@ def run(
     prior: Annotated[Optional[str], typer.Option(help="Prior plugin: 'gaussian' (VAE) or 'none' (autoencoder).")] = None,
     likelihood: Annotated[Optional[str], typer.Option(help="Likelihood plugin: 'bernoulli' or 'gaussian:sigma=0.1'.")] = None,
     regularizer: Annotated[Optional[list[str]], typer.Option(help="Regularizer plugin; repeat for several.")] = None,
+    objective: Annotated[Optional[str], typer.Option(help="Training objective: 'elbo' (default; options beta, warmup=N, cycles=M, ratio, free_bits=λ) or 'iwae:k=5'.")] = None,
     latent_dim: Annotated[Optional[int], typer.Option(help="Latent dimension d.")] = None,
-    beta: Annotated[Optional[float], typer.Option(help="Weight β of the KL term.")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Weight β of the KL term (the elbo objective's β unless it sets its own).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Number of epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Mini-batch size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate.")] = None,
@@ -47,7 +48,7 @@ def run(
 
     if resume is not None:
         given = {k: v for k, v in dict(no_fused_op=no_fused_op, config=config, data=data, encoder=encoder, decoder=decoder, prior=prior,
-                                       likelihood=likelihood, regularizer=regularizer, latent_dim=latent_dim,
+                                       likelihood=likelihood, regularizer=regularizer, objective=objective, latent_dim=latent_dim,
                                        beta=beta, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                        binarize=binarize, precision=precision, out=out, init=init,
                                        pretrain=pretrain).items() if v}
@@ -60,7 +61,7 @@ def run(
         base = RunConfig.from_toml(config) if config is not None else RunConfig()
         cfg = base.replace(
             data=data, encoder=encoder, decoder=decoder, prior=prior, likelihood=likelihood,
-            regularizers=regularizer, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
+            regularizers=regularizer, objective=objective, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
             lr=lr, seed=seed, device=device, binarize=binarize, precision=precision, out=None if out is None else str(out),
             init=None if init is None else str(init), pretrain=pretrain,
         )

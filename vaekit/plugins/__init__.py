@@ -7,5 +7,6 @@ DEFAULT_PLUGINS = (
     "vaekit.plugins.likelihoods",
     "vaekit.plugins.regularizers",
     "vaekit.plugins.autoencoders",
+    "vaekit.plugins.objectives",
     "vaekit.plugins.datasets",
 )
