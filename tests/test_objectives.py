@@ -266,12 +266,25 @@ def test_cli_objective_trains_and_resumes_exactly(objective, tmp_path):
     assert info["config"]["objective"]["name"] == name and info["plugin_sources"]["objective"] == "builtin"
     if name == "elbo":
         assert info["config"]["objective"]["options"] == {"beta": None, "warmup": 10, "cycles": 0, "ratio": 0.5,
-                                                          "free_bits": 0.25}
+                                                          "free_bits": 0.25, "horizon": None}
         assert [m["beta"] for m in _metrics(part)] == pytest.approx([0.0, 0.1, 0.2])
         assert "beta 0.2" in res.stderr
     else:
         assert info["config"]["objective"]["options"] == {"k": 5}
         assert "iwae" in res.stderr
+
+
+def test_cyclical_schedule_keeps_its_period_when_resumed_to_more_epochs(tmp_path):
+    """config.json pins the cycles' horizon to the run's epochs at its start: resumed from 4 to 6 epochs, a
+    cycles=2 run goes on with period 2 (β 0, 1, 0, 1, 0, 1), as a run started with horizon=4 does."""
+    run = tmp_path / "r"
+    assert invoke("run", *CLI, "--objective", "elbo:cycles=2", "--epochs", "4", "--out", run).exit_code == 0
+    assert json.loads((run / "config.json").read_text())["config"]["objective"]["options"]["horizon"] == 4
+    res = invoke("run", "--resume", run, "--epochs", "6", "--no-progress", "--no-figures")
+    assert res.exit_code == 0, res.output
+    assert [m["beta"] for m in _metrics(run)] == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    assert ELBO(RunConfig(epochs=6), cycles=2, horizon=4).beta_at(5) == 0.0
+    assert ELBO(RunConfig(epochs=6), cycles=2).beta_at(5) == pytest.approx(2 / 3)  # without it: period 3
 
 
 def test_a_run_from_before_objectives_resumes_with_elbo(tmp_path):

@@ -368,6 +368,12 @@ class Objective:
         objective cannot train it (e.g. a bound that needs a posterior on a deterministic AE).
         Default: nothing."""
 
+    def recorded_options(self, options: dict) -> dict:
+        """The options config.json records for this objective, given the resolved ``options``: fill in
+        values derived at the run's start that a resumed run must keep (the ``elbo`` cycles' horizon).
+        Default: ``options`` unchanged."""
+        return options
+
     def set_epoch(self, epoch: int) -> dict[str, float]:
         """Called before each training epoch (``epoch`` counts from 1, also after a resume), so
         schedules are a function of the epoch alone.  Returns values to log in that epoch's

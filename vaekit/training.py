@@ -244,7 +244,8 @@ class Trainer:
             prior=PluginSpec(cfg.prior.name, reg["prior"].resolve_options(cfg.prior)),
             likelihood=PluginSpec(cfg.likelihood.name, reg["likelihood"].resolve_options(cfg.likelihood)),
             regularizers=[PluginSpec(r.name, reg["regularizer"].resolve_options(r)) for r in cfg.regularizers],
-            objective=PluginSpec(cfg.objective.name, reg["objective"].resolve_options(cfg.objective)),
+            objective=PluginSpec(cfg.objective.name,
+                                 self.objective.recorded_options(reg["objective"].resolve_options(cfg.objective))),
             binarize=self.binarize,
         )
         sources = {kind: reg[kind].get(spec.name).source for kind, spec in

@@ -23,9 +23,9 @@ class ELBO(Objective):
       (Bowman et al. 2016, KL annealing);
     * ``cycles=M``: cyclical annealing over the run's E epochs (Fu et al. 2019): with
       ``L = ceil(E/M)`` and ``τ = ((e − 1) mod L) / (E/M)``, ``β_e = β · min(1, τ/R)``, R = ``ratio``
-      (β rises linearly over the first R of each cycle, then stays).  The period comes from the
-      run's ``--epochs``: resuming to the same number of epochs is exact, resuming to more
-      stretches the remaining cycles.
+      (β rises linearly over the first R of each cycle, then stays).  E is ``horizon``, by default
+      the run's ``--epochs`` when it starts; config.json records it, so a run resumed to more
+      epochs keeps its cycles (and goes on cycling with the same period after E).
 
     ``free_bits=λ`` (Kingma et al. 2016, IAF paper, "free bits") replaces the KL term by
     ``Σ_j max(λ, mean_B KL_j)`` over latent units j (λ in nats per unit): a unit whose mean KL is
@@ -39,12 +39,13 @@ class ELBO(Objective):
     :param cycles: number of cyclical annealing cycles over the run's epochs (0: none).
     :param ratio: fraction R of each cycle over which β rises (with ``cycles``).
     :param free_bits: λ, nats per latent unit below which the KL is not penalised (0: off).
+    :param horizon: epochs E the ``cycles`` span (unset: the run's ``--epochs`` at its start).
     """
 
     name = "elbo"
 
     def __init__(self, config, *, beta: float | None = None, warmup: int = 0, cycles: int = 0,
-                 ratio: float = 0.5, free_bits: float = 0.0) -> None:
+                 ratio: float = 0.5, free_bits: float = 0.0, horizon: int | None = None) -> None:
         super().__init__(config)
         if beta is not None and config.beta != 1.0 and beta != config.beta:
             raise ConfigError(f"β is set twice (--beta {config.beta:g} and elbo:beta={beta:g}); give one of them")
@@ -60,9 +61,17 @@ class ELBO(Objective):
         if not (math.isfinite(free_bits) and free_bits >= 0):
             raise ConfigError(f"elbo: free_bits must be a finite number of nats >= 0, got {free_bits}")
         self.warmup, self.cycles, self.ratio, self.free_bits = int(warmup), int(cycles), float(ratio), float(free_bits)
-        self.epochs = int(config.epochs)
+        if horizon is not None and horizon < 1:
+            raise ConfigError(f"elbo: horizon must be at least 1 epoch, got {horizon}")
+        self.epochs = int(config.epochs if horizon is None else horizon)
         self.current_beta = self.beta_at(1)
         self.stochastic = True
+
+    def recorded_options(self, options: dict) -> dict:
+        """The cycles' horizon is pinned to this run's epochs, so resuming to more epochs keeps the schedule."""
+        if self.cycles and options.get("horizon") is None:
+            return {**options, "horizon": self.epochs}
+        return options
 
     def beta_at(self, epoch: int) -> float:
         """β in effect in ``epoch`` (counting from 1) under the schedule."""
