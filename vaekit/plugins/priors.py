@@ -38,12 +38,12 @@ class GaussianPrior(Prior):
     ``MultivariateNormal(loc=μ, scale_tril=L)`` (batch ``[B]``, event ``[d]``).  Computed with plain
     tensor ops (no fused op; ``fused`` is ignored), float16/bfloat16 in float32 as the fused op does.
     An exported model's ``encode`` returns μ and the log of the marginal variances
-    ``log diag(LLᵀ)`` (:meth:`export_marginals`), the correlations are not exported.
+    ``log diag(LLᵀ)`` (:meth:`export_marginals`); the correlations are not exported.
+
+    Raises ConfigError for a ``covariance`` other than ``diagonal`` or ``full``.
 
     :param fused: use the fused reparameterize + KL op (diagonal covariance).
     :param covariance: the posterior's covariance: ``diagonal`` (σ²) or ``full`` (LLᵀ, Cholesky factor L).
-
-    Raises ConfigError for a ``covariance`` other than ``diagonal`` or ``full``.
     """
 
     def __init__(self, latent_dim, *, fused: bool = True, covariance: Literal["diagonal", "full"] = "diagonal"):
