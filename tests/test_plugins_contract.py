@@ -36,3 +36,13 @@ def test_mlp_on_vectors():
     CHECKS["encoder"](PM.encoders.get("mlp"), (20,))
     CHECKS["decoder"](PM.decoders.get("mlp"), 3, (40,))
     CHECKS["likelihood"](PM.likelihoods.get("gaussian"), (20,))
+
+
+@pytest.mark.parametrize("options", [{"covariance": "full"}, {"covariance": "full", "latent_dim": 1},
+                                     {"fused": False}], ids=["full", "full-d1", "unfused"])
+def test_gaussian_prior_options_contract(options):
+    """The gaussian prior's non-default options keep the prior contract (a full covariance with any d,
+    including d = 1 without off-diagonal entries)."""
+    prior = CHECKS["prior"](PM.priors.get("gaussian"), **options)
+    d = prior.latent_dim
+    assert prior.param_dim == 2 * d + (d * (d - 1) // 2 if options.get("covariance") == "full" else 0)

@@ -6,6 +6,8 @@ The archive is one scripted module with the methods
   ``VAEModel.embed(x)``: the posterior mean after the regularizers' feature transforms (a sparse
   AE's sigmoid, a k-sparse AE's top-k — top-⌊αk + ½⌋ with alpha > 1), ``logvar`` the posterior's
   log σ² as is; so for a VAE with a transform ``encode`` returns ``(transform(μ), log σ²)``.  For a
+  full-covariance Gaussian posterior N(μ, LLᵀ) (``gaussian:covariance=full``) ``logvar`` is the log of
+  its marginal variances, ``log diag(LLᵀ)``: the correlations are not exported.  For a
   deterministic autoencoder ``mu`` is the code and ``logvar`` is empty (``[B, 0]``), so the
   signature is the same for every model;
 * ``decode(code [B, d]) -> x_mean [B, *S]`` — the likelihood's mean (e.g. sigmoid of the logits) for
@@ -86,15 +88,24 @@ class _Transform(nn.Module):
 
 
 class _Params(nn.Module):
-    """x -> the posterior parameters ``[B, P]`` (encoder, head): ``VAEModel.encode``."""
+    """x -> the posterior parameters ``[B, P]`` (encoder, head): ``VAEModel.encode``, in the exported
+    layout (:func:`_marginals`: ``[μ, log σ²]`` for a full-covariance Gaussian)."""
 
     def __init__(self, model) -> None:
         super().__init__()
         self.encoder = model.encoder
         self.head = model.head
+        self.marginals = _marginals(model.prior)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
+        return self.marginals(self.head(self.encoder(x)))
+
+
+def _marginals(prior) -> nn.Module:
+    """The prior's ``export_marginals()`` module (head output -> ``[μ, log σ²]`` of the posterior's
+    marginals, e.g. the full-covariance ``gaussian`` prior's), or the identity for a prior without one."""
+    layout = getattr(prior, "export_marginals", None)
+    return layout() if callable(layout) else nn.Identity()
 
 
 class _Encode(nn.Module):
@@ -221,9 +232,11 @@ def sample_error(model, sampling: bool = True, aoti: bool = False) -> str:
     """Check what an archive can carry of ``model``'s prior; returns why ``sample`` is unavailable
     (``""`` when it is available).
 
-    An archive's ``encode`` returns the head's ``[μ, log σ²]`` (μ through the latent transforms) and
-    its ``sample(n, seed)`` draws z ~ N(0, I).  Raises ConfigError, naming the prior, if the prior's
-    posterior parameters are not laid out that way, or if ``sampling`` is True and the model samples
+    An archive's ``encode`` returns the head's ``[μ, log σ²]`` (μ through the latent transforms; a prior
+    with ``export_marginals()``, the full-covariance ``gaussian``, maps its head's output to its
+    posterior's mean and log marginal variances first) and its ``sample(n, seed)`` draws z ~ N(0, I).
+    Raises ConfigError, naming the prior, if the posterior is not Gaussian with that mean and those
+    variances, or if ``sampling`` is True and the model samples
     from another p(z) — or, for an AOTInductor package (``aoti``), has a latent transform, which the
     package's loaders cannot apply to the draws (with ``sampling=False`` the archive is written
     without ``sample``, and says why when it is called).
@@ -231,12 +244,15 @@ def sample_error(model, sampling: bool = True, aoti: bool = False) -> str:
     name = getattr(model, "run_info", {}).get("config", {}).get("prior", {}).get("name", type(model.prior).__name__)
     d = model.latent_dim
     if model.prior.stochastic:
-        params = model.encode(torch.rand([2] + list(model.data_shape)))
-        base = _normal_base(model.prior.posterior(params)) if params.shape[-1] == 2 * d else None
+        x = torch.rand([2] + list(model.data_shape))
+        q, params = model.prior.posterior(model.encode(x)), _Params(model)(x)
+        gaussian = _normal_base(q) is not None or type(q) is torch.distributions.MultivariateNormal
         mu, logvar = params.chunk(2, dim=-1)
-        if base is None or not (torch.allclose(base.loc, mu) and torch.allclose(base.scale.square(), logvar.exp(), rtol=1e-4)):
+        if not (gaussian and params.shape[-1] == 2 * d and torch.allclose(q.mean, mu)
+                and torch.allclose(q.variance, logvar.exp(), rtol=1e-4)):
             raise ConfigError(f"cannot export the prior {name!r}: its posterior is not N(μ, σ²) with parameters "
-                              "[μ, log σ²], which is what an exported encode returns")
+                              "[μ, log σ²] (or a full-covariance Gaussian with marginal variances σ²), "
+                              "which is what an exported encode returns")
     if not model.can_sample:
         return f"this model is a deterministic autoencoder (prior {name!r}, no latent target): it has no p(z) to sample from"
     if aoti and _uses_standard_normal(model) and _transforming(model):

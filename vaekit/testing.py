@@ -23,9 +23,10 @@ from .registry import PluginInfo
 BATCH = 3
 
 
-def _build(info: PluginInfo, **context):
+def _build(info: PluginInfo, options=None, **context):
+    """The plugin built with its option defaults, overridden by ``options``."""
     defaults = {name: opt.default for name, opt in info.options.items()}
-    return info.factory(**context, **defaults)
+    return info.factory(**context, **{**defaults, **(options or {})})
 
 
 def check_exportable(module: nn.Module, example: torch.Tensor, what: str) -> None:
@@ -146,9 +147,11 @@ def _export_or_refuse(model, info: PluginInfo, kind: str) -> None:
                 f"{kind} {info.name!r}: the exported model reconstructs differently")
 
 
-def check_prior(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int, ...] = (1, 6, 6)) -> Prior:
-    """The prior inside a small composed model: bound, trains a step, samples reproducibly, exports or refuses."""
-    prior = _build(info, latent_dim=latent_dim)
+def check_prior(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int, ...] = (1, 6, 6), **options) -> Prior:
+    """The prior (with ``options`` overriding its defaults, e.g. ``covariance="full"``) inside a small composed
+    model: bound, trains a step, its posterior draws ``[k, B, d]`` with per-draw log-densities (the
+    importance-sampled NLL's use), samples reproducibly, exports or refuses."""
+    prior = _build(info, options, latent_dim=latent_dim)
     assert isinstance(prior, Prior), f"prior {info.name!r} must subclass vaekit.Prior"
     model = composed_model(prior, latent_dim=latent_dim, data_shape=data_shape)
     record = _train_step(model, info, "prior")
@@ -161,6 +164,9 @@ def check_prior(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[int, ..
         with torch.no_grad():
             q = prior.posterior(params)
             assert q.log_prob(z).shape == (BATCH,), f"prior {info.name!r}: posterior log_prob must be per sample"
+            zk = q.rsample((2,))
+            assert zk.shape == (2, BATCH, latent_dim) and q.log_prob(zk).shape == (2, BATCH), (
+                f"prior {info.name!r}: posterior rsample((k,)) must be [k, B, d] with log_prob [k, B]")
             p = prior.distribution()
             assert p.log_prob(z).shape == (BATCH,), f"prior {info.name!r}: prior log_prob must be per sample"
             assert prior.sample(5).shape == (5, latent_dim)
