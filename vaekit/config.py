@@ -20,6 +20,7 @@ else:  # pragma: no cover
 Binarize = Literal["auto", "dynamic", "static", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
+Condition = Literal["none", "label"]
 
 _SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood", "pretrain")
 
@@ -36,7 +37,8 @@ class RunConfig:
     stays in float32.  ``init`` names a run directory whose weights start this run
     (:func:`vaekit.checkpoint.load_matching_weights`); ``pretrain`` a pretraining method run before
     training (:mod:`vaekit.pretrain`, ``"layerwise:epochs=5"``).  Both set the starting weights, so
-    at most one of them may be given.
+    at most one of them may be given.  ``condition`` ``label`` trains a conditional VAE
+    (Sohn et al. 2015) on the dataset's labels (:mod:`vaekit.conditioning`).
     """
 
     data: PluginSpec = field(default_factory=lambda: PluginSpec("mnist"))
@@ -54,6 +56,7 @@ class RunConfig:
     device: Device = "auto"
     binarize: Binarize = "auto"
     precision: Precision = "fp32"
+    condition: Condition = "none"
     out: str | None = None
     init: str | None = None
     pretrain: PluginSpec | None = None
@@ -67,7 +70,8 @@ class RunConfig:
             self.regularizers = [self.regularizers]
         self.regularizers = [_parse_spec(r, "regularizer") for r in self.regularizers]
         hints = {"latent_dim": int, "beta": float, "epochs": int, "batch_size": int, "lr": float, "seed": int,
-                 "device": Device, "binarize": Binarize, "precision": Precision}
+                 "device": Device, "binarize": Binarize, "precision": Precision,
+                 "condition": Condition}
         for name, typ in hints.items():
             setattr(self, name, coerce(getattr(self, name), typ, name.replace("_", "-")))
         if self.latent_dim < 1:
@@ -90,6 +94,8 @@ class RunConfig:
             build_pretraining(self.pretrain)  # an unknown method or a bad option fails here, before any work
             if self.init is not None:
                 raise ConfigError("--init and --pretrain both set the starting weights; give one of them")
+            if self.condition != "none":
+                raise ConfigError("--pretrain does not support --condition label (its stages train the unconditional layers); drop one of them")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":

@@ -89,19 +89,31 @@ def save_pairs(x: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 8) -> 
 
 
 @torch.no_grad()
-def plot_reconstructions(model, x: torch.Tensor, path: Path, n: int = 8) -> bool:
-    """Pairs of rows: data (top) and reconstruction E[x|z = posterior mean] (bottom)."""
+def plot_reconstructions(model, x: torch.Tensor, path: Path, n: int = 8, c: torch.Tensor | None = None) -> bool:
+    """Pairs of rows: data (top) and reconstruction E[x|z = posterior mean] (bottom); a conditional
+    model reconstructs with the true labels ``c [N]``."""
     x = x[: n * 4]
-    return save_pairs(x, map_batches(model, model.reconstruct, x), path, n)
+    return save_pairs(x, map_batches(model, model.reconstruct, x, c=_cond(model, c, n * 4)), path, n)
+
+
+def _cond(model, c: torch.Tensor | None, n: int | None = None) -> torch.Tensor | None:
+    """The first ``n`` labels for a conditional model, None for an unconditional one."""
+    if not getattr(model, "conditional", False) or c is None:
+        return None
+    return c[:n] if n is not None else c
 
 
 @torch.no_grad()
 def plot_samples(model, path: Path, n: int = 64, seed: int = 0) -> bool:
     """``n`` samples ``E[x|z]`` as a grid; z comes from a CPU generator seeded with ``seed``, as in
     ``vaekit sample`` and the exported ``sample(n, seed)``, so the same seed gives the same
-    samples whatever device the model is on."""
+    samples whatever device the model is on.  A conditional model gets one row of 8 samples per label
+    (``E[x|z, c]``, label 0 at the top), drawn label after label from that one generator."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
+    if getattr(model, "conditional", False):
+        rows = [model.sample(8, gen, label=k).cpu() for k in range(model.num_classes)]
+        return save_grid(torch.cat(rows), path, nrow=8, title="samples: E[x|z, c], one row per label c")
     return save_grid(model.sample(n, gen).cpu(), path, nrow=int(math.sqrt(n)) or 1, title="samples: E[x|z], z ~ p(z)")
 
 
@@ -110,7 +122,7 @@ def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> N
     """Scatter of the posterior means, coloured by label; the first two principal components when d > 2."""
     from sklearn.decomposition import PCA
 
-    z = map_batches(model, model.embed, x).numpy()
+    z = map_batches(model, model.embed, x, c=_cond(model, y)).numpy()
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     if z.shape[1] > 2:
@@ -141,15 +153,20 @@ def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> N
 
 
 @torch.no_grad()
-def plot_manifold(model, path: Path, n: int = 20) -> bool:
+def plot_manifold(model, path: Path, n: int = 20, label: int = 0) -> bool:
     """Decoder means over a grid of z at the standard-normal quantiles 0.05..0.95 (Kingma & Welling 2014, fig. 4),
-    each z made a code by :meth:`~vaekit.model.VAEModel.transform_latent` as in sampling."""
+    each z made a code by :meth:`~vaekit.model.VAEModel.transform_latent` as in sampling; a conditional
+    model decodes them all with the label ``label``."""
     if model.latent_dim != 2:
         return False
     model.eval()
     device = next(model.parameters()).device
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
     zz = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
+    if getattr(model, "conditional", False):
+        c = torch.full((len(zz),), label, dtype=torch.long, device=device)
+        return save_grid(model.decode_mean(model.transform_latent(zz.to(device)), c).cpu(), path, nrow=n,
+                         title=f"learned manifold of label {label}, z over N(0, I) quantiles")
     return save_grid(model.decode_mean(model.transform_latent(zz.to(device))).cpu(), path, nrow=n, title="learned manifold, z over N(0, I) quantiles")
 
 
@@ -229,14 +246,14 @@ def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history:
     """
     run_dir = Path(run_dir)
     figures = [
-        ("reconstructions.png", lambda p: plot_reconstructions(model, test_x, p)),
+        ("reconstructions.png", lambda p: plot_reconstructions(model, test_x, p, c=data.test_y)),
         ("samples.png", lambda p: model.can_sample and plot_samples(model, p)),
         ("latent.png", lambda p: plot_latent(model, test_x, data.test_y, p) or True),
         ("manifold.png", lambda p: model.can_sample and plot_manifold(model, p)),
         ("loss.png", lambda p: bool(history) and (plot_loss(history, p) or True)),
         ("filters.png", lambda p: plot_filters(model, p)),
         ("codes.png", lambda p: any(getattr(r, "sparse_codes", False) for r in model.regularizers)
-         and (plot_code_histogram(map_batches(model, model.embed, test_x), p) or True)),
+         and (plot_code_histogram(map_batches(model, model.embed, test_x, c=_cond(model, data.test_y)), p) or True)),
     ]
     written = []
     for name, draw in figures:
