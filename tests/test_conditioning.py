@@ -166,3 +166,25 @@ def test_cli_sample_npy_of_an_unconditional_run(trained_run, tmp_path):
     with torch.no_grad():
         expected = model.sample(4, torch.Generator().manual_seed(0)).numpy()
     np.testing.assert_array_equal(np.load(tmp_path / "u.npy"), expected)
+
+
+def test_export_round_trip_of_a_conditional_model(cvae_run, trained_run, tmp_path):
+    from vaekit.export import export_aoti, export_torchscript, load_exported
+
+    model = vaekit.load_run(cvae_run)
+    archive = load_exported(export_torchscript(model, tmp_path / "cvae.pt"))
+    assert archive.conditional and archive.num_classes == 10 and archive.config["config"]["condition"] == "label"
+    x, c = torch.rand(6, 1, 8, 8), torch.tensor([0, 1, 2, 7, 9, 9])
+    with torch.no_grad():
+        mu, _ = archive.encode(x, c)
+        torch.testing.assert_close(mu, model.embed(x, c))
+        torch.testing.assert_close(archive.reconstruct(x, c), model.reconstruct(x, c))
+        torch.testing.assert_close(archive.decode(mu, (c + 1) % 10), model.decode_mean(mu, (c + 1) % 10))
+        torch.testing.assert_close(archive.sample(5, 3, 4), model.sample(5, torch.Generator().manual_seed(3), label=4))
+    with pytest.raises(torch.jit.Error, match="out of range"):
+        archive.reconstruct(x, c + 1)
+    plain = load_exported(export_torchscript(vaekit.load_run(trained_run), tmp_path / "plain.pt"))
+    assert not plain.conditional and plain.num_classes == 0
+    assert plain.sample(2, 0).shape == (2, 1, 28, 28)  # the unconditional signatures as before
+    with pytest.raises(ConfigError, match="--format torchscript"):
+        export_aoti(model, tmp_path / "cvae.pt2")
