@@ -53,6 +53,11 @@ def check_labels(c: torch.Tensor | None, num_classes: int, batch: int) -> torch.
     return c.long()
 
 
+_UNLABELLED = ("the {part} of this conditional model (--condition label) was called without the labels c, e.g. by a "
+               "plugin that encodes inputs of its own (a VampPrior's pseudo-inputs, sparsity:target=features, "
+               "contractive): such a plugin does not support --condition label")
+
+
 class ConditionalEncoder(nn.Module):
     """An encoder plugin built for :func:`conditioned_input_shape` made to read ``(x [B, *S], c [B])``."""
 
@@ -63,7 +68,9 @@ class ConditionalEncoder(nn.Module):
         self.out_features = inner.out_features
         self.input_shape = inner.input_shape
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if c is None:
+            raise ConfigError(_UNLABELLED.format(part="encoder"))
         return self.inner(append_label(x, c, self.num_classes))
 
 
@@ -76,5 +83,7 @@ class ConditionalDecoder(nn.Module):
         self.num_classes = num_classes
         self.output_shape = inner.output_shape
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if c is None:
+            raise ConfigError(_UNLABELLED.format(part="decoder"))
         return self.inner(append_label(z, c, self.num_classes))

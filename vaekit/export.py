@@ -46,6 +46,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from .conditioning import append_label
 from .errors import CheckpointError, ConfigError, first_line
 
 FORMAT = "vaekit-torchscript/1"
@@ -134,15 +135,17 @@ class _Decode(nn.Module):
 
 
 class _CondParams(nn.Module):
-    """(x, c) -> the posterior parameters ``[B, P]`` of a conditional model: ``VAEModel.encode(x, c)``."""
+    """(x, c) -> the posterior parameters ``[B, P]`` of a conditional model: ``VAEModel.encode(x, c)``
+    (the encoder plugin reads x with the one-hot of c appended, :func:`vaekit.conditioning.append_label`)."""
 
     def __init__(self, model) -> None:
         super().__init__()
-        self.encoder = model.encoder
+        self.encoder = model.encoder.inner
         self.head = model.head
+        self.num_classes = model.num_classes
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x, c))
+        return self.head(self.encoder(append_label(x, c, self.num_classes)))
 
 
 class _CondDecode(nn.Module):
@@ -150,11 +153,12 @@ class _CondDecode(nn.Module):
 
     def __init__(self, model) -> None:
         super().__init__()
-        self.decoder = model.decoder
+        self.decoder = model.decoder.inner
         self.likelihood = model.likelihood
+        self.num_classes = model.num_classes
 
     def forward(self, code: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.likelihood.mean(self.decoder(code, c))
+        return self.likelihood.mean(self.decoder(append_label(code, c, self.num_classes)))
 
 
 class ExportedModel(nn.Module):
