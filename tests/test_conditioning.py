@@ -188,3 +188,11 @@ def test_export_round_trip_of_a_conditional_model(cvae_run, trained_run, tmp_pat
     assert plain.sample(2, 0).shape == (2, 1, 28, 28)  # the unconditional signatures as before
     with pytest.raises(ConfigError, match="--format torchscript"):
         export_aoti(model, tmp_path / "cvae.pt2")
+
+
+def test_condition_is_a_toml_key_and_refuses_pretraining(tmp_path):
+    (tmp_path / "run.toml").write_text('condition = "label"\ndata = "digits"\n')
+    cfg = RunConfig.from_toml(tmp_path / "run.toml")
+    assert cfg.condition == "label" and RunConfig.from_dict(cfg.to_dict()).condition == "label"
+    with pytest.raises(ConfigError, match="--pretrain does not support --condition label"):
+        RunConfig(encoder="mlp", pretrain="layerwise", condition="label")
