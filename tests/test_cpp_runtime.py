@@ -218,3 +218,34 @@ def test_the_runner_encodes_ksparse_codes(readme_build, tmp_path):
         top = model.prior.mean(model.encode(x)).topk(5, dim=-1)
         k_code = torch.zeros_like(codes).scatter(-1, top.indices, top.values)
         assert (torch.load(tmp_path / "recon.pt") - model.decode_mean(k_code)).abs().max() <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_conditional_archive_runs_in_cpp_as_in_python(readme_build, tmp_path):
+    """A CVAE (--condition label) archive: the C++ runner's sample --label, encode/reconstruct --labels equal the
+    Python model's; ctest's conditional checks pass on it; labels are refused by an unconditional model and
+    required by a conditional one, each with one line."""
+    run = vaekit.train(data="digits", encoder="mlp:hidden=32", latent_dim=4, epochs=1, condition="label",
+                       out=str(tmp_path / "run"), quiet=True, figures=False)
+    model = vaekit.load_run(run.run_dir).eval()
+    path = export_torchscript(model, tmp_path / "cvae.pt")
+    x, c = torch.rand(6, 1, 8, 8), torch.tensor([0, 3, 9, 3, 5, 1])
+    torch.save(x, tmp_path / "x.pt")
+    torch.save(c, tmp_path / "c.pt")
+    runner = readme_build / "build" / "vaekit-runner"
+    for args in (("sample", "-n", 5, "--seed", 2, "--label", 7), ("encode", "--in", tmp_path / "x.pt", "--labels", tmp_path / "c.pt"),
+                 ("reconstruct", "--in", tmp_path / "x.pt", "--labels", tmp_path / "c.pt")):
+        res = _run(runner, path, *args, "--out", tmp_path / f"{args[0]}.pt")
+        assert res.returncode == 0, res.stderr
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "sample.pt"), model.sample(5, torch.Generator().manual_seed(2), label=7))
+        assert (torch.load(tmp_path / "encode.pt") - model.embed(x, c)).abs().max() <= 1e-5
+        assert (torch.load(tmp_path / "reconstruct.pt") - model.reconstruct(x, c)).abs().max() <= 1e-5
+    _one_error_line(_run(runner, path, "sample", "--out", tmp_path / "s.pt"), "pass the labels")
+    _one_error_line(_run(runner, path, "sample", "--label", 10, "--out", tmp_path / "s.pt"), "label 10 is out of range")
+    _one_error_line(_run(runner, readme_build / "model.pt", "sample", "--label", 1, "--out", tmp_path / "s.pt"),
+                    "not conditional")
+    env = dict(os.environ, VAEKIT_TEST_MODEL=str(path))
+    res = subprocess.run(["ctest", "--test-dir", str(readme_build / "build"), "--output-on-failure"], capture_output=True,
+                         text=True, timeout=BUILD_TIMEOUT, env=env)
+    assert res.returncode == 0 and "FAIL" not in res.stdout, res.stdout[-3000:]

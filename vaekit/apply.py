@@ -124,7 +124,7 @@ def embed(run, data=None, split: str = "test", batch_size: int = 500, device: st
     """
     model = resolve_run(run, device, pm)
     x, y = load_split(model, data, split, pm)
-    return Codes(map_batches(model, model.embed, x, batch_size).float(), y)
+    return Codes(map_batches(model, model.embed, x, batch_size, c=condition_labels(model, y)).float(), y)
 
 
 def reconstruct(run, data=None, split: str = "test", batch_size: int = 500, device: str = "auto",
@@ -133,11 +133,12 @@ def reconstruct(run, data=None, split: str = "test", batch_size: int = 500, devi
     ``vaekit reconstruct``.  Errors as in :func:`embed`."""
     model = resolve_run(run, device, pm)
     x, y = load_split(model, data, split, pm)
-    return Reconstructions(map_batches(model, model.reconstruct, x, batch_size).float(), x, y)
+    return Reconstructions(map_batches(model, model.reconstruct, x, batch_size, c=condition_labels(model, y)).float(), x, y)
 
 
 def anomaly_scores(model: VAEModel, x: torch.Tensor, nll_samples: int = 100, batch_size: int = 100,
-                   seed: int = EVAL_SEED, progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
+                   seed: int = EVAL_SEED, progress: Callable[[int], None] | None = None,
+                   c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample anomaly scores of ``x [N, *S]`` (as loaded), each ``[N]`` float32, higher = more anomalous.
 
     * ``recon_error``: ‖x − E[x | z = posterior mean]‖² summed over the data dimensions (data
@@ -150,19 +151,20 @@ def anomaly_scores(model: VAEModel, x: torch.Tensor, nll_samples: int = 100, bat
     ``neg_elbo`` and ``nll`` are given for a VAE whose likelihood is a normalised density for its
     inputs, which follow the run's binarization as in ``vaekit eval``
     (:func:`vaekit.training.eval_inputs`: the fixed test binarization).  The caller's RNG is left
-    alone.  ``progress(n)`` is called as the importance sampler finishes data points.
+    alone.  ``progress(n)`` is called as the importance sampler finishes data points.  A conditional
+    model needs the labels ``c [N]`` (its scores are then of x given its label).
     """
     from .training import eval_inputs
 
     if nll_samples < 0:
         raise ConfigError(f"the number of importance samples must be >= 0 (0 skips the NLL), got {nll_samples}")
-    out = {"recon_error": reconstruction_error(model, x, batch_size, reduction="sum")}
+    out = {"recon_error": reconstruction_error(model, x, batch_size, reduction="sum", c=c)}
     x_eval = eval_inputs(x, model.run_info["config"].get("binarize", "none"))
     if model.prior.stochastic and model.likelihood.normalized_for(x_eval):
-        out["neg_elbo"] = -elbo_terms(model, x_eval, batch_size, seed=seed)["elbo"]
+        out["neg_elbo"] = -elbo_terms(model, x_eval, batch_size, seed=seed, c=c)["elbo"]
         if nll_samples > 0:
             with seeded_noise(seed, _device(model)):
-                out["nll"] = -iwae_log_likelihood(model, x_eval, nll_samples, batch_size, progress=progress)
+                out["nll"] = -iwae_log_likelihood(model, x_eval, nll_samples, batch_size, progress=progress, c=c)
     return {k: v.float() for k, v in out.items()}
 
 
@@ -172,7 +174,18 @@ def score(run, data=None, split: str = "test", nll_samples: int = 100, batch_siz
     """The :func:`anomaly_scores` of a split and its labels: ``vaekit score``.  Errors as in :func:`embed`."""
     model = resolve_run(run, device, pm)
     x, y = load_split(model, data, split, pm)
-    return Scores(anomaly_scores(model, x, nll_samples, batch_size, seed, progress), y)
+    return Scores(anomaly_scores(model, x, nll_samples, batch_size, seed, progress, c=condition_labels(model, y)), y)
+
+
+def condition_labels(model: VAEModel, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The labels a conditional model reads with its data (``labels [N]``); None for an unconditional model.
+
+    Raises DataError for a conditional model and data without labels."""
+    if not getattr(model, "conditional", False):
+        return None
+    if labels is None:
+        raise DataError("this run is a conditional VAE (--condition label): it needs labelled data, and this data has no labels")
+    return labels
 
 
 def check_normal_class(labels: torch.Tensor | None, normal_class: int) -> None:

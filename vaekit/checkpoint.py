@@ -320,7 +320,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
     try:
         config = RunConfig.from_dict(info["config"])
         shape = tuple(info["data"]["shape"])
-        model = build_model(config, shape, pm)
+        model = build_model(config, shape, pm, num_classes=info["data"].get("num_classes"))
     except UnknownPluginError as e:
         raise CheckpointError(missing_plugin_message(run_dir, info, e)) from None
     except (ConfigError, KeyError, TypeError) as e:

@@ -20,6 +20,7 @@ else:  # pragma: no cover
 Binarize = Literal["auto", "dynamic", "static", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
+Condition = Literal["none", "label"]
 
 _SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood", "objective", "pretrain")
 
@@ -36,7 +37,8 @@ class RunConfig:
     stays in float32.  ``init`` names a run directory whose weights start this run
     (:func:`vaekit.checkpoint.load_matching_weights`); ``pretrain`` a pretraining method run before
     training (:mod:`vaekit.pretrain`, ``"layerwise:epochs=5"``).  Both set the starting weights, so
-    at most one of them may be given.  ``objective`` is the training objective
+    at most one of them may be given.  ``condition`` ``label`` trains a conditional VAE
+    (Sohn et al. 2015) on the dataset's labels (:mod:`vaekit.conditioning`).  ``objective`` is the training objective
     (:class:`~vaekit.interfaces.Objective`, ``"elbo"``, ``"iwae:k=5"``); its β is ``beta`` unless it
     sets its own.  A ``config.json`` written before objectives existed loads with ``elbo``.
     """
@@ -57,6 +59,7 @@ class RunConfig:
     device: Device = "auto"
     binarize: Binarize = "auto"
     precision: Precision = "fp32"
+    condition: Condition = "none"
     out: str | None = None
     init: str | None = None
     pretrain: PluginSpec | None = None
@@ -70,7 +73,8 @@ class RunConfig:
             self.regularizers = [self.regularizers]
         self.regularizers = [_parse_spec(r, "regularizer") for r in self.regularizers]
         hints = {"latent_dim": int, "beta": float, "epochs": int, "batch_size": int, "lr": float, "seed": int,
-                 "device": Device, "binarize": Binarize, "precision": Precision}
+                 "device": Device, "binarize": Binarize, "precision": Precision,
+                 "condition": Condition}
         for name, typ in hints.items():
             setattr(self, name, coerce(getattr(self, name), typ, name.replace("_", "-")))
         if self.latent_dim < 1:
@@ -93,6 +97,8 @@ class RunConfig:
             build_pretraining(self.pretrain)  # an unknown method or a bad option fails here, before any work
             if self.init is not None:
                 raise ConfigError("--init and --pretrain both set the starting weights; give one of them")
+            if self.condition != "none":
+                raise ConfigError("--pretrain does not support --condition label (its stages train the unconditional layers); drop one of them")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":

@@ -20,14 +20,15 @@ ELBO_BATCH_SIZE = 500
 
 @torch.no_grad()
 def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = ELBO_BATCH_SIZE,
-               seed: int | None = None) -> dict[str, torch.Tensor]:
+               seed: int | None = None, c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample ``log_px`` (log p(x|z), one z ~ q(z|x)), ``kl`` and ``elbo = log_px − kl``, each ``[N]`` nats.
 
     ``x [N, *S]`` is evaluated in batches of ``batch_size``.  With a ``seed`` the noise of z is
     drawn from the global RNG seeded with it inside :func:`seeded_noise`, so the estimate is
     reproducible (for a given device, ``batch_size`` and model) and the caller's RNG streams are
     left exactly as they were; ``seed=None`` draws from the caller's streams.  The estimate is
-    the one-sample SGVB estimator of Kingma & Welling 2014 (§2.3), with the prior's KL.
+    the one-sample SGVB estimator of Kingma & Welling 2014 (§2.3), with the prior's KL.  A conditional
+    model needs the labels ``c [N]`` and bounds log p(x|c) (Sohn et al. 2015, eq. 4).
     """
     was_training = model.training
     model.eval()
@@ -35,7 +36,7 @@ def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = ELBO_BATCH_SI
     device = _device(model)
     with seeded_noise(seed, device):
         for i in range(0, len(x), batch_size):
-            rec = model(x[i : i + batch_size].to(device))
+            rec = model(x[i : i + batch_size].to(device), _rows(c, i, batch_size, device))
             log_px.append(rec.log_px.cpu())
             kl.append(rec.kl.cpu())
     model.train(was_training)
@@ -64,6 +65,7 @@ def importance_sampled_log_likelihood(
     batch_size: int = 100,
     max_rows: int = 1024,
     progress: Callable[[float], None] | None = None,
+    c: torch.Tensor | None = None,
 ) -> ImportanceSampled:
     """Importance-sampled ``log p(x) ≈ log (1/K) Σ_k p(x|z_k) p(z_k) / q(z_k|x)``, ``z_k ~ q(z|x)``, per data point,
     with the Monte-Carlo variance of each estimate (:class:`ImportanceSampled`).
@@ -74,7 +76,8 @@ def importance_sampled_log_likelihood(
     least one): memory is bounded by ``max_rows`` decoder rows whatever K, because each chunk is
     reduced to its log-sum-exp (and that of the squared weights) before the next is drawn.
     ``progress(n)`` is called after each chunk with the (fractional) number of data points it
-    finished, so a bar over N moves steadily.  The noise comes from the caller's global RNG.
+    finished, so a bar over N moves steadily.  The noise comes from the caller's global RNG.  A
+    conditional model needs the labels ``c [N]`` and estimates log p(x|c).
 
     Raises ConfigError for models without a stochastic prior (the bound is undefined), a likelihood
     that is not a normalised density for ``x``, or ``num_samples < 1``.
@@ -94,13 +97,14 @@ def importance_sampled_log_likelihood(
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size].to(device)
         b = xb.shape[0]
-        q = model.prior.posterior(model.encode(xb))
+        cb = _rows(c, i, batch_size, device)
+        q = model.prior.posterior(model.encode(xb, cb))
         chunk = max(1, min(num_samples, max_rows // b))
         lse_w, lse_w2 = [], []  # per chunk: log Σ w and log Σ w², [b] each
         for k0 in range(0, num_samples, chunk):
             k = min(chunk, num_samples - k0)
             z = q.rsample((k,))  # [k, b, d]
-            params = model.decode(model.transform_latent(z.reshape(k * b, -1)))
+            params = model.decode(model.transform_latent(z.reshape(k * b, -1)), None if cb is None else cb.repeat(k))
             xk = xb.unsqueeze(0).expand((k,) + xb.shape).reshape((k * b,) + xb.shape[1:])
             log_w = model.likelihood.log_prob(params, xk).view(k, b) + p_z.log_prob(z) - q.log_prob(z)
             log_w = log_w.double()  # the sums of K = 5000 weights and of their squares
@@ -118,17 +122,19 @@ def importance_sampled_log_likelihood(
 
 
 def iwae_log_likelihood(model: VAEModel, x: torch.Tensor, num_samples: int = 1000, batch_size: int = 100,
-                        max_rows: int = 1024, progress: Callable[[float], None] | None = None) -> torch.Tensor:
-    """The importance-sampled ``log p(x)`` ``[N]`` nats of :func:`importance_sampled_log_likelihood`
-    (same arguments and errors), without its variance."""
-    return importance_sampled_log_likelihood(model, x, num_samples, batch_size, max_rows, progress).log_px
+                        max_rows: int = 1024, progress: Callable[[float], None] | None = None,
+                        c: torch.Tensor | None = None) -> torch.Tensor:
+    """The importance-sampled ``log p(x)`` (``log p(x|c)`` with labels ``c``) ``[N]`` nats of
+    :func:`importance_sampled_log_likelihood` (same arguments and errors), without its variance."""
+    return importance_sampled_log_likelihood(model, x, num_samples, batch_size, max_rows, progress, c).log_px
 
 
 @torch.no_grad()
-def map_batches(model: VAEModel, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                batch_size: int = 500) -> torch.Tensor:
+def map_batches(model: VAEModel, fn: Callable[..., torch.Tensor], x: torch.Tensor,
+                batch_size: int = 500, c: torch.Tensor | None = None) -> torch.Tensor:
     """``fn`` applied to ``x [N, *S]`` in batches of ``batch_size`` on the model's device, in eval mode
-    and without gradients; the results are concatenated on the CPU (``[N, ...]``).
+    and without gradients; the results are concatenated on the CPU (``[N, ...]``).  With labels ``c [N]``
+    it is ``fn(x_batch, c_batch)`` (a conditional model's methods).
 
     ``map_batches(model, model.embed, x)`` are the features ``[N, d]``; the model's training mode is
     restored afterwards.  Raises ConfigError for ``batch_size < 1``.
@@ -139,30 +145,34 @@ def map_batches(model: VAEModel, fn: Callable[[torch.Tensor], torch.Tensor], x: 
     model.eval()
     device = _device(model)
     try:
-        return torch.cat([fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+        if c is None:
+            return torch.cat([fn(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+        return torch.cat([fn(x[i : i + batch_size].to(device), _rows(c, i, batch_size, device)).cpu()
+                          for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
 
 
 def reconstruction_error(model: VAEModel, x: torch.Tensor, batch_size: int = 500,
-                         reduction: str = "mean") -> torch.Tensor:
+                         reduction: str = "mean", c: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample squared error between ``x`` and ``E[x|z = posterior mean]``, ``[N]`` (data units²).
 
     ``reduction``: ``mean`` (the MSE, averaged over the data dimensions) or ``sum`` (summed over
-    them: the anomaly score of ``vaekit score``).
+    them: the anomaly score of ``vaekit score``).  A conditional model needs the labels ``c [N]``.
     """
     if reduction not in ("mean", "sum"):
         raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
-    def error(xb: torch.Tensor) -> torch.Tensor:
-        sq = (model.reconstruct(xb) - xb).square().flatten(1)
+    def error(xb: torch.Tensor, cb: torch.Tensor | None = None) -> torch.Tensor:
+        sq = (model.reconstruct(xb, cb) - xb).square().flatten(1)
         return sq.mean(1) if reduction == "mean" else sq.sum(1)
 
-    return map_batches(model, error, x, batch_size)
+    return map_batches(model, error, x, batch_size, c=c)
 
 
 def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_size: int = 100,
-             progress: Callable[[int], None] | None = None, seed: int = EVAL_SEED) -> dict[str, float]:
+             progress: Callable[[int], None] | None = None, seed: int = EVAL_SEED,
+             c: torch.Tensor | None = None) -> dict[str, float]:
     """Test-set summary: ``elbo``, ``log_px``, ``kl``, ``nll`` (importance-sampled, K = ``nll_samples``; 0 skips it), ``recon_mse``.
 
     With the NLL come its two standard errors (nats): ``nll_se``, the standard error of the mean over
@@ -179,16 +189,17 @@ def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_si
     estimate of :func:`elbo_terms` (``seed``, batches of :data:`ELBO_BATCH_SIZE`),
     the very estimate training logs as ``test_elbo`` each epoch (:data:`EVAL_SEED`),
     so on the same device the two agree.  ``batch_size`` is the importance
-    sampler's; its noise comes from the caller's global RNG.
+    sampler's; its noise comes from the caller's global RNG.  A conditional model needs the labels
+    ``c [N]``; its ELBO and NLL are then bounds on log p(x|c).
     """
-    out: dict[str, float] = {"n": len(x), **elbo_summary(model, x, seed)}
+    out: dict[str, float] = {"n": len(x), **elbo_summary(model, x, seed, c=c)}
     if "elbo" in out and nll_samples > 0:
-        est = importance_sampled_log_likelihood(model, x, nll_samples, batch_size, progress=progress)
+        est = importance_sampled_log_likelihood(model, x, nll_samples, batch_size, progress=progress, c=c)
         out["nll"] = float(-est.log_px.double().mean())
         out["nll_se"] = float(est.log_px.double().std() / math.sqrt(len(x))) if len(x) > 1 else float("nan")
         out["nll_mc_se"] = float(est.mc_var.double().sum().sqrt() / len(x))
         out["nll_samples"] = nll_samples
-    out["recon_mse"] = float(reconstruction_error(model, x).mean())
+    out["recon_mse"] = float(reconstruction_error(model, x, c=c).mean())
     return out
 
 
@@ -211,13 +222,15 @@ def evaluate_run(run, split: str = "test", nll_samples: int = 1000, batch_size: 
     if split not in ("test", "train"):
         raise ConfigError(f"split must be 'test' or 'train', got {split!r}")
     model = resolve_run(run, device, pm)
-    x, _ = load_split(model, None, split, pm)
+    x, y = load_split(model, None, split, pm)
     x = eval_inputs(x, model.run_info["config"].get("binarize", "none"))
+    c = y if getattr(model, "conditional", False) else None
     with seeded_noise(seed, _device(model)):  # the importance sampler's noise; the caller's RNG is left alone
-        return evaluate(model, x, nll_samples, batch_size, progress=progress, seed=seed)
+        return evaluate(model, x, nll_samples, batch_size, progress=progress, seed=seed, c=c)
 
 
-def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED) -> dict[str, float]:
+def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED,
+                 c: torch.Tensor | None = None) -> dict[str, float]:
     """Means over ``x`` of the seeded :func:`elbo_terms`, named by what they are (nats):
 
     ``elbo``, ``log_px``, ``kl`` for a VAE whose likelihood is a density for ``x``; ``log_px`` for
@@ -226,7 +239,7 @@ def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED)
     (:meth:`~vaekit.interfaces.Likelihood.normalized_for`).  Training logs it each epoch with a
     ``test_`` prefix; :func:`evaluate` reports it as is.
     """
-    terms = elbo_terms(model, x, seed=seed)
+    terms = elbo_terms(model, x, seed=seed, c=c)
     mean = {k: float(v.mean()) for k, v in terms.items()}
     stochastic = model.prior.stochastic
     if not model.likelihood.normalized_for(x):
@@ -234,6 +247,11 @@ def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED)
     if not stochastic:
         return {"log_px": mean["log_px"]}
     return {"elbo": mean["elbo"], "log_px": mean["log_px"], "kl": mean["kl"]}
+
+
+def _rows(c: torch.Tensor | None, i: int, batch_size: int, device: torch.device) -> torch.Tensor | None:
+    """Rows ``i:i+batch_size`` of the labels ``c`` on ``device`` (None stays None)."""
+    return None if c is None else c[i : i + batch_size].to(device)
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -19,7 +19,12 @@ The archive is one scripted module with the methods
   ``torch.Generator`` seeded with ``seed``, so Python and C++ draw the same samples;
 
 plus attributes ``vaekit_format``, ``input_shape``, ``latent_dim``, ``deterministic``,
-``can_sample`` and the run's ``config.json`` as an extra file.  Only plain tensor ops are
+``can_sample``, ``num_classes`` (0) and ``conditional`` (False), and the run's ``config.json`` as an extra file.
+
+A conditional VAE (``--condition label``, :mod:`vaekit.conditioning`) is exported as
+:class:`ConditionalExportedModel`, whose methods take the labels too — ``encode(x, c)``,
+``decode(code, c)``, ``reconstruct(x, c)`` with ``c [B]`` int64 labels in ``0..num_classes-1``, and
+``sample(n, seed, label)`` — with ``num_classes`` = K and ``conditional`` = True (TorchScript only).  Only plain tensor ops are
 recorded (the fused op is replaced by its formula), so libtorch alone runs it.
 
 The AOTInductor package (``.pt2``, :func:`export_aoti`) holds two compiled models, ``encode``
@@ -43,6 +48,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from .conditioning import append_label
 from .errors import CheckpointError, ConfigError, first_line
 
 FORMAT = "vaekit-torchscript/1"
@@ -139,6 +145,35 @@ class _Decode(nn.Module):
         return self.likelihood.mean(self.decoder(code))
 
 
+class _CondParams(nn.Module):
+    """(x, c) -> the posterior parameters ``[B, P]`` of a conditional model: ``VAEModel.encode(x, c)``
+    (the encoder plugin reads x with the one-hot of c appended, :func:`vaekit.conditioning.append_label`),
+    in the exported layout (:func:`_marginals`, as :class:`_Params`)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.encoder = model.encoder.inner
+        self.head = model.head
+        self.marginals = _marginals(model.prior)
+        self.num_classes = model.num_classes
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.marginals(self.head(self.encoder(append_label(x, c, self.num_classes))))
+
+
+class _CondDecode(nn.Module):
+    """(code, c) -> likelihood mean of a conditional model: ``VAEModel.decode_mean(code, c)``."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.decoder = model.decoder.inner
+        self.likelihood = model.likelihood
+        self.num_classes = model.num_classes
+
+    def forward(self, code: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.likelihood.mean(self.decoder(append_label(code, c, self.num_classes)))
+
+
 class ExportedModel(nn.Module):
     """The exported module; see the module docstring for its methods."""
 
@@ -155,6 +190,8 @@ class ExportedModel(nn.Module):
         self.deterministic = deterministic
         self.can_sample = sample_error == ""
         self.sample_error = sample_error
+        self.num_classes = 0
+        self.conditional = False
 
     def _mean_logvar(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         params = self.encode_net(x)
@@ -190,7 +227,75 @@ class ExportedModel(nn.Module):
         return self.reconstruct(x)
 
 
-def _script_or_trace(module: nn.Module, example: torch.Tensor, what: str) -> torch.jit.ScriptModule:
+class ConditionalExportedModel(nn.Module):
+    """The exported module of a conditional VAE: :class:`ExportedModel`'s methods, each given the labels
+    ``c [B]`` (int64, ``0..num_classes-1``; ``sample`` takes one ``label`` for all ``n``)."""
+
+    def __init__(self, encode: nn.Module, decode: nn.Module, transform: nn.Module, features: nn.Module,
+                 input_shape: List[int], latent_dim: int, deterministic: bool, sample_error: str,
+                 num_classes: int) -> None:
+        super().__init__()
+        self.encode_net = encode
+        self.decode_net = decode
+        self.transform_net = transform
+        self.features_net = features
+        self.vaekit_format = FORMAT
+        self.input_shape = input_shape
+        self.latent_dim = latent_dim
+        self.deterministic = deterministic
+        self.can_sample = sample_error == ""
+        self.sample_error = sample_error
+        self.num_classes = num_classes
+        self.conditional = True
+
+    def _check_labels(self, c: torch.Tensor, batch: int) -> None:
+        if c.dim() != 1 or c.shape[0] != batch:
+            raise RuntimeError("the labels c must be int64 of shape [B], one per input row")
+        if batch > 0 and (int(c.min()) < 0 or int(c.max()) >= self.num_classes):
+            raise RuntimeError("a label is out of range: this model knows the labels 0.." + str(self.num_classes - 1))
+
+    def _mean_logvar(self, x: torch.Tensor, c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self._check_labels(c, x.shape[0])
+        params = self.encode_net(x, c)
+        if self.deterministic:
+            return params, params.new_empty([params.shape[0], 0])
+        mu, logvar = params.chunk(2, dim=-1)
+        return mu, logvar
+
+    @torch.jit.export
+    def encode(self, x: torch.Tensor, c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self._mean_logvar(x, c)
+        return self.features_net(mu), logvar
+
+    @torch.jit.export
+    def decode(self, code: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        self._check_labels(c, code.shape[0])
+        return self.decode_net(code, c)
+
+    @torch.jit.export
+    def reconstruct(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        mu, _ = self._mean_logvar(x, c)
+        return self.decode(self.transform_net(mu), c)
+
+    @torch.jit.export
+    def sample(self, n: int, seed: int, label: int) -> torch.Tensor:
+        if not self.can_sample:
+            raise RuntimeError(self.sample_error)
+        g = torch.Generator()
+        g.manual_seed(seed)
+        z = torch.randn([n, self.latent_dim], generator=g)
+        return self.decode(self.transform_net(z), torch.full([n], label, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(x, c)
+
+
+def _probe_labels(model, n: int):
+    """Labels ``[n]`` (all 0) for probing a conditional model; None for an unconditional one."""
+    return torch.zeros(n, dtype=torch.long) if getattr(model, "conditional", False) else None
+
+
+def _script_or_trace(module: nn.Module, example, what: str) -> torch.jit.ScriptModule:
     """Script ``module``; if that fails, trace it on ``example``; ConfigError naming ``what`` if neither works."""
     module = module.eval()
     try:
@@ -245,7 +350,8 @@ def sample_error(model, sampling: bool = True, aoti: bool = False) -> str:
     d = model.latent_dim
     if model.prior.stochastic:
         x = torch.rand([2] + list(model.data_shape))
-        q, params = model.prior.posterior(model.encode(x)), _Params(model)(x)
+        encoded = model.encode(x, _probe_labels(model, 2))
+        q, params = model.prior.posterior(encoded), _marginals(model.prior)(encoded)
         gaussian = _normal_base(q) is not None or type(q) is torch.distributions.MultivariateNormal
         mu, logvar = params.chunk(2, dim=-1)
         if not (gaussian and params.shape[-1] == 2 * d and torch.allclose(q.mean, mu)
@@ -291,6 +397,8 @@ def export_torchscript(model, out, sampling: bool = True) -> Path:
     shape = list(model.data_shape)
     info = getattr(model, "run_info", {})
     names = info.get("config", {})
+    if getattr(model, "conditional", False):
+        return _export_conditional(model, out, why_not, info)
     encode = _script_or_trace(_Params(model), torch.rand([2] + shape),
                               f"encoder {names.get('encoder', {}).get('name', '?')!r}")
     decode = _script_or_trace(_Decode(model), torch.randn(2, model.latent_dim),
@@ -301,6 +409,26 @@ def export_torchscript(model, out, sampling: bool = True) -> Path:
     wrapper = ExportedModel(encode, decode, transform, features, shape, model.latent_dim, not model.prior.stochastic,
                             why_not)
     scripted = torch.jit.script(wrapper)
+    out = Path(out)
+    extra = {"config.json": json.dumps(info, indent=2)}
+    from .checkpoint import atomic_write
+
+    atomic_write(out, lambda tmp: scripted.save(tmp, _extra_files=extra))
+    return out
+
+
+def _export_conditional(model, out, why_not: str, info: dict) -> Path:
+    """:func:`export_torchscript` of a conditional model: a :class:`ConditionalExportedModel`."""
+    shape, names, c = list(model.data_shape), info.get("config", {}), _probe_labels(model, 2)
+    encode = _script_or_trace(_CondParams(model), (torch.rand([2] + shape), c),
+                              f"encoder {names.get('encoder', {}).get('name', '?')!r} (conditional)")
+    decode = _script_or_trace(_CondDecode(model), (torch.randn(2, model.latent_dim), c),
+                              f"decoder {names.get('decoder', {}).get('name', '?')!r} (conditional, with its likelihood)")
+    regs = ", ".join(repr(r.name) for r in _transforming(model))
+    transform, features = (_script_or_trace(_Transform(model, features), torch.randn(2, model.latent_dim),
+                                            f"latent transform of the regularizers {regs}") for features in (False, True))
+    scripted = torch.jit.script(ConditionalExportedModel(encode, decode, transform, features, shape, model.latent_dim,
+                                                         not model.prior.stochastic, why_not, model.num_classes))
     out = Path(out)
     extra = {"config.json": json.dumps(info, indent=2)}
     from .checkpoint import atomic_write
@@ -341,6 +469,9 @@ def export_aoti(model, out, sampling: bool = True) -> Path:
     out = Path(out)
     if out.suffix != ".pt2":
         raise ConfigError(f"an AOTInductor package must end in .pt2, got {str(out)!r}")
+    if getattr(model, "conditional", False):
+        raise ConfigError("cannot export a conditional VAE (--condition label) to an AOTInductor package: "
+                          "export it as TorchScript (--format torchscript), whose methods take the labels")
     model = _cpu_eval_copy(model)
     differ = features_differ(model)
     if differ:
@@ -471,7 +602,9 @@ def load_exported(path, *, trust: bool = False):
     """Load an exported model: a TorchScript archive (``.pt``) or an AOTInductor package (``.pt2``).
 
     Both have ``encode``, ``decode``, ``reconstruct``, ``sample(n, seed)``, ``input_shape``,
-    ``latent_dim`` and ``config`` (the run's config.json as a dict).
+    ``latent_dim`` and ``config`` (the run's config.json as a dict); a conditional model's archive
+    has ``encode(x, c)``, ``decode(code, c)``, ``reconstruct(x, c)``, ``sample(n, seed, label)`` and
+    ``conditional`` True, ``num_classes`` K (:class:`ConditionalExportedModel`).
 
     A TorchScript archive is the safe default: loading it only reads a program of tensor ops.  An
     AOTInductor package holds compiled native code (shared libraries) that runs as soon as it is

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Iterable
 import torch
 from torch import nn
 
+from .conditioning import ConditionalDecoder, ConditionalEncoder, check_labels, conditioned_input_shape
 from .errors import ConfigError, first_line
 from torch.distributions import Distribution
 
@@ -26,6 +27,11 @@ class VAEModel(nn.Module):
     eq. 10 with β of Higgins et al. 2017); training uses the run's objective
     (:class:`~vaekit.interfaces.Objective`, ``elbo`` by default).  A deterministic autoencoder is the
     case ``prior.stochastic == False`` (KL = 0).
+
+    ``num_classes > 0`` makes it a conditional VAE (Sohn et al. 2015; :mod:`vaekit.conditioning`): the
+    encoder plugin was built for the input with K one-hot channels appended and the decoder plugin for
+    ``latent_dim + K``; they are wrapped here, and every method taking ``c`` needs the labels ``c [B]``
+    (int64).  Unconditional models (``num_classes == 0``) ignore ``c``.
     """
 
     def __init__(
@@ -35,16 +41,29 @@ class VAEModel(nn.Module):
         decoder: Decoder,
         likelihood: Likelihood,
         regularizers: Iterable[Regularizer] = (),
+        num_classes: int = 0,
     ) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.num_classes = int(num_classes)
+        self.encoder = encoder if not self.num_classes else ConditionalEncoder(encoder, self.num_classes)
         self.prior = prior
         self.head = prior.posterior_head(encoder.out_features)
-        self.decoder = decoder
+        self.decoder = decoder if not self.num_classes else ConditionalDecoder(decoder, self.num_classes)
         self.likelihood = likelihood
         self.regularizers = nn.ModuleList(regularizers)
         for plugin in (encoder, prior, decoder, likelihood, *self.regularizers):
             plugin.bind(self)
+
+    @property
+    def conditional(self) -> bool:
+        """True for a conditional VAE (``--condition label``): its methods need the labels ``c``."""
+        return self.num_classes > 0
+
+    def _features(self, x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's features ``[B, F]`` of ``x`` (given the labels ``c`` for a conditional model)."""
+        if not self.num_classes:
+            return self.encoder(x)
+        return self.encoder(x, check_labels(c, self.num_classes, x.shape[0]).to(x.device))
 
     @property
     def latent_dim(self) -> int:
@@ -56,20 +75,22 @@ class VAEModel(nn.Module):
 
     # --- pieces -------------------------------------------------------------------------------
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior parameters ``[B, P]`` for data ``x [B, *S]``."""
-        return self.head(self.encoder(x))
+    def encode(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior parameters ``[B, P]`` for data ``x [B, *S]`` (and labels ``c [B]`` if conditional).
 
-    def code(self, x: torch.Tensor) -> torch.Tensor:
+        Raises ConfigError for a conditional model without ``c`` or with a label out of range."""
+        return self.head(self._features(x, c))
+
+    def code(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """The code the decoder reads for ``x``, ``[B, d]``: :meth:`transform_latent` of the posterior mean
         (what :meth:`reconstruct` decodes)."""
-        return self.transform_latent(self.prior.mean(self.encode(x)))
+        return self.transform_latent(self.prior.mean(self.encode(x, c)))
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """The features of ``x`` for downstream use, ``[B, d]``: :meth:`transform_features` of the posterior
         mean (``vaekit embed``, an exported ``encode``).  The same as :meth:`code` unless a regularizer's
         features differ from its codes (a k-sparse AE with alpha > 1 keeps αk units here, k in the code)."""
-        return self.transform_features(self.prior.mean(self.encode(x)))
+        return self.transform_features(self.prior.mean(self.encode(x, c)))
 
     def transform_latent(self, z: torch.Tensor) -> torch.Tensor:
         """The code for latent draws ``z [B, d]``: each regularizer's
@@ -88,18 +109,21 @@ class VAEModel(nn.Module):
             z = reg.transform_features(z)
         return z
 
-    def decode(self, code: torch.Tensor) -> torch.Tensor:
+    def decode(self, code: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """Likelihood parameters for codes ``code [B, d]`` — what :meth:`code` or
-        :meth:`transform_latent` returns; no latent transform is applied here."""
-        return self.decoder(code)
+        :meth:`transform_latent` returns; no latent transform is applied here.  A conditional model
+        needs the labels ``c [B]`` (ConfigError without them or out of range)."""
+        if not self.num_classes:
+            return self.decoder(code)
+        return self.decoder(code, check_labels(c, self.num_classes, code.shape[0]).to(code.device))
 
-    def decode_mean(self, code: torch.Tensor) -> torch.Tensor:
+    def decode_mean(self, code: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """``E[x|code]`` ``[B, *S]``: what samples and reconstructions show (no latent transform applied)."""
-        return self.likelihood.mean(self.decode(code))
+        return self.likelihood.mean(self.decode(code, c))
 
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """``E[x|z = posterior mean]`` ``[B, *S]``: ``decode_mean(code(x))``."""
-        return self.decode_mean(self.code(x))
+    def reconstruct(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """``E[x|z = posterior mean]`` ``[B, *S]``: ``decode_mean(code(x, c), c)``."""
+        return self.decode_mean(self.code(x, c), c)
 
     def sampling_distribution(self) -> Distribution | None:
         """p(z) to generate from: the prior's, else the latent target of a regularizer (AAE, WAE), else None."""
@@ -130,9 +154,18 @@ class VAEModel(nn.Module):
         device = self.prior._device_anchor.device
         return p.sample((n,)) if generator is None else sample_with_generator(p, n, generator, device)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` samples' likelihood means ``[n, *S]``: ``decode_mean(transform_latent(z))``, z from :meth:`sample_latent`."""
-        return self.decode_mean(self.transform_latent(self.sample_latent(n, generator)))
+    def sample(self, n: int, generator: torch.Generator | None = None, label: int | None = None) -> torch.Tensor:
+        """``n`` samples' likelihood means ``[n, *S]``: ``decode_mean(transform_latent(z), c)``, z from
+        :meth:`sample_latent`; a conditional model generates from p(x|z, c = ``label``) for every sample.
+
+        Raises ConfigError for a conditional model without ``label`` or with one out of range, and for
+        an unconditional model given a ``label``.
+        """
+        if label is not None and not self.num_classes:
+            raise ConfigError("this model is not conditional (trained without --condition label): it takes no label")
+        z = self.transform_latent(self.sample_latent(n, generator))
+        c = None if label is None else torch.full((n,), int(label), dtype=torch.long, device=z.device)
+        return self.decode_mean(z, c)
 
     # --- training step ------------------------------------------------------------------------
 
@@ -149,14 +182,14 @@ class VAEModel(nn.Module):
         if self.training:
             for reg in self.regularizers:
                 x_input = reg.corrupt(x_input)
-        h = self.encoder(x_input)
+        h = self._features(x_input, c)
         params = self.head(h)
         if samples > 1:
             x, x_input, h, params = (_repeat_rows(t, samples) for t in (x, x_input, h, params))
             c = None if c is None else _repeat_rows(c, samples)
         z_sample, kl = self.prior.rsample_kl(params)
         z = self.transform_latent(z_sample)
-        lik_params = self.decoder(z)
+        lik_params = self.decode(z, c)
         log_px = self.likelihood.log_prob(lik_params, x)
         return StepOutput(x, x_input, h, params, z, kl, lik_params, log_px, c, z_sample)
 
@@ -201,14 +234,25 @@ def _repeat_rows(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.repeat((k,) + (1,) * (t.dim() - 1))
 
 
-def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginManager") -> VAEModel:
+def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginManager",
+                num_classes: int | None = None) -> VAEModel:
     """Build the model a config describes for data of shape ``data_shape``.
 
-    Raises UnknownPluginError / ConfigError for unknown plugins, bad options or
-    incompatible choices (e.g. a conv encoder on vector data).
+    ``num_classes`` (K, the dataset's) is needed for ``config.condition == "label"``: the encoder plugin
+    is then built for :func:`~vaekit.conditioning.conditioned_input_shape` and the decoder plugin for
+    ``latent_dim + K`` (:mod:`vaekit.conditioning`).  Raises UnknownPluginError / ConfigError for
+    unknown plugins, bad options or incompatible choices (e.g. a conv encoder on vector data, a
+    conditional model of data without labels).
     """
     shape = tuple(int(s) for s in data_shape)
-    encoder = _checked(pm.encoders.build(config.encoder, input_shape=shape), Encoder, "encoder", config.encoder.name)
+    k = 0
+    if config.condition == "label":
+        if not num_classes:
+            raise ConfigError("--condition label needs a labelled dataset, and this one has no labels "
+                              "(use e.g. --data mnist or --data digits, or --condition none)")
+        k = int(num_classes)
+    in_shape = conditioned_input_shape(shape, k) if k else shape
+    encoder = _checked(pm.encoders.build(config.encoder, input_shape=in_shape), Encoder, "encoder", config.encoder.name)
     if not isinstance(getattr(encoder, "out_features", None), int):
         raise ConfigError(f"encoder {config.encoder.name!r} does not set an integer 'out_features'")
     prior = _checked(pm.priors.build(config.prior, latent_dim=config.latent_dim), Prior, "prior", config.prior.name)
@@ -218,13 +262,13 @@ def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginMan
     out_shape = (likelihood.params_per_channel * shape[0],) + shape[1:]
     dec_spec = decoder_spec(config, pm)
     decoder = _checked(
-        pm.decoders.build(dec_spec, latent_dim=config.latent_dim, output_shape=out_shape), Decoder, "decoder", dec_spec.name
+        pm.decoders.build(dec_spec, latent_dim=config.latent_dim + k, output_shape=out_shape), Decoder, "decoder", dec_spec.name
     )
     regularizers = [
         _checked(pm.regularizers.build(spec, latent_dim=config.latent_dim, data_shape=shape), Regularizer, "regularizer", spec.name)
         for spec in config.regularizers
     ]
-    model = VAEModel(encoder, prior, decoder, likelihood, regularizers)
+    model = VAEModel(encoder, prior, decoder, likelihood, regularizers, num_classes=k)
     _check_shapes(model, shape, config, dec_spec.name)
     return model
 
@@ -269,8 +313,9 @@ def _checked(obj, cls, kind: str, name: str):
 def _check_shapes(model: VAEModel, shape: tuple[int, ...], config: "RunConfig", decoder_name: str) -> None:
     """One dry forward pass on two zero samples, turning shape errors into one readable line."""
     x = torch.zeros((2,) + shape)
+    c = torch.zeros(2, dtype=torch.long)
     try:
-        h = model.encoder(x)
+        h = model._features(x, c)
     except RuntimeError as e:
         raise ConfigError(f"encoder {config.encoder.name!r} cannot take data of shape {list(shape)}: {_first_line(e)}") from None
     if h.shape != (2, model.encoder.out_features):
@@ -279,7 +324,7 @@ def _check_shapes(model: VAEModel, shape: tuple[int, ...], config: "RunConfig", 
         )
     z = torch.zeros(2, config.latent_dim)
     try:
-        out = model.decoder(z)
+        out = model.decode(z, c)
     except RuntimeError as e:
         raise ConfigError(f"decoder {decoder_name!r} failed on codes of size {config.latent_dim}: {_first_line(e)}") from None
     expected = (2,) + model.decoder.output_shape

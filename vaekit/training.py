@@ -137,7 +137,7 @@ class Trainer:
         self.amp = MixedPrecision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.data.shape, self.pm).to(self.device)
+        self.model = build_model(cfg, self.data.shape, self.pm, num_classes=self.data.num_classes).to(self.device)
         self.objective = build_objective(cfg, self.model, self.pm)
         lik = self.model.likelihood
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
@@ -151,6 +151,7 @@ class Trainer:
         self.train_x = self.train_x.to(self.device)
         self.test_x = self.test_x.to(self.device)
         self.train_y = None if self.data.train_y is None else self.data.train_y.to(self.device)
+        self.test_y = None if self.data.test_y is None else self.data.test_y.to(self.device)
         self.pretraining = None
         if not self.resume:  # a resumed run's checkpoint holds its weights: no --init, no pretraining again
             self._starting_weights()
@@ -187,7 +188,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.amp.autocast():
             self.model.eval()
-            self.model(self.train_x[:2])
+            self.model(self.train_x[:2], None if self.train_y is None else self.train_y[:2])
             self.model.train()
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -380,7 +381,7 @@ class Trainer:
     def _test_metrics(self) -> dict[str, float]:
         """Test-set ELBO terms, nats: the seeded estimate (:data:`~vaekit.evaluation.EVAL_SEED`) that
         ``vaekit eval`` reports too, drawn without touching the training RNG streams."""
-        return {f"test_{k}": v for k, v in elbo_summary(self.model, self.test_x, seed=EVAL_SEED).items()}
+        return {f"test_{k}": v for k, v in elbo_summary(self.model, self.test_x, seed=EVAL_SEED, c=self.test_y).items()}
 
     def _checkpoint(self, epoch: int) -> None:
         for name, p in self.model.named_parameters():

@@ -89,19 +89,31 @@ def save_pairs(x: torch.Tensor, recon: torch.Tensor, path: Path, n: int = 8) -> 
 
 
 @torch.no_grad()
-def plot_reconstructions(model, x: torch.Tensor, path: Path, n: int = 8) -> bool:
-    """Pairs of rows: data (top) and reconstruction E[x|z = posterior mean] (bottom)."""
+def plot_reconstructions(model, x: torch.Tensor, path: Path, n: int = 8, c: torch.Tensor | None = None) -> bool:
+    """Pairs of rows: data (top) and reconstruction E[x|z = posterior mean] (bottom); a conditional
+    model reconstructs with the true labels ``c [N]``."""
     x = x[: n * 4]
-    return save_pairs(x, map_batches(model, model.reconstruct, x), path, n)
+    return save_pairs(x, map_batches(model, model.reconstruct, x, c=_cond(model, c, n * 4)), path, n)
+
+
+def _cond(model, c: torch.Tensor | None, n: int | None = None) -> torch.Tensor | None:
+    """The first ``n`` labels for a conditional model, None for an unconditional one."""
+    if not getattr(model, "conditional", False) or c is None:
+        return None
+    return c[:n] if n is not None else c
 
 
 @torch.no_grad()
 def plot_samples(model, path: Path, n: int = 64, seed: int = 0) -> bool:
     """``n`` samples ``E[x|z]`` as a grid; z comes from a CPU generator seeded with ``seed``, as in
     ``vaekit sample`` and the exported ``sample(n, seed)``, so the same seed gives the same
-    samples whatever device the model is on."""
+    samples whatever device the model is on.  A conditional model gets one row of 8 samples per label
+    (``E[x|z, c]``, label 0 at the top), drawn label after label from that one generator."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
+    if getattr(model, "conditional", False):
+        rows = [model.sample(8, gen, label=k).cpu() for k in range(model.num_classes)]
+        return save_grid(torch.cat(rows), path, nrow=8, title="samples: E[x|z, c], one row per label c")
     return save_grid(model.sample(n, gen).cpu(), path, nrow=int(math.sqrt(n)) or 1, title="samples: E[x|z], z ~ p(z)")
 
 
@@ -110,7 +122,7 @@ def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> N
     """Scatter of the posterior means, coloured by label; the first two principal components when d > 2."""
     from sklearn.decomposition import PCA
 
-    z = map_batches(model, model.embed, x).numpy()
+    z = map_batches(model, model.embed, x, c=_cond(model, y)).numpy()
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     if z.shape[1] > 2:
@@ -141,15 +153,20 @@ def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> N
 
 
 @torch.no_grad()
-def plot_manifold(model, path: Path, n: int = 20) -> bool:
+def plot_manifold(model, path: Path, n: int = 20, label: int = 0) -> bool:
     """Decoder means over a grid of z at the standard-normal quantiles 0.05..0.95 (Kingma & Welling 2014, fig. 4),
-    each z made a code by :meth:`~vaekit.model.VAEModel.transform_latent` as in sampling."""
+    each z made a code by :meth:`~vaekit.model.VAEModel.transform_latent` as in sampling; a conditional
+    model decodes them all with the label ``label``."""
     if model.latent_dim != 2:
         return False
     model.eval()
     device = next(model.parameters()).device
     q = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
     zz = torch.stack(torch.meshgrid(q, q.flip(0), indexing="xy"), -1).reshape(-1, 2)
+    if getattr(model, "conditional", False):
+        c = torch.full((len(zz),), label, dtype=torch.long, device=device)
+        return save_grid(model.decode_mean(model.transform_latent(zz.to(device)), c).cpu(), path, nrow=n,
+                         title=f"learned manifold of label {label}, z over N(0, I) quantiles")
     return save_grid(model.decode_mean(model.transform_latent(zz.to(device))).cpu(), path, nrow=n, title="learned manifold, z over N(0, I) quantiles")
 
 
@@ -243,8 +260,9 @@ def plot_interpolation(model, x: torch.Tensor, y: torch.Tensor | None, path: Pat
     Row i: data point a, then ``E[x|code]`` for ``code = transform_latent((1 − t) μ_a + t μ_b)`` at ``steps``
     evenly spaced t from 0 to 1 (μ the posterior means, interpolated before the latent transform as
     sampling draws z before it), then data point b.  With labels ``y [N]`` each row joins the first
-    test point of one class to that of the next class.  False (nothing written) for fewer than two
-    points or data that are not images.
+    test point of one class to that of the next class.  A conditional model encodes each point with
+    its label and decodes the whole row with the label of a (the style moves from a's to b's, the
+    class stays a's).  False (nothing written) for fewer than two points or data that are not images.
     """
     idx = _pair_indices(y, len(x), pairs)
     if not idx:
@@ -252,19 +270,30 @@ def plot_interpolation(model, x: torch.Tensor, y: torch.Tensor | None, path: Pat
     model.eval()
     device = next(model.parameters()).device
     a, b = torch.tensor([i for i, _ in idx]), torch.tensor([j for _, j in idx])
-    mean = map_batches(model, lambda xb: model.prior.mean(model.encode(xb)), torch.cat([x[a], x[b]])).to(device)
+    c = _cond(model, y)
+    mean = _posterior_means(model, torch.cat([x[a], x[b]]), None if c is None else torch.cat([c[a], c[b]])).to(device)
     mu_a, mu_b = mean[: len(idx)], mean[len(idx):]
     t = torch.linspace(0, 1, steps, device=device)[None, :, None]  # [1, T, 1]
     z = (1 - t) * mu_a[:, None] + t * mu_b[:, None]  # [P, T, d]
-    decoded = model.decode_mean(model.transform_latent(z.reshape(-1, z.shape[-1]))).cpu()
+    c_rows = None if c is None else c[a].repeat_interleave(steps).to(device)
+    decoded = model.decode_mean(model.transform_latent(z.reshape(-1, z.shape[-1])), c_rows).cpu()
     decoded = decoded.reshape((len(idx), steps) + tuple(decoded.shape[1:]))
     rows = torch.cat([x[a].cpu()[:, None].to(decoded.dtype), decoded, x[b].cpu()[:, None].to(decoded.dtype)], 1)
     return save_grid(rows.flatten(0, 1), path, nrow=steps + 2,
                      title="interpolation: data, decoded straight line between their codes, data")
 
 
+def _posterior_means(model, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """Posterior means ``[N, d]`` (before any latent transform) of ``x [N, *S]``, with labels ``c [N]`` for a
+    conditional model."""
+    if c is None:
+        return map_batches(model, lambda xb: model.prior.mean(model.encode(xb)), x)
+    return map_batches(model, lambda xb, cb: model.prior.mean(model.encode(xb, cb)), x, c=c)
+
+
 @torch.no_grad()
-def latent_scale(model, x: torch.Tensor, n: int = 2000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+def latent_scale(model, x: torch.Tensor, n: int = 2000, seed: int = 0,
+                 c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Centre and spread of each latent unit, ``(m [d], σ [d], what)``: the mean and standard deviation
     of ``n`` seeded draws from p(z) when the model can sample (any prior, a latent target of an AAE or
     WAE), else of the posterior means of ``x [N, *S]`` (a deterministic autoencoder's codes)."""
@@ -272,17 +301,19 @@ def latent_scale(model, x: torch.Tensor, n: int = 2000, seed: int = 0) -> tuple[
         z = model.sample_latent(n, torch.Generator().manual_seed(seed)).float()
         what = "p(z)"
     else:
-        z = map_batches(model, lambda xb: model.prior.mean(model.encode(xb)), x).float()
+        z = _posterior_means(model, x, c).float()
         what = "the test codes"
     return z.mean(0), z.std(0) if len(z) > 1 else torch.ones(z.shape[1]), what
 
 
 @torch.no_grad()
-def plot_traversal(model, x: torch.Tensor, path: Path, steps: int = 11, span: float = 3.0) -> bool:
+def plot_traversal(model, x: torch.Tensor, path: Path, steps: int = 11, span: float = 3.0,
+                   y: torch.Tensor | None = None) -> bool:
     """Latent traversal (Higgins et al. 2017, fig. 7): row j sweeps unit j over ``m_j + t σ_j``,
     ``t`` in ``[−span, span]`` (``steps`` values), the other units fixed at the posterior mean of the first
     test point; ``m, σ`` from :func:`latent_scale` (for N(0, I): 0 and 1, so −3…3).  Each column is
-    decoded as ``E[x|transform_latent(z)]``.  Only for ``d ≤`` :data:`TRAVERSAL_MAX_DIM`; False (nothing
+    decoded as ``E[x|transform_latent(z)]`` (a conditional model: with the first test point's label
+    ``y[0]``, which it is encoded with too).  Only for ``d ≤`` :data:`TRAVERSAL_MAX_DIM`; False (nothing
     written) above it, without data, or for data that are not images.
     """
     d = model.latent_dim
@@ -290,28 +321,30 @@ def plot_traversal(model, x: torch.Tensor, path: Path, steps: int = 11, span: fl
         return False
     model.eval()
     device = next(model.parameters()).device
-    m, sd, what = latent_scale(model, x)
-    base = map_batches(model, lambda xb: model.prior.mean(model.encode(xb)), x[:1])[0]  # [d]
+    c = _cond(model, y)
+    m, sd, what = latent_scale(model, x, c=c)
+    base = _posterior_means(model, x[:1], None if c is None else c[:1])[0]  # [d]
     t = torch.linspace(-span, span, steps)
     z = base.repeat(d, steps, 1)  # [d, T, d]
     for j in range(d):
         z[j, :, j] = m[j] + t * sd[j]
-    decoded = model.decode_mean(model.transform_latent(z.reshape(-1, d).to(device))).cpu()
+    c_rows = None if c is None else c[:1].repeat(d * steps).to(device)
+    decoded = model.decode_mean(model.transform_latent(z.reshape(-1, d).to(device)), c_rows).cpu()
     return save_grid(decoded, path, nrow=steps,
                      title=f"traversal: row j sweeps unit j over ±{span:g}σ of {what}, others at a test code")
 
 
 FIGURES: dict[str, tuple[Callable[..., bool], str]] = {
-    "reconstructions": (lambda m, ctx, p: plot_reconstructions(m, ctx.test_x, p), "image-like data"),
+    "reconstructions": (lambda m, ctx, p: plot_reconstructions(m, ctx.test_x, p, c=ctx.test_y), "image-like data"),
     "samples": (lambda m, ctx, p: m.can_sample and plot_samples(m, p), "a model that can sample and image-like data"),
     "latent": (lambda m, ctx, p: plot_latent(m, ctx.test_x, ctx.test_y, p) or True, "a model"),
     "manifold": (lambda m, ctx, p: m.can_sample and plot_manifold(m, p), "a model that can sample, with a 2-D latent space"),
     "interpolation": (lambda m, ctx, p: plot_interpolation(m, ctx.test_x, ctx.test_y, p), "two test points and image-like data"),
-    "traversal": (lambda m, ctx, p: plot_traversal(m, ctx.test_x, p), f"a latent space of at most {TRAVERSAL_MAX_DIM} units and image-like data"),
+    "traversal": (lambda m, ctx, p: plot_traversal(m, ctx.test_x, p, y=ctx.test_y), f"a latent space of at most {TRAVERSAL_MAX_DIM} units and image-like data"),
     "loss": (lambda m, ctx, p: bool(ctx.history) and (plot_loss(ctx.history, p) or True), "a run with finished epochs"),
     "filters": (lambda m, ctx, p: plot_filters(m, p), "an encoder whose first layer is a Linear on the flattened images (e.g. mlp)"),
     "codes": (lambda m, ctx, p: any(getattr(r, "sparse_codes", False) for r in m.regularizers)
-              and (plot_code_histogram(map_batches(m, m.embed, ctx.test_x), p) or True),
+              and (plot_code_histogram(map_batches(m, m.embed, ctx.test_x, c=_cond(m, ctx.test_y)), p) or True),
               "a regularizer that makes the codes sparse"),
 }
 """Every figure of a run: name -> (draw(model, ctx, path) -> written?, what it needs).  ``ctx`` has

@@ -159,6 +159,7 @@ Model Model::load_torchscript(const std::string& path) {
   model.deterministic_ = model.module_.attr("deterministic").toBool();
   model.can_sample_ = model.module_.attr("can_sample").toBool();
   if (model.module_.hasattr("sample_error")) model.sample_error_ = model.module_.attr("sample_error").toStringRef();
+  if (model.module_.hasattr("num_classes")) model.num_classes_ = model.module_.attr("num_classes").toInt();
   return model;
 }
 
@@ -216,7 +217,79 @@ void Model::check_latent(const torch::Tensor& z) const {
   }
 }
 
+void Model::require_conditional(bool wanted, const std::string& method) const {
+  if (wanted && !conditional()) {
+    throw Error(method + " failed: this model is not conditional (trained without --condition label): call it "
+                "without labels");
+  }
+  if (!wanted && conditional()) {
+    throw Error(method + " failed: this model is conditional (--condition label, " + std::to_string(num_classes_) +
+                " classes): pass the labels, e.g. " + method + "(x, c) with c [B] int64 (sample(n, seed, label))");
+  }
+}
+
+torch::Tensor Model::check_labels(const torch::Tensor& c, int64_t batch) const {
+  if (c.dim() != 1 || c.size(0) != batch || c.is_floating_point() || c.is_complex() || c.scalar_type() == torch::kBool) {
+    throw Error("wrong labels: expected " + std::to_string(batch) + " integer labels [" + std::to_string(batch) +
+                "], got " + std::string(c.dtype().name()) + " " + shape_string(c.sizes()));
+  }
+  torch::Tensor labels = c.to(torch::kLong);
+  if (batch > 0) {
+    int64_t low = labels.min().item<int64_t>(), high = labels.max().item<int64_t>();
+    if (low < 0 || high >= num_classes_) {
+      throw Error("label " + std::to_string(low < 0 ? low : high) + " is out of range: this model knows the labels 0.." +
+                  std::to_string(num_classes_ - 1));
+    }
+  }
+  return labels;
+}
+
+std::pair<torch::Tensor, torch::Tensor> Model::encode(const torch::Tensor& x, const torch::Tensor& c) {
+  require_conditional(true, "encode");
+  return guarded("encode failed", [&]() -> std::pair<torch::Tensor, torch::Tensor> {
+    check_input(x);
+    torch::Tensor labels = check_labels(c, x.size(0));
+    torch::NoGradGuard no_grad;
+    auto out = module_.get_method("encode")({x.to(torch::kFloat), labels}).toTuple();
+    return {out->elements()[0].toTensor(), out->elements()[1].toTensor()};
+  });
+}
+
+torch::Tensor Model::decode(const torch::Tensor& z, const torch::Tensor& c) {
+  require_conditional(true, "decode");
+  return guarded("decode failed", [&] {
+    check_latent(z);
+    torch::Tensor labels = check_labels(c, z.size(0));
+    torch::NoGradGuard no_grad;
+    return module_.get_method("decode")({z.to(torch::kFloat), labels}).toTensor();
+  });
+}
+
+torch::Tensor Model::reconstruct(const torch::Tensor& x, const torch::Tensor& c) {
+  require_conditional(true, "reconstruct");
+  return guarded("reconstruct failed", [&] {
+    check_input(x);
+    torch::Tensor labels = check_labels(c, x.size(0));
+    torch::NoGradGuard no_grad;
+    return module_.get_method("reconstruct")({x.to(torch::kFloat), labels}).toTensor();
+  });
+}
+
+torch::Tensor Model::sample(int64_t n, int64_t seed, int64_t label) {
+  require_conditional(true, "sample");
+  check_sample(n);
+  if (label < 0 || label >= num_classes_) {
+    throw Error("label " + std::to_string(label) + " is out of range: this model knows the labels 0.." +
+                std::to_string(num_classes_ - 1));
+  }
+  return guarded("sample failed", [&] {
+    torch::NoGradGuard no_grad;
+    return module_.get_method("sample")({n, seed, label}).toTensor();
+  });
+}
+
 std::pair<torch::Tensor, torch::Tensor> Model::encode(const torch::Tensor& x) {
+  require_conditional(false, "encode");
   return guarded("encode failed", [&]() -> std::pair<torch::Tensor, torch::Tensor> {
     check_input(x);
     torch::NoGradGuard no_grad;
@@ -232,6 +305,7 @@ std::pair<torch::Tensor, torch::Tensor> Model::encode(const torch::Tensor& x) {
 }
 
 torch::Tensor Model::decode(const torch::Tensor& z) {
+  require_conditional(false, "decode");
   return guarded("decode failed", [&] {
     check_latent(z);
     torch::NoGradGuard no_grad;
@@ -241,6 +315,7 @@ torch::Tensor Model::decode(const torch::Tensor& z) {
 }
 
 torch::Tensor Model::reconstruct(const torch::Tensor& x) {
+  require_conditional(false, "reconstruct");
   return guarded("reconstruct failed", [&] {
     check_input(x);
     torch::NoGradGuard no_grad;
@@ -250,6 +325,19 @@ torch::Tensor Model::reconstruct(const torch::Tensor& x) {
 }
 
 torch::Tensor Model::sample(int64_t n, int64_t seed) {
+  require_conditional(false, "sample");
+  check_sample(n);
+  return guarded("sample failed", [&] {
+    torch::NoGradGuard no_grad;
+    if (format_ == "aoti") {  // the same draw as the TorchScript archive's torch.Generator().manual_seed(seed)
+      auto generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
+      return decode(torch::randn({n, latent_dim_}, generator));
+    }
+    return module_.get_method("sample")({n, seed}).toTensor();
+  });
+}
+
+void Model::check_sample(int64_t n) const {
   if (n < 1) throw Error("the number of samples must be at least 1, got " + std::to_string(n));
   if (!can_sample_) throw Error(sample_error_);
   // The output alone takes n * prod(input_shape) floats: refuse what cannot fit rather than attempt it.
@@ -261,14 +349,6 @@ torch::Tensor Model::sample(int64_t n, int64_t seed) {
                 ", more than this machine's memory" + (memory > 0 ? " (" + gib(memory) + ")" : "") +
                 ": ask for fewer");
   }
-  return guarded("sample failed", [&] {
-    torch::NoGradGuard no_grad;
-    if (format_ == "aoti") {  // the same draw as the TorchScript archive's torch.Generator().manual_seed(seed)
-      auto generator = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-      return decode(torch::randn({n, latent_dim_}, generator));
-    }
-    return module_.get_method("sample")({n, seed}).toTensor();
-  });
 }
 
 torch::Tensor load_tensor(const std::string& path) {

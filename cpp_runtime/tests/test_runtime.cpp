@@ -67,6 +67,30 @@ int main() {
     std::vector<int64_t> shape{3};
     shape.insert(shape.end(), model.input_shape().begin(), model.input_shape().end());
     torch::Tensor x = torch::rand(shape);
+    if (model.conditional()) {  // an archive of `vaekit run --condition label`: every method takes the labels
+      const int64_t k = model.num_classes();
+      torch::Tensor c = torch::tensor({int64_t{0}, k - 1, int64_t{1} % k});
+      auto [mu, logvar] = model.encode(x, c);
+      check(mu.size(0) == 3 && mu.size(1) == model.latent_dim(), "conditional encode gives [B, d]");
+      check(torch::allclose(model.reconstruct(x, c), model.decode(mu, c)), "conditional reconstruct is decode of the mean");
+      check(!torch::equal(model.decode(mu, c), model.decode(mu, (c + 1) % k)), "the decoder reads the label");
+      check(torch::equal(model.sample(4, 7, 1), model.sample(4, 7, 1)), "conditional sample is reproducible");
+      check(throws_error_containing([&] { model.encode(x); }, "pass the labels"),
+            "the unconditional form on a conditional model is a vaekit::Error");
+      check(throws_error_containing([&] { model.sample(4, 7); }, "pass the labels"),
+            "sample without a label on a conditional model is a vaekit::Error");
+      check(throws_error_containing([&] { model.reconstruct(x, c + k); }, "out of range"),
+            "a label out of range is a vaekit::Error");
+      check(throws_error_containing([&] { model.sample(2, 0, k); }, "out of range"),
+            "sample with a label out of range is a vaekit::Error");
+      check(throws_error_containing([&] { model.decode(mu, c.slice(0, 0, 2)); }, "wrong labels"),
+            "one label per row");
+      std::cout << (failures ? "FAILED" : "all passed") << "\n";
+      return failures ? 1 : 0;
+    }
+    check(model.num_classes() == 0, "an unconditional model has no classes");
+    check(throws_error_containing([&] { model.sample(2, 0, 1); }, "not conditional"),
+          "a label for an unconditional model is a vaekit::Error");
     auto [mu, logvar] = model.encode(x);
     check(mu.size(0) == 3 && mu.size(1) == model.latent_dim(), "encode gives [B, d]");
     check(torch::allclose(model.reconstruct(x), model.decode(mu)), "reconstruct is decode of the mean");

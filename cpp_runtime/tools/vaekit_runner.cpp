@@ -1,6 +1,9 @@
 // vaekit-runner MODEL {encode|decode|reconstruct|sample} [--in FILE] --out FILE [-n N] [--seed S]
-//               [--trust-native-code]
+//               [--label L] [--labels FILE] [--trust-native-code]
 //
+// A conditional model (`vaekit run --condition label`) needs the labels: --label L for sample, --labels
+// FILE (a tensor file of [B] integer labels) for encode, decode and reconstruct; an unconditional model
+// refuses them.
 // Tensor files are what Python's torch.save writes and torch.load reads. encode writes a tuple
 // (mu, logvar) as two files: OUT and OUT with ".logvar" inserted before the extension. An
 // AOTInductor package (.pt2) runs native code when it is loaded: it needs --trust-native-code.
@@ -18,7 +21,7 @@ namespace {
 int usage(const std::string& message) {
   std::cerr << "error: " << message << "\n"
             << "usage: vaekit-runner MODEL {encode|decode|reconstruct|sample} [--in FILE] --out FILE [-n N] [--seed S]"
-               " [--trust-native-code]\n";
+               " [--label L] [--labels FILE] [--trust-native-code]\n";
   return 2;
 }
 
@@ -51,7 +54,9 @@ int main(int argc, char** argv) {
       load_options.trust_native_code = true;
       continue;
     }
-    if (key != "--in" && key != "--out" && key != "-n" && key != "--seed") return usage("unknown option " + key);
+    if (key != "--in" && key != "--out" && key != "-n" && key != "--seed" && key != "--label" && key != "--labels") {
+      return usage("unknown option " + key);
+    }
     if (i + 1 >= argc) return usage(key + " needs a value");
     options[key] = argv[++i];
   }
@@ -62,7 +67,11 @@ int main(int argc, char** argv) {
     if (command == "sample") {
       int64_t n = options.count("-n") ? parse_int(options["-n"], "-n") : 16;
       int64_t seed = options.count("--seed") ? parse_int(options["--seed"], "--seed") : 0;
-      vaekit::save_tensor(model.sample(n, seed), out);
+      if (options.count("--label")) {
+        vaekit::save_tensor(model.sample(n, seed, parse_int(options["--label"], "--label")), out);
+      } else {
+        vaekit::save_tensor(model.sample(n, seed), out);
+      }
       return 0;
     }
     if (command != "encode" && command != "decode" && command != "reconstruct") {
@@ -70,7 +79,18 @@ int main(int argc, char** argv) {
     }
     if (!options.count("--in")) return usage(command + " needs --in FILE");
     torch::Tensor input = vaekit::load_tensor(options["--in"]);
-    if (command == "encode") {
+    if (options.count("--labels")) {
+      torch::Tensor labels = vaekit::load_tensor(options["--labels"]);
+      if (command == "encode") {
+        auto [mu, logvar] = model.encode(input, labels);
+        vaekit::save_tensor(mu, out);
+        vaekit::save_tensor(logvar, with_suffix(out, ".logvar"));
+      } else if (command == "decode") {
+        vaekit::save_tensor(model.decode(input, labels), out);
+      } else {
+        vaekit::save_tensor(model.reconstruct(input, labels), out);
+      }
+    } else if (command == "encode") {
       auto [mu, logvar] = model.encode(input);
       vaekit::save_tensor(mu, out);
       vaekit::save_tensor(logvar, with_suffix(out, ".logvar"));

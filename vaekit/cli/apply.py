@@ -114,7 +114,7 @@ def reconstruct(
     device: Device = "auto",
 ) -> None:
     """Write the reconstructions E[x | z = posterior mean] of a split, [N, *S] float32 (the data's shape)."""
-    from ..apply import load_split, resolve_run
+    from ..apply import condition_labels, load_split, resolve_run
     from ..checkpoint import check_output
     from ..errors import ConfigError, DataError
     from ..evaluation import map_batches
@@ -129,7 +129,7 @@ def reconstruct(
     x, labels = load_split(model, data, split)
     if png is not None and as_images(x[:1]) is None:
         raise DataError(f"--png needs image data; samples of shape {list(x.shape[1:])} are not images (nothing written)")
-    recon = map_batches(model, model.reconstruct, x, batch_size).float()
+    recon = map_batches(model, model.reconstruct, x, batch_size, c=condition_labels(model, labels)).float()
     if png is not None:  # first: the arrays are not written if the picture cannot be
         save_pairs(x, recon, png)
     written = save_arrays(out, "recon", recon, labels)
@@ -157,7 +157,7 @@ def score(
     neg_elbo (−ELBO, nats) and nll (importance-sampled −log p(x), nats; their inputs are binarized as the
     run binarizes, like 'vaekit eval').
     """
-    from ..apply import SCORE_UNITS, anomaly_auc, anomaly_scores, check_normal_class, load_split, resolve_run
+    from ..apply import SCORE_UNITS, anomaly_auc, anomaly_scores, check_normal_class, condition_labels, load_split, resolve_run
     from ..errors import ConfigError
 
     _check_options(out, (".csv",), batch_size, split)
@@ -167,14 +167,15 @@ def score(
     x, labels = load_split(model, data, split)
     if normal_class is not None:
         check_normal_class(labels, normal_class)
+    c = condition_labels(model, labels)
     if as_json:
-        scores = anomaly_scores(model, x, nll_samples, batch_size, seed)
+        scores = anomaly_scores(model, x, nll_samples, batch_size, seed, c=c)
     else:
         from rich.progress import Progress
 
         with Progress(transient=True) as bar:
             task = bar.add_task("scoring", total=None)
-            scores = anomaly_scores(model, x, nll_samples, batch_size, seed, progress=lambda n: bar.advance(task, n))
+            scores = anomaly_scores(model, x, nll_samples, batch_size, seed, progress=lambda n: bar.advance(task, n), c=c)
     _write_csv(out, scores, labels)
     result = {"run_dir": str(run_dir), "out": str(out), "split": split, "n": len(x),
               "mean": {k: float(v.mean()) for k, v in scores.items()}}

@@ -33,6 +33,7 @@ def run(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     binarize: Annotated[Optional[str], typer.Option(help="dynamic, static, none, or auto (the likelihood's default).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="fp32, bf16 (autocast; CPU and CUDA) or fp16 (autocast + gradient scaler; for CUDA).")] = None,
+    condition: Annotated[Optional[str], typer.Option(help="none, or label: a conditional VAE (Sohn et al. 2015) on the dataset's labels.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<time>-<encoder>-<prior>).")] = None,
     no_fused_op: Annotated[bool, typer.Option("--no-fused-op", help="Use the eager reparameterize + KL formula instead of the fused op (sets the prior's fused=false).")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Start from this run's weights, matched by name (fine-tuning); tensors it lacks keep their initialization.")] = None,
@@ -50,7 +51,7 @@ def run(
         given = {k: v for k, v in dict(no_fused_op=no_fused_op, config=config, data=data, encoder=encoder, decoder=decoder, prior=prior,
                                        likelihood=likelihood, regularizer=regularizer, objective=objective, latent_dim=latent_dim,
                                        beta=beta, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                       binarize=binarize, precision=precision, out=out, init=init,
+                                       binarize=binarize, precision=precision, condition=condition, out=out, init=init,
                                        pretrain=pretrain).items() if v}
         if given:
             from ..errors import ConfigError
@@ -62,7 +63,7 @@ def run(
         cfg = base.replace(
             data=data, encoder=encoder, decoder=decoder, prior=prior, likelihood=likelihood,
             regularizers=regularizer, objective=objective, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
-            lr=lr, seed=seed, device=device, binarize=binarize, precision=precision, out=None if out is None else str(out),
+            lr=lr, seed=seed, device=device, binarize=binarize, precision=precision, condition=condition, out=None if out is None else str(out),
             init=None if init is None else str(init), pretrain=pretrain,
         )
         if no_fused_op:  # the prior's own option; a prior without one says so

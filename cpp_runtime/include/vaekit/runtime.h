@@ -5,6 +5,10 @@
 //   vaekit::Model model = vaekit::Model::load("model.pt");      // throws vaekit::Error
 //   auto [mu, logvar] = model.encode(x);                          // x: [B, C, H, W] float32
 //   torch::Tensor images = model.sample(/*n=*/16, /*seed=*/0);    // same samples as Python
+//
+// A conditional VAE (trained with `vaekit run --condition label`) takes the class labels too:
+//   auto [mu, logvar] = model.encode(x, c);                       // c: [B] int64 in 0..num_classes()-1
+//   torch::Tensor threes = model.sample(16, 0, /*label=*/3);
 #pragma once
 
 #include <torch/script.h>
@@ -51,6 +55,11 @@ class Model {
   // True for a deterministic autoencoder: encode returns (z, an empty [B, 0] tensor).
   bool deterministic() const { return deterministic_; }
   bool can_sample() const { return can_sample_; }
+  // The number of class labels K of a conditional VAE (`vaekit run --condition label`; Sohn et al. 2015),
+  // 0 for an unconditional model. A conditional model needs the overloads below that take labels; calling
+  // the unconditional form on it, or the conditional form on an unconditional model, throws Error.
+  int64_t num_classes() const { return num_classes_; }
+  bool conditional() const { return num_classes_ > 0; }
 
   // x [B, *input_shape] -> (mu [B, d], logvar [B, d]); with a latent transform (sparse, k-sparse codes)
   // mu is transform(posterior mean), the features Python's embed gives.
@@ -64,6 +73,13 @@ class Model {
   // and the output must fit in this machine's memory.
   torch::Tensor sample(int64_t n, int64_t seed);
 
+  // The conditional forms (conditional() models only): c [B] integer labels in 0..num_classes()-1, one per
+  // row of x or z (converted to int64); sample draws as above and decodes every z with the one `label`.
+  std::pair<torch::Tensor, torch::Tensor> encode(const torch::Tensor& x, const torch::Tensor& c);
+  torch::Tensor decode(const torch::Tensor& z, const torch::Tensor& c);
+  torch::Tensor reconstruct(const torch::Tensor& x, const torch::Tensor& c);
+  torch::Tensor sample(int64_t n, int64_t seed, int64_t label);
+
  private:
   torch::jit::Module module_;
   std::shared_ptr<void> aoti_encode_, aoti_decode_;  // AOTIModelPackageLoader, when format_ == "aoti"
@@ -73,6 +89,7 @@ class Model {
   int64_t latent_dim_ = 0;
   bool deterministic_ = false;
   bool can_sample_ = false;
+  int64_t num_classes_ = 0;
   std::string sample_error_ = "this model cannot sample";  // why not, as the exporter recorded it
 
   static Model load_torchscript(const std::string& path);
@@ -80,6 +97,9 @@ class Model {
   torch::Tensor run_aoti(const std::shared_ptr<void>& loader, const torch::Tensor& input);
   void check_input(const torch::Tensor& x) const;
   void check_latent(const torch::Tensor& z) const;
+  void check_sample(int64_t n) const;
+  void require_conditional(bool wanted, const std::string& method) const;
+  torch::Tensor check_labels(const torch::Tensor& c, int64_t batch) const;
 };
 
 // Tensor files: what Python's torch.save writes (read with torch::pickle_load), and the reverse.
