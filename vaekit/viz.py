@@ -14,6 +14,7 @@ import torch
 from .checkpoint import atomic_write
 from .errors import first_line
 from .evaluation import map_batches
+from .interfaces import Prior
 
 
 def _plt():
@@ -179,16 +180,19 @@ def first_layer_filters(model) -> torch.Tensor | None:
     is the filter that hidden unit j takes the dot product with; it is reshaped to the data shape
     ``S`` and scaled by its own largest magnitude, ``0.5 + w_j / (2 max|w_j|)``, so grey is 0,
     white positive and black negative (filters drawn as images, as in Vincent et al. 2010).  A
-    convolutional first layer gives None.
+    conditional model's first layer also reads the one-hot label: only its weights on the data are
+    shown.  A convolutional first layer gives None.
     """
     from itertools import chain
 
     first = next((m for m in chain(model.encoder.modules(), model.head.modules())
                   if any(True for _ in m.parameters(recurse=False))), None)
     shape = tuple(model.data_shape)
-    if not isinstance(first, torch.nn.Linear) or first.in_features != math.prod(shape):
+    # a conditional model's first layer also reads the one-hot label (K planes, or K inputs for vectors)
+    label_inputs = getattr(model, "num_classes", 0) * math.prod(shape[1:])
+    if not isinstance(first, torch.nn.Linear) or first.in_features != math.prod(shape) + label_inputs:
         return None
-    w = first.weight.detach().float().cpu()  # [F, D]
+    w = first.weight.detach().float().cpu()[:, : math.prod(shape)]  # [F, D]: the weights on the data
     scale = w.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return (0.5 + w / (2 * scale)).reshape((w.shape[0],) + shape)
 
@@ -294,9 +298,16 @@ def _posterior_means(model, x: torch.Tensor, c: torch.Tensor | None = None) -> t
 @torch.no_grad()
 def latent_scale(model, x: torch.Tensor, n: int = 2000, seed: int = 0,
                  c: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Centre and spread of each latent unit, ``(m [d], σ [d], what)``: the mean and standard deviation
-    of ``n`` seeded draws from p(z) when the model can sample (any prior, a latent target of an AAE or
-    WAE), else of the posterior means of ``x [N, *S]`` (a deterministic autoencoder's codes)."""
+    """Centre and spread of each latent unit, ``(m [d], σ [d], what)``: p(z)'s mean and standard deviation
+    where its distribution has them in closed form (N(0, I): 0 and 1); else those of ``n`` seeded draws
+    from p(z) when the model can sample (mixtures, samplers of a prior's own); else those of the
+    posterior means of ``x [N, *S]`` (a deterministic autoencoder's codes)."""
+    try:
+        p = model.sampling_distribution()
+        if p is not None and type(model.prior).sample is Prior.sample:  # no sampler of the prior's own
+            return p.mean.detach().float().cpu(), p.stddev.detach().float().cpu(), "p(z)"
+    except NotImplementedError:  # no closed-form mean/stddev (or no distribution()): estimate below
+        pass
     if model.can_sample:
         z = model.sample_latent(n, torch.Generator().manual_seed(seed)).float()
         what = "p(z)"
@@ -391,6 +402,10 @@ def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history:
     return written
 
 
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg")
+"""The file types a figure can be written as (matplotlib's formats of those names)."""
+
+
 def plot_run(run, kinds: list[str] | None = None, out: Path | None = None, data=None, split: str = "test",
              device: str = "auto", pm=None) -> list[Path]:
     """Draw figures of a trained run (``vaekit plot``); returns the files written.
@@ -403,7 +418,7 @@ def plot_run(run, kinds: list[str] | None = None, out: Path | None = None, data=
     named explicitly that does not apply to this run (saying what it needs); errors of
     :func:`vaekit.apply.load_split` for bad data.
     """
-    from .apply import load_split, resolve_run
+    from .apply import condition_labels, load_split, resolve_run
     from .checkpoint import check_output
     from .errors import ConfigError
     from .training import _read_metrics, eval_inputs
@@ -415,10 +430,13 @@ def plot_run(run, kinds: list[str] | None = None, out: Path | None = None, data=
     if out is not None:
         if len(names) != 1:
             raise ConfigError("--out names one file: give exactly one --kind with it")
+        if Path(out).suffix.lower() not in FIGURE_SUFFIXES:
+            raise ConfigError(f"--out must end in {', '.join(FIGURE_SUFFIXES)} (an image format), got {Path(out).name!r}")
         check_output(Path(out), "--out")
     model = resolve_run(run, device, pm)
     run_dir = Path(getattr(model, "run_dir", None) or model.run_info["config"]["out"])
     x, y = load_split(model, data, split, pm)
+    condition_labels(model, y)  # a conditional run on data without labels: one DataError line
     x = eval_inputs(x, model.run_info["config"].get("binarize", "none"))
     history = [m for m in _read_metrics(run_dir) if "stage" not in m] if run_dir.is_dir() else []
     ctx = FigureContext(x, y, history)

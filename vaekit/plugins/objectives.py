@@ -39,7 +39,8 @@ class ELBO(Objective):
     :param cycles: number of cyclical annealing cycles over the run's epochs (0: none).
     :param ratio: fraction R of each cycle over which β rises (with ``cycles``).
     :param free_bits: λ, nats per latent unit below which the KL is not penalised (0: off).
-    :param horizon: epochs E the ``cycles`` span (unset: the run's ``--epochs`` at its start).
+    :param horizon: epochs E the ``cycles`` span (unset: the run's ``--epochs`` at its start); at least
+        2 epochs per cycle, since β changes once per epoch.
     """
 
     name = "elbo"
@@ -63,7 +64,13 @@ class ELBO(Objective):
         self.warmup, self.cycles, self.ratio, self.free_bits = int(warmup), int(cycles), float(ratio), float(free_bits)
         if horizon is not None and horizon < 1:
             raise ConfigError(f"elbo: horizon must be at least 1 epoch, got {horizon}")
+        if not cycles and (ratio != 0.5 or horizon is not None):
+            raise ConfigError("elbo: ratio and horizon shape the cyclical schedule; give them with cycles=M")
         self.epochs = int(config.epochs if horizon is None else horizon)
+        if cycles and self.epochs < 2 * cycles:
+            raise ConfigError(f"elbo: cycles={cycles} over {self.epochs} epochs leaves less than 2 epochs per cycle "
+                              "(β is set once per epoch, so it would never rise); use at most "
+                              f"{max(1, self.epochs // 2)} cycles or more --epochs")
         self.current_beta = self.beta_at(1)
         self.stochastic = True
 
