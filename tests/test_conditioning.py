@@ -43,8 +43,7 @@ def test_samples_of_each_label_are_classified_as_that_label(cvae_run):
                for k in range(10)]
     # seen (10 epochs, seeds 0/1/2): 1.00 for every label and overall on each seed; 4 epochs gave 0.86/0.86/0.89
     # overall (worst label 0.58); an unconditional decoder is at chance (0.1)
-    assert np.mean(acc) >= 0.9, acc
-    assert min(acc) >= 0.7, acc
+    assert min(acc) >= 0.9, acc  # the issue's property, label by label
 
 
 def test_one_hot_condition_reaches_encoder_and_decoder_of_vector_and_image_plugins():
@@ -196,6 +195,18 @@ def test_condition_is_a_toml_key_and_refuses_pretraining(tmp_path):
     assert cfg.condition == "label" and RunConfig.from_dict(cfg.to_dict()).condition == "label"
     with pytest.raises(ConfigError, match="--pretrain does not support --condition label"):
         RunConfig(encoder="mlp", pretrain="layerwise", condition="label")
+
+
+def test_plugins_that_encode_inputs_of_their_own_are_refused_before_training(tmp_path):
+    """contractive (its penalty encodes x again) and sparsity:target=features cannot get labels: one line naming
+    them when the model is built, and no run directory is left behind."""
+    args = ["run", "--data", "digits", "--encoder", "mlp:hidden=16", "--latent-dim", "2", "--epochs", "1",
+            "--condition", "label", "--no-progress"]
+    assert_one_line_error(invoke(*args, "--regularizer", "contractive", "--out", tmp_path / "a"),
+                          "the regularizer 'contractive' does not support --condition label")
+    assert_one_line_error(invoke(*args, "--regularizer", "sparsity:target=features", "--out", tmp_path / "b"),
+                          "was called without the labels c")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_the_variants_combine_conditional_full_covariance_iwae(tmp_path):

@@ -135,7 +135,7 @@ def test_kl_per_unit_sums_to_the_fused_kl_and_needs_a_factorised_posterior():
             mu, logvar = self.split(params)
             return torch.distributions.MultivariateNormal(mu, scale_tril=torch.diag_embed(torch.exp(0.5 * logvar)))
 
-    with pytest.raises(ConfigError, match="no per-unit KL"):
+    with pytest.raises(ConfigError, match="free bits need a KL per latent unit"):
         ELBO(RunConfig(), free_bits=0.5).bind(composed_model(FullCovariance(3), latent_dim=3))
 
 
@@ -342,3 +342,16 @@ def test_plugins_lists_objectives():
     listing = json.loads(res.stdout)
     assert {p["name"] for p in listing["objective"]} >= {"elbo", "iwae"}
     assert listing["objective"][1]["options"]["k"]["default"] == 5
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch):
+    """An allocation failure in a step (a CUDA OutOfMemoryError, or the CPU allocator's RuntimeError that a huge
+    iwae:k gives) becomes a TrainingError saying what to lower, not an 'unexpected' error."""
+    from vaekit.errors import TrainingError
+
+    def oom(self, model, x, c=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(IWAE, "forward", oom)
+    with pytest.raises(TrainingError, match=r"out of memory at step 1 .*Lower --batch-size \(or the samples k"):
+        vaekit.train(objective="iwae:k=5", out=str(tmp_path / "r"), epochs=1, **DIGITS)

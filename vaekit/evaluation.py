@@ -50,7 +50,8 @@ class ImportanceSampled(NamedTuple):
     log_px: ``[N]`` nats, the estimate ``log (1/K) Σ_k w_k``; mc_var: ``[N]`` nats², its Monte-Carlo
     variance by the delta method, ``(mean_k w_k² / (mean_k w_k)² − 1) / K`` (the squared coefficient of
     variation of the weights over K; Owen 2013, "Monte Carlo theory, methods and examples", §9.2), itself
-    estimated from the same K weights.
+    estimated from the same K weights — a plug-in estimate that is optimistic when the weights are
+    heavy-tailed (small K, a poor posterior): read it as a lower bound on the Monte-Carlo variance.
     """
 
     log_px: torch.Tensor

@@ -137,8 +137,9 @@ class Prior(Plugin):
         """
         q, p = base_of(self.posterior(params), Normal), base_of(self.distribution(), Normal)
         if q is None or p is None:
-            raise ConfigError(f"prior {type(self).__name__} has no per-unit KL (free bits need a factorised "
-                              "Gaussian posterior and prior); drop free_bits or use --prior gaussian")
+            raise ConfigError(f"free bits need a KL per latent unit, i.e. a factorised Gaussian posterior and prior, "
+                              f"and this prior's posterior is a {type(self.posterior(params)).__name__}; drop free_bits "
+                              "or use --prior gaussian (covariance=diagonal)")
         return kl_divergence(q, p)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -270,6 +270,8 @@ def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginMan
     ]
     model = VAEModel(encoder, prior, decoder, likelihood, regularizers, num_classes=k)
     _check_shapes(model, shape, config, dec_spec.name)
+    if k:
+        _check_conditional(model, shape, config)
     return model
 
 
@@ -332,6 +334,29 @@ def _check_shapes(model: VAEModel, shape: tuple[int, ...], config: "RunConfig", 
         raise ConfigError(
             f"decoder {decoder_name!r} returned {list(out.shape[1:])} per sample, the likelihood needs {list(expected[1:])}"
         )
+
+
+def _check_conditional(model: VAEModel, shape: tuple[int, ...], config: "RunConfig") -> None:
+    """A dry step of a conditional model (two zero samples with labels, every penalty) in eval mode, with the
+    RNG streams forked: a prior or regularizer that encodes inputs of its own without their labels
+    (``contractive``, a VampPrior's pseudo-inputs) is refused now, naming it, not at the first step."""
+    x, c = torch.zeros((2,) + shape), torch.zeros(2, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                record = model(x, c)
+            except ConfigError as e:
+                raise ConfigError(f"the prior {config.prior.name!r} does not support --condition label ({e})") from None
+            for reg, spec in zip(model.regularizers, config.regularizers):
+                try:
+                    reg.penalty(record)
+                except ConfigError:
+                    raise ConfigError(f"the regularizer {spec.name!r} does not support --condition label: it encodes "
+                                      "inputs of its own, which carry no labels; drop it or use --condition none") from None
+    finally:
+        model.train(was_training)
 
 
 def _first_line(e: BaseException) -> str:

@@ -18,7 +18,7 @@ import torch
 from . import __version__, checkpoint
 from .config import RunConfig
 from .data import DataBundle, binarize, looks_like_path
-from .errors import CheckpointError, ConfigError, TrainingError, UnknownPluginError
+from .errors import CheckpointError, ConfigError, TrainingError, UnknownPluginError, first_line
 from .evaluation import EVAL_SEED, elbo_summary
 from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
@@ -300,6 +300,11 @@ class Trainer:
                 "run the same command again to start afresh"
             self.console.print(f"interrupted: {self._kept()}; {hint}")
             raise
+        except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            raise TrainingError(f"out of memory at step {self.step + 1} ({first_line(e, 120)}); {self._kept()}. "
+                                "Lower --batch-size (or the samples k of an objective such as iwae:k)") from None
         if self.figures:
             from . import viz
 

@@ -27,6 +27,15 @@ _LABELS = {
 }
 
 
+_CONDITIONAL_LABELS = {
+    "elbo": ("test ELBO of log p(x|c)", "nats"),
+    "log_px": ("log p(x|z, c)", "nats"),
+    "kl": ("KL(q(z|x, c) ‖ p(z))", "nats"),
+    "nll": ("NLL −log p(x|c) (importance-sampled)", "nats"),
+}
+"""A conditional VAE's rows: its bounds are on log p(x|c), not comparable with an unconditional NLL."""
+
+
 def evaluate_run(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by 'vaekit run'.")],
     nll_samples: Annotated[int, typer.Option("--nll-samples", "-k", help="Importance samples K per test point (0: skip the NLL).")] = 1000,
@@ -40,16 +49,19 @@ def evaluate_run(
     The ELBO is :func:`vaekit.evaluation.evaluate`'s seeded estimate; with the default ``--seed 0``
     (``EVAL_SEED``) it equals the last ``test_elbo`` in the run's ``metrics.jsonl`` (same device).
     """
+    from ..checkpoint import read_run_config
+    from ..errors import ConfigError
     from ..evaluation import evaluate_run
 
+    if nll_samples < 0:
+        raise ConfigError(f"--nll-samples must be >= 0 (0 skips the NLL), got {nll_samples}")
+    info = read_run_config(run_dir)
     if as_json:
         result = evaluate_run(run_dir, "test", nll_samples, batch_size, device, seed)
     else:
         from rich.progress import MofNCompleteColumn, Progress
 
-        from ..checkpoint import read_run_config
-
-        total = read_run_config(run_dir).get("data", {}).get("n_test")  # test points: the bar's unit
+        total = info.get("data", {}).get("n_test")  # test points: the bar's unit
         with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True) as bar:
             task = bar.add_task(f"importance sampling, K = {nll_samples}",
                                 total=total if isinstance(total, int) and nll_samples > 0 else None)
@@ -62,13 +74,15 @@ def evaluate_run(
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"vaekit eval {run_dir}")
+    conditional = info.get("config", {}).get("condition", "none") == "label"
+    labels = _CONDITIONAL_LABELS if conditional else {}
+    table = Table(title=f"vaekit eval {run_dir}" + (" (conditional VAE: bounds on log p(x|c))" if conditional else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("unit")
     for key, value in result.items():
         if key == "run_dir":
             continue
-        label, unit = _LABELS.get(key, (key, ""))
+        label, unit = labels.get(key) or _LABELS.get(key, (key, ""))
         table.add_row(label, f"{value:.4f}" if isinstance(value, float) else str(value), unit)
     Console().print(table)
