@@ -174,11 +174,12 @@ class _CondDecode(nn.Module):
         return self.likelihood.mean(self.decoder(append_label(code, c, self.num_classes)))
 
 
-class ExportedModel(nn.Module):
-    """The exported module; see the module docstring for its methods."""
+class _Archive(nn.Module):
+    """What every exported module holds: its parts and the attributes the loaders read."""
 
     def __init__(self, encode: nn.Module, decode: nn.Module, transform: nn.Module, features: nn.Module,
-                 input_shape: List[int], latent_dim: int, deterministic: bool, sample_error: str) -> None:
+                 input_shape: List[int], latent_dim: int, deterministic: bool, sample_error: str,
+                 num_classes: int = 0) -> None:
         super().__init__()
         self.encode_net = encode
         self.decode_net = decode
@@ -190,8 +191,12 @@ class ExportedModel(nn.Module):
         self.deterministic = deterministic
         self.can_sample = sample_error == ""
         self.sample_error = sample_error
-        self.num_classes = 0
-        self.conditional = False
+        self.num_classes = num_classes
+        self.conditional = num_classes > 0
+
+
+class ExportedModel(_Archive):
+    """The exported module; see the module docstring for its methods."""
 
     def _mean_logvar(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         params = self.encode_net(x)
@@ -227,26 +232,9 @@ class ExportedModel(nn.Module):
         return self.reconstruct(x)
 
 
-class ConditionalExportedModel(nn.Module):
+class ConditionalExportedModel(_Archive):
     """The exported module of a conditional VAE: :class:`ExportedModel`'s methods, each given the labels
     ``c [B]`` (int64, ``0..num_classes-1``; ``sample`` takes one ``label`` for all ``n``)."""
-
-    def __init__(self, encode: nn.Module, decode: nn.Module, transform: nn.Module, features: nn.Module,
-                 input_shape: List[int], latent_dim: int, deterministic: bool, sample_error: str,
-                 num_classes: int) -> None:
-        super().__init__()
-        self.encode_net = encode
-        self.decode_net = decode
-        self.transform_net = transform
-        self.features_net = features
-        self.vaekit_format = FORMAT
-        self.input_shape = input_shape
-        self.latent_dim = latent_dim
-        self.deterministic = deterministic
-        self.can_sample = sample_error == ""
-        self.sample_error = sample_error
-        self.num_classes = num_classes
-        self.conditional = True
 
     def _check_labels(self, c: torch.Tensor, batch: int) -> None:
         if c.dim() != 1 or c.shape[0] != batch:
