@@ -28,7 +28,8 @@ def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = ELBO_BATCH_SI
     reproducible (for a given device, ``batch_size`` and model) and the caller's RNG streams are
     left exactly as they were; ``seed=None`` draws from the caller's streams.  The estimate is
     the one-sample SGVB estimator of Kingma & Welling 2014 (§2.3), with the prior's KL.  A conditional
-    model needs the labels ``c [N]`` and bounds log p(x|c) (Sohn et al. 2015, eq. 4).
+    model needs the labels ``c [N]`` and bounds log p(x|c) (Sohn et al. 2015, eq. 4, with the prior
+    p(z|c) = p(z)).
     """
     was_training = model.training
     model.eval()
