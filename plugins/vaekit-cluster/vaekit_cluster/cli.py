@@ -69,8 +69,8 @@ def cluster_run(run_dir, data=None, split: str = "test", k: int | None = None, s
 
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if k is not None and k < 2:
-        check_k(k, 0)
+    if k is not None and k < 2:  # refused before the run is loaded; k > samples is checked once they are
+        check_k(k, k)
     if out_dir is not None:
         check_output(Path(out_dir) / "clusters.png", "--out-dir")
     model = resolve_run(run_dir, device, pm)
