@@ -238,3 +238,16 @@ def test_bad_input_is_one_line(plain_run, tmp_path):
     for args, fragment in cases:
         _one_line_error(runner.invoke(_app(), ["cluster", str(plain_run), *args]), fragment)
     _one_line_error(runner.invoke(_app(), ["cluster", str(tmp_path / "no-run")]), "no-run")
+
+
+def test_epoch_metrics_are_left_out_without_labels(tmp_path):
+    """Unlabelled data trains with a clustering regularizer, and its epochs log no clustering metrics."""
+    import vaekit
+
+    x = tmp_path / "x.npy"
+    np.save(x, np.random.default_rng(0).random((100, 1, 8, 8)).astype(np.float32))
+    result = vaekit.train(data=str(x), encoder="mlp:hidden=16", prior="none", latent_dim=4, epochs=1,
+                          regularizers=["nearest:k=3"], out=str(tmp_path / "run"), quiet=True, figures=False,
+                          pm=_in_process_pm())
+    assert [reg.name for reg in result.model.regularizers] == ["nearest"]
+    assert result.history and not any(key.startswith("test_cluster") for key in result.history[-1])
