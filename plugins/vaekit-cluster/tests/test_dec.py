@@ -101,7 +101,7 @@ def test_kl_gradient_pushes_codes_toward_their_centroids():
     kl.backward()
     after = (z - 0.5 * z.grad - mu[near]).norm(dim=1).detach()
     closer = (after < before).float().mean().item()
-    # seen: 1.00 of the codes closer, mean distance 2.23 -> 2.22
+    # seen (seeds 0/1/2): 1.00 of the codes closer each time; mean distance 2.3804 -> 2.3800, 2.1794 -> 2.1791
     assert closer > 0.95 and after.mean() < before.mean()
 
 
