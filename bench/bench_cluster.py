@@ -1,12 +1,12 @@
 """Benchmark: deep clustering (plugins/vaekit-cluster) on the bundled MNIST digits — k-means vs DEC vs DCN.
 
 Pretrains a deterministic conv autoencoder (``--prior none --latent-dim 10``, Bernoulli, the
-4,000/1,000 split, 1 thread), then fine-tunes it with ``--init`` and ``--regularizer dec:k=10,...`` and
+4,000/1,000 split, 1 thread; an existing ``OUT/ae`` run is reused), then fine-tunes it with ``--init`` and ``--regularizer dec:k=10,...`` and
 ``--regularizer dcn:k=10,...``, and prints ACC (Hungarian matching), NMI and ARI on the 1,000 test
 digits of: k-means (scikit-learn, n_init = 20) fitted on the pretrained model's training codes, DEC's
 and DCN's own assignments of the test codes.  The equivalent CLI commands are printed first.
 
-    python bench/bench_cluster.py [--pretrain-epochs 60] [--epochs 40] [--dec SPEC] [--dcn SPEC] [--seed 0] [--out DIR]
+    python bench/bench_cluster.py [--pretrain-epochs 60] [--pretrain-regularizer denoising] [--epochs 40] [--dec SPEC] [--dcn SPEC] [--seed 0] [--out DIR]
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def scores(y: np.ndarray, pred: np.ndarray) -> tuple[float, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pretrain-epochs", type=int, default=60)
+    parser.add_argument("--pretrain-regularizer", default=None, help="e.g. denoising (a denoising AE, as DEC pretrains)")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--dec", default="dec:k=10,recon=false,weight=1,update_interval=30")
     parser.add_argument("--dcn", default="dcn:k=10,weight=1")
@@ -79,12 +80,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         ae, runs = out / "ae", {"DEC": (args.dec, out / "dec"), "DCN": (args.dcn, out / "dcn")}
-        print(f"vaekit run {flags} --epochs {args.pretrain_epochs} --out {ae}")
+        pre_reg = [] if args.pretrain_regularizer is None else [args.pretrain_regularizer]
+        pre_flag = "".join(f" --regularizer {r}" for r in pre_reg)
+        print(f"vaekit run {flags}{pre_flag} --epochs {args.pretrain_epochs} --out {ae}")
         for spec, run in runs.values():
             print(f"vaekit run {flags} --init {ae} --regularizer {spec} --epochs {args.epochs} --out {run}")
         start = time.perf_counter()
         if not (ae / "model.safetensors").exists():
-            vaekit.train(**model_args, epochs=args.pretrain_epochs, out=str(ae), pm=pm, quiet=True, figures=False)
+            vaekit.train(**model_args, regularizers=pre_reg, epochs=args.pretrain_epochs, out=str(ae), pm=pm,
+                         quiet=True, figures=False)
         data = load_data("mnist", pm)
         y = data.test_y.numpy()
         with torch.no_grad():
