@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--pretrain-regularizer", default=None, help="e.g. denoising (a denoising AE, as DEC pretrains)")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--dec", default="dec:k=10,recon=false,weight=1,update_interval=30")
-    parser.add_argument("--dcn", default="dcn:k=10,weight=1")
+    parser.add_argument("--dcn", default="dcn:k=10,weight=10")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for the three runs (default: a temporary one)")
     args = parser.parse_args()
