@@ -241,11 +241,17 @@ def set_rng_states(tensors: dict[str, torch.Tensor], generator: torch.Generator)
                 torch.cuda.set_rng_state(state, index)
 
 
+EXTRA = "extra."  # prefix of the regularizers' training state in trainer_state.safetensors
+
+
 def save_trainer_state(run_dir: Path, epoch: int, step: int, optimizers: dict[str, torch.optim.Optimizer],
-                       generator: torch.Generator, amp=None) -> None:
+                       generator: torch.Generator, amp=None, extra: dict[str, torch.Tensor] | None = None) -> None:
     """Write optimizers, every RNG stream (:func:`rng_states`), the gradient scaler of ``amp``
-    (:class:`~vaekit.precision.MixedPrecision`) and the epoch/step reached, atomically."""
+    (:class:`~vaekit.precision.MixedPrecision`), the epoch/step reached and ``extra`` tensors (the
+    regularizers' :meth:`~vaekit.interfaces.Regularizer.training_state`, by name), atomically."""
     tensors: dict[str, torch.Tensor] = rng_states(generator)
+    for name, t in (extra or {}).items():
+        tensors[f"{EXTRA}{name}"] = t.detach().cpu().contiguous()
     meta: dict[str, str] = {"epoch": str(epoch), "step": str(step)}
     if amp is not None:
         meta["scaler"] = json.dumps(amp.state_dict())
@@ -255,9 +261,12 @@ def save_trainer_state(run_dir: Path, epoch: int, step: int, optimizers: dict[st
 
 
 def load_trainer_state(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
-                       amp=None) -> tuple[int, int]:
-    """Restore optimizers, RNG states and the gradient scaler; return ``(epoch, step)`` reached."""
+                       amp=None, extra: dict[str, torch.Tensor] | None = None) -> tuple[int, int]:
+    """Restore optimizers, RNG states and the gradient scaler; return ``(epoch, step)`` reached.
+    ``extra``: a dict filled with the ``extra`` tensors :func:`save_trainer_state` wrote, by name."""
     tensors, meta = load_tensors(Path(run_dir) / STATE, "trainer state")
+    if extra is not None:
+        extra.update({k[len(EXTRA):]: v for k, v in tensors.items() if k.startswith(EXTRA)})
     try:
         for name, opt in optimizers.items():
             unflatten_optimizer(f"optim.{name}", opt, tensors, meta)

@@ -232,7 +232,10 @@ class StepOutput:
     z_sample: ``[B, d]`` the draw z ~ q(z|x) before any regularizer's ``transform_latent``
     (what log q(z|x) and log p(z) are evaluated at).  A forward pass with ``samples=k``
     (:meth:`vaekit.model.VAEModel.forward`) has ``B = k·N`` rows: draw ``i`` of data point ``n``
-    is row ``i·N + n``.
+    is row ``i·N + n``.  index: ``[N]`` int64, the positions in the training set
+    (``trainer.train_x``) of the batch's N data points, set by the trainer on every training step
+    (row ``i·N + n`` is training sample ``index[n]``); None outside training steps (evaluation,
+    pretraining).  Per-sample state of a regularizer (DEC's target distribution) is read with it.
     """
 
     x: torch.Tensor
@@ -245,6 +248,7 @@ class StepOutput:
     log_px: torch.Tensor
     c: torch.Tensor | None = None
     z_sample: torch.Tensor | None = None
+    index: torch.Tensor | None = None
 
 
 def standard_normal(latent_dim: int, like: torch.Tensor) -> Distribution:
@@ -272,13 +276,24 @@ class Regularizer(Plugin):
     * own parameters with an optimizer of their own (:meth:`configure_optimizer`),
       stepped by :meth:`update` before each model step, alternating with it
       (e.g. an adversarial discriminator);
-    * react to :meth:`on_fit_start` / :meth:`on_epoch_end`.
+    * react to :meth:`on_fit_start` / :meth:`on_step_end` / :meth:`on_epoch_end`, and stop the run
+      early with ``trainer.request_stop(reason)`` (a convergence test);
+    * keep per-run training state that is not part of the model (per-sample tables sized by the
+      data) through :meth:`training_state` / :meth:`load_training_state`, saved with the trainer
+      state so a resumed run continues exactly;
+    * leave the likelihood term out of the loss (:attr:`drops_likelihood`).
     """
 
     name: str = "regularizer"
     sparse_codes: bool = False
     """True if this regularizer makes the codes sparse (sparse and k-sparse AEs); runs with one get a
     histogram of code activations (``codes.png``)."""
+    drops_likelihood: bool = False
+    """True if the loss should not contain the likelihood (reconstruction) term ``−log p(x|z)``: the
+    objective leaves it out (still logging ``recon``), so the regularizer's penalty (and a stochastic
+    prior's KL) is the whole loss — pure DEC (Xie et al. 2016) trains the encoder on KL(P‖Q) alone.
+    An instance attribute may set it from an option.  Objectives that cannot drop it (``iwae``, a
+    bound on log p(x)) refuse such a regularizer with a ConfigError."""
 
     def __init__(self, latent_dim: int, data_shape: tuple[int, ...], weight: float = 1.0) -> None:
         """Raises ConfigError, naming :attr:`name`, for a ``weight`` that is not a finite number ≥ 0
@@ -341,8 +356,27 @@ class Regularizer(Plugin):
     def on_fit_start(self, trainer: "Trainer") -> None:
         """Called before training starts."""
 
+    def on_step_end(self, trainer: "Trainer", record: StepOutput) -> None:
+        """Called after each training step's optimizer update (``trainer.step`` already counts it),
+        with that step's ``record`` (its ``index`` names the batch's training samples).  E.g. DCN's
+        assignment and online centroid update (Yang et al. 2017, Algorithm 1), DEC's periodic
+        target refresh.  A call to ``trainer.request_stop(reason)`` here ends the run after this
+        step (the epoch is evaluated and checkpointed).  Default: nothing."""
+
     def on_epoch_end(self, trainer: "Trainer", epoch: int) -> None:
         """Called after each epoch."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors of this regularizer's training state that are not model state, by name: saved in
+        ``trainer_state.safetensors`` at every checkpoint and given back to :meth:`load_training_state`
+        when the run resumes (before :meth:`on_fit_start`).  For state whose shape depends on the
+        training data (a per-sample table ``[N, k]``), which ``model.safetensors`` cannot hold since a
+        loaded run rebuilds the model from its config alone.  Default: ``{}``."""
+        return {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`training_state` returned (on the CPU; move it where needed).  Called
+        only when resuming, with exactly the saved names.  Default: nothing."""
 
 
 class Objective:

@@ -66,6 +66,12 @@ class VAEModel(nn.Module):
         return self.encoder(x, check_labels(c, self.num_classes, x.shape[0]).to(x.device))
 
     @property
+    def drops_likelihood(self) -> bool:
+        """True if a regularizer asks to leave the likelihood term out of the loss
+        (:attr:`~vaekit.interfaces.Regularizer.drops_likelihood`, e.g. pure DEC)."""
+        return any(reg.drops_likelihood for reg in self.regularizers)
+
+    @property
     def latent_dim(self) -> int:
         return self.prior.latent_dim
 
@@ -198,10 +204,12 @@ class VAEModel(nn.Module):
         """The β-ELBO loss ``mean_B(−log p(x|z)) + β·kl`` (Kingma & Welling 2014, eq. 10; β of Higgins
         et al. 2017) and its terms ``recon`` and ``kl`` (nats, mean over the batch), without penalties.
         ``kl``: the KL term the loss uses (default ``mean_B record.kl``; free bits pass a clamped one);
-        the logged ``kl`` is always ``mean_B record.kl``.  A deterministic AE's loss is ``recon``."""
+        the logged ``kl`` is always ``mean_B record.kl``.  A deterministic AE's loss is ``recon``.
+        With :attr:`drops_likelihood` the loss leaves ``recon`` out (it is still logged)."""
         recon = -record.log_px.mean()
         kl_mean = record.kl.mean()
-        loss = recon + beta * (kl_mean if kl is None else kl) if self.prior.stochastic else recon
+        fit = recon if not self.drops_likelihood else torch.zeros_like(recon)
+        loss = fit + beta * (kl_mean if kl is None else kl) if self.prior.stochastic else fit
         return loss, {"recon": recon, "kl": kl_mean}
 
     def add_penalties(self, record: StepOutput, loss: torch.Tensor,

@@ -127,6 +127,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.checkpointed: int | None = None  # the epoch of the last checkpoint written or restored
+        self.stop_reason: str | None = None  # set by request_stop: the run ends after the current step
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -267,13 +268,34 @@ class Trainer:
 
     def _restore(self) -> None:
         checkpoint.load_model_weights(self.run_dir, self.model)
-        epoch, self.step = checkpoint.load_trainer_state(self.run_dir, self.optimizers, self.generator, self.amp)
+        extra: dict[str, torch.Tensor] = {}
+        epoch, self.step = checkpoint.load_trainer_state(self.run_dir, self.optimizers, self.generator, self.amp,
+                                                         extra=extra)
+        for i, reg in enumerate(self.model.regularizers):
+            prefix = f"regularizer{i}."
+            own = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
+            if own:
+                reg.load_training_state(own)
         self.start_epoch = epoch + 1
         self.checkpointed = epoch
         lines = _read_metrics(self.run_dir)
         stages = [m for m in lines if "stage" in m]  # pretraining lines: kept, never part of the history
         self.history = [m for m in lines if "stage" not in m and m.get("epoch", 0) <= epoch]
         _write_metrics(self.run_dir, stages + self.history)  # drop lines of an epoch that had not been checkpointed
+        stopped = self.history[-1].get("stopped") if self.history else None
+        if stopped:  # a run a plugin stopped early has converged: resuming it trains nothing
+            self.stop_reason = stopped
+            self.start_epoch = self.config.epochs + 1
+            self.console.print(f"this run stopped early at epoch {epoch} ({stopped}); nothing to resume")
+
+    def request_stop(self, reason: str) -> None:
+        """End the run early, cleanly: training stops after the current step, the epoch is evaluated,
+        checkpointed and logged with ``"stopped": reason`` in its ``metrics.jsonl`` record, and
+        ``reason`` is printed.  For a plugin's convergence test (DEC's tolerance on changed
+        assignments), from :meth:`~vaekit.interfaces.Regularizer.on_step_end` or a hook.  Resuming a
+        stopped run trains nothing (it says so).  The first reason given is kept."""
+        if self.stop_reason is None:
+            self.stop_reason = str(reason)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -318,18 +340,24 @@ class Trainer:
         cfg = self.config
         with self.progress(steps_per_epoch, cfg.epochs, self.start_epoch) as bar:
             for epoch in range(self.start_epoch, cfg.epochs + 1):
+                if self.stop_reason is not None:
+                    break
                 schedule = self.objective.set_epoch(epoch)  # e.g. the β in effect: a function of the epoch alone
                 train_means, seconds = self._train_epoch(epoch, bar)
                 record = {"epoch": epoch, "step": self.step, **schedule, **{f"train_{k}": v for k, v in train_means.items()}}
                 record.update(self._test_metrics())
                 record["samples_per_s"] = n / seconds if seconds > 0 else float("nan")
                 record["epoch_seconds"] = seconds
+                if self.stop_reason is not None:
+                    record["stopped"] = self.stop_reason
                 self.pm.hook.vaekit_epoch_end(trainer=self, epoch=epoch, metrics=record)
                 for reg in self.model.regularizers:
                     reg.on_epoch_end(self, epoch)
                 self._checkpoint(epoch)
                 self.history.append(record)
                 self.log_stage(record, _epoch_line(record, cfg.epochs, schedule))
+                if self.stop_reason is not None:
+                    self.console.print(f"stopped early at epoch {epoch}/{cfg.epochs}: {self.stop_reason}")
 
     def log_stage(self, record: dict[str, Any], line: str) -> None:
         """Append ``record`` to ``metrics.jsonl`` and print ``line`` (training epochs and pretraining stages)."""
@@ -340,13 +368,20 @@ class Trainer:
     def batches(self):
         """One epoch's mini-batches ``(x [B, *S], c [B] or None)`` on the device: a fresh dynamic
         binarization (if the run uses one), then a shuffle, both drawn from the run's seeded generator."""
+        for _, x, c in self.indexed_batches():
+            yield x, c
+
+    def indexed_batches(self):
+        """:meth:`batches` with each batch's positions in the training set: ``(index [B] int64, x, c)``
+        (``x = train_x[index]`` before any binarization); the training step puts ``index`` in its
+        :class:`~vaekit.interfaces.StepOutput`."""
         x_all = self.train_x
         if self.binarize == "dynamic":
             x_all = binarize(self.data.train_x, self.generator).to(self.device)
         perm = torch.randperm(len(x_all), generator=self.generator).to(self.device)
         for b0 in range(0, len(perm), self.config.batch_size):
             idx = perm[b0 : b0 + self.config.batch_size]
-            yield x_all[idx], None if self.train_y is None else self.train_y[idx]
+            yield idx, x_all[idx], None if self.train_y is None else self.train_y[idx]
 
     def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float]:
         model, objective = self.model, self.objective
@@ -356,9 +391,10 @@ class Trainer:
         main_opt = self.optimizers["model"]
         reg_opts = [(reg, self.optimizers.get(f"regularizer{i}")) for i, reg in enumerate(model.regularizers)]
         start = time.perf_counter()
-        for x, c in self.batches():
+        for index, x, c in self.indexed_batches():
             with self.amp.autocast():
                 record = objective.forward(model, x, c)
+            record.index = index
             extra: dict[str, float] = {}
             for reg, opt in reg_opts:
                 if opt is not None:
@@ -371,6 +407,8 @@ class Trainer:
                 raise TrainingError(self._nan_message(value, epoch))
             main_opt.zero_grad(set_to_none=True)
             self.amp.step(loss, main_opt)
+            for reg in model.regularizers:
+                reg.on_step_end(self, record)
             bs = x.shape[0]
             count += bs
             for k, v in terms.items():
@@ -380,6 +418,8 @@ class Trainer:
             if bar is not None:
                 elapsed = time.perf_counter() - start
                 bar.update(epoch, count, elapsed, sums)
+            if self.stop_reason is not None:
+                break
         seconds = time.perf_counter() - start
         return {k: v / count for k, v in sums.items()}, seconds
 
@@ -393,7 +433,10 @@ class Trainer:
             if not torch.isfinite(p).all():
                 raise TrainingError(f"parameter {name} became NaN/inf in epoch {epoch}; " + self._kept())
         checkpoint.save_model(self.run_dir, self.model, epoch)
-        checkpoint.save_trainer_state(self.run_dir, epoch, self.step, self.optimizers, self.generator, self.amp)
+        extra = {f"regularizer{i}.{k}": v for i, reg in enumerate(self.model.regularizers)
+                 for k, v in reg.training_state().items()}
+        checkpoint.save_trainer_state(self.run_dir, epoch, self.step, self.optimizers, self.generator, self.amp,
+                                      extra=extra)
         self.checkpointed = epoch
 
     def _kept(self) -> str:

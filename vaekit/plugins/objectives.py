@@ -139,6 +139,9 @@ class IWAE(Objective):
         if not model.prior.stochastic:
             raise ConfigError("iwae needs a posterior q(z|x), but prior 'none' is a deterministic autoencoder; "
                               "use --objective elbo")
+        if model.drops_likelihood:
+            raise ConfigError("iwae is a bound on log p(x) and keeps the likelihood term, but a regularizer asks to "
+                              "drop it (drops_likelihood, e.g. dec:recon=false); use --objective elbo")
 
     def forward(self, model, x, c=None) -> StepOutput:
         return model(x, c, samples=self.k)
