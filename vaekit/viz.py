@@ -374,11 +374,16 @@ class FigureContext(NamedTuple):
 def draw_figure(name: str, model, ctx: "FigureContext", path: Path) -> bool:
     """Draw the figure ``name`` of :data:`FIGURES` to ``path``; False if it does not apply to this run.
     Raises ConfigError (listing the names) for an unknown name."""
+    _check_figure(name)
+    return bool(FIGURES[name][0](model, ctx, Path(path)))
+
+
+def _check_figure(name: str) -> None:
+    """ConfigError, listing the figures, unless ``name`` is one of :data:`FIGURES`."""
     from .errors import ConfigError
 
     if name not in FIGURES:
         raise ConfigError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
-    return bool(FIGURES[name][0](model, ctx, Path(path)))
 
 
 def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history: list[dict[str, Any]],
@@ -424,9 +429,8 @@ def plot_run(run, kinds: list[str] | None = None, out: Path | None = None, data=
     from .training import _read_metrics, eval_inputs
 
     names = list(kinds) if kinds else list(FIGURES)
-    for name in names:
-        if name not in FIGURES:
-            raise ConfigError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
+    for name in names:  # every name checked before any work
+        _check_figure(name)
     if out is not None:
         if len(names) != 1:
             raise ConfigError("--out names one file: give exactly one --kind with it")
