@@ -186,7 +186,7 @@ def test_cluster_command_scores_the_runs_assignment_and_kmeans_against_sklearn(s
     centroids = vaekit.load_run(run, pm=pm).regularizers[0].centroids
     assert centroids.abs().sum() > 0  # k-means at fit start, saved with the weights and loaded back
     ours = torch.cdist(z, centroids).argmin(1).numpy()
-    km = KMeans(10, n_init=10, random_state=0).fit_predict(z.double().numpy())
+    km = KMeans(10, n_init=20, random_state=0).fit_predict(z.double().numpy())
     for name, clusters in (("nearest", ours), ("kmeans", km)):
         row = out["methods"][name]
         assert row["k"] == 10
@@ -230,8 +230,9 @@ def test_bad_input_is_one_line(plain_run, tmp_path):
     runner = CliRunner()
     cases = [
         (["--data", str(unlabelled)], "ACC, NMI and ARI compare clusters with labels"),
-        (["--k", "1"], "k must be at least 2, got 1"),
-        (["--k", "360"], "k = 360 clusters but only 359 samples"),
+        (["--k", "1"], "--k must be an integer >= 2, got 1"),
+        (["--k", "360"], "k = 360 but there are only 359 samples"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
         (["--split", "valid"], "--split must be one of train, test, all, got 'valid'"),
         (["--out-dir", str(tmp_path / "missing")], "does not exist"),
     ]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_dec import BASE, kmeans_accuracy, own_accuracy, plugin_manager, pretrain
+from test_dec import BASE, kmeans_accuracy, own_accuracy, plugin_manager, pretrain, record_of
 
 import vaekit
 from vaekit import ConfigError
 from vaekit.training import load_data
 from vaekit_cluster.dcn import DCN, online_kmeans_update
+from vaekit_cluster.metrics import fit_kmeans
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,47 @@ def test_online_update_is_the_running_mean_of_the_assigned_codes():
     np.testing.assert_allclose(centroids.numpy(), mean, rtol=1e-12)
 
 
+def test_penalty_is_half_the_squared_distance_to_the_assigned_centroid():
+    """``DCN.penalty`` = ½ mean_B ‖z_i − m_{s_i}‖² with s_i the stored assignment of training sample index_i (numpy)."""
+    g = torch.Generator().manual_seed(0)
+    dcn = DCN(3, (64,), k=4)
+    dcn.centroids.copy_(torch.randn(4, 3, generator=g))
+    dcn.assignments = torch.randint(0, 4, (20,), generator=g)
+    index = torch.tensor([5, 0, 19, 5])
+    z = torch.randn(4, 3, generator=g)
+    m, s = dcn.centroids.numpy(), dcn.assignments.numpy()[index.numpy()]
+    reference = 0.5 * np.mean(np.sum((z.numpy() - m[s]) ** 2, axis=1))
+    assert float(dcn.penalty(record_of(z, index))) == pytest.approx(reference, rel=1e-6)
+    assert dcn.penalty(record_of(z, None)) is None
+
+
+def test_one_step_updates_assignments_then_centroids_as_the_paper(pretrained, tmp_path):
+    """One network step (the whole training set as one batch), then Algorithm 1's updates: s_i = the nearest
+    k-means centre of each code under the UPDATED network, m_j ← the running mean over the k-means counts
+    and the new members — recomputed in numpy from the initial and the final model's codes."""
+    data = load_data("digits")
+    n = len(data.train_x)
+    with torch.no_grad():
+        z0 = vaekit.load_run(pretrained, pm=plugin_manager()).embed(data.train_x)
+    m0, labels0 = fit_kmeans(z0, 10, seed=4)
+    result = vaekit.train(**BASE, init=str(pretrained), seed=4, epochs=1, batch_size=n, regularizers=["dcn:k=10,weight=10"],
+                          out=str(tmp_path / "dcn"), pm=plugin_manager())
+    with torch.no_grad():
+        z1 = result.model.embed(data.train_x).double().numpy()
+    m0, c0 = m0.double().numpy(), np.bincount(labels0.numpy(), minlength=10)
+    s = ((z1[:, None] - m0[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(s, minlength=10)
+    sums = np.stack([z1[s == j].sum(0) for j in range(10)])
+    m1 = (c0[:, None] * m0 + sums) / (c0 + counts)[:, None]
+    reg = result.model.regularizers[0]
+    np.testing.assert_array_equal(reg.assignments.numpy(), s)
+    np.testing.assert_array_equal(reg.counts.numpy(), c0 + counts)
+    np.testing.assert_allclose(reg.centroids.double().numpy(), m1, rtol=1e-4, atol=1e-5)
+    assert np.abs(m1 - m0).max() > 1e-3  # the step moved the centres: the update is exercised
+
+
 def test_bad_k_is_one_line():
-    with pytest.raises(ConfigError, match="k .* must be an integer >= 2"):
+    with pytest.raises(ConfigError, match="k must be an integer >= 2"):
         DCN(10, (64,), k=0)
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import vaekit
-from vaekit import ConfigError
+from vaekit import ConfigError, DataError, StepOutput
 from vaekit.manager import PluginManager
 from vaekit.training import load_data
 
 vaekit_cluster = pytest.importorskip("vaekit_cluster", reason="install the plugin: pip install -e plugins/vaekit-cluster")
-from vaekit_cluster.dec import DEC, kmeans, soft_assignment, target_distribution  # noqa: E402
-from vaekit_cluster.metrics import cluster_accuracy  # noqa: E402
+from vaekit_cluster.dec import DEC, soft_assignment, target_distribution  # noqa: E402
+from vaekit_cluster.metrics import cluster_accuracy, kmeans  # noqa: E402
 
 
 def plugin_manager() -> PluginManager:
@@ -44,8 +44,7 @@ def pretrained(tmp_path_factory):
 def kmeans_accuracy(model, data, seed=0) -> float:
     """ACC of k-means (n_init = 20) on the training samples' codes: the baseline DEC and DCN start from."""
     with torch.no_grad():
-        _, labels = kmeans(model.embed(data.train_x), 10, seed, "test")
-        return cluster_accuracy(data.train_y.numpy(), labels.numpy())
+        return cluster_accuracy(data.train_y.numpy(), kmeans(model.embed(data.train_x), 10, seed).numpy())
 
 
 def own_accuracy(model, data) -> float:
@@ -69,6 +68,57 @@ def test_q_and_p_match_the_papers_formulas():
         np.testing.assert_allclose(target_distribution(q).numpy(), p_ref, rtol=1e-10)
 
 
+def record_of(z: torch.Tensor, index: torch.Tensor) -> StepOutput:
+    """A training step's record carrying only what the clustering penalties read (codes, batch positions)."""
+    none = torch.empty(0)
+    return StepOutput(x=none, x_input=none, h=none, params=none, z=z, kl=none, likelihood_params=none,
+                      log_px=none, index=index)
+
+
+def test_penalty_is_kl_of_the_target_from_q_against_torch_distributions():
+    """``DEC.penalty`` = mean over the batch of KL(P_i ‖ Q_i) (P the stored target rows, Q the Student's t of
+    the batch's codes), checked against torch.distributions' categorical KL; the reversed KL(Q‖P) differs."""
+    from torch.distributions import Categorical, kl_divergence
+
+    g = torch.Generator().manual_seed(0)
+    dec = DEC(4, (64,), k=5, alpha=1.0)
+    with torch.no_grad():
+        dec.centroids.copy_(torch.randn(5, 4, generator=g, dtype=torch.float64).float())
+    dec.target = torch.softmax(3 * torch.randn(30, 5, generator=g), dim=1)  # P [N, k] of 30 training samples
+    index = torch.tensor([3, 17, 0, 29, 8, 8])
+    z = torch.randn(6, 4, generator=g)
+    q = soft_assignment(z, dec.centroids.detach())
+    reference = kl_divergence(Categorical(probs=dec.target[index]), Categorical(probs=q)).mean()
+    reversed_kl = kl_divergence(Categorical(probs=q), Categorical(probs=dec.target[index])).mean()
+    got = dec.penalty(record_of(z, index))
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-7)
+    assert abs(float(reversed_kl - reference)) > 0.05  # the direction is checked, not only the value's order
+    assert dec.penalty(record_of(z, None)) is None  # evaluation passes carry no index: no penalty
+
+
+def test_refresh_builds_the_target_from_all_training_codes(pretrained):
+    """``refresh``: Q of every training sample's code, then P with the cluster frequencies f_j = Σ_i q_ij over
+    all N samples (not per batch), recomputed in numpy from the codes of ``model.embed``."""
+    from types import SimpleNamespace
+
+    data = load_data("digits")
+    model = vaekit.load_run(pretrained, pm=plugin_manager())
+    dec = DEC(10, (64,), k=10)
+    z = model.embed(data.train_x).detach().double().numpy()
+    rng = np.random.default_rng(1)
+    mu = z[rng.choice(len(z), 10, replace=False)]
+    with torch.no_grad():
+        dec.centroids.copy_(torch.as_tensor(mu))
+    changed = dec.refresh(SimpleNamespace(model=model, train_x=data.train_x, train_y=None))
+    kernel = 1.0 / (1.0 + ((z[:, None, :] - mu[None]) ** 2).sum(-1))
+    q = kernel / kernel.sum(1, keepdims=True)
+    w = q ** 2 / q.sum(0)
+    p = w / w.sum(1, keepdims=True)
+    np.testing.assert_allclose(dec.target.numpy(), p, rtol=2e-4, atol=1e-6)
+    np.testing.assert_array_equal(dec.assigned.numpy(), q.argmax(1))
+    assert np.isnan(changed)  # the first refresh has nothing to compare with
+
+
 def test_kl_gradient_pushes_codes_toward_their_centroids():
     """Gradient descent on KL(P‖Q) (P fixed) moves the codes towards their nearest centre (the
     self-training effect: P is sharper than Q)."""
@@ -87,9 +137,9 @@ def test_kl_gradient_pushes_codes_toward_their_centroids():
 
 
 def test_bad_k_is_one_line(pretrained, tmp_path):
-    with pytest.raises(ConfigError, match="k .* must be an integer >= 2"):
+    with pytest.raises(ConfigError, match="k must be an integer >= 2"):
         DEC(10, (64,), k=1)
-    with pytest.raises(ConfigError, match="only .* samples; lower k"):
+    with pytest.raises(DataError, match="dec: k = 5000 but there are only .* samples"):
         vaekit.train(**BASE, epochs=1, init=str(pretrained), regularizers=["dec:k=5000"], out=str(tmp_path / "r"),
                      pm=plugin_manager())
 

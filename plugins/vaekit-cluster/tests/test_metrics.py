@@ -90,7 +90,9 @@ def test_bad_input_is_one_readable_error():
         clustering_scores([0, 1, 1], [0, 1])
     with pytest.raises(DataError, match="at least one sample"):
         cluster_accuracy([], [])
-    with pytest.raises(ConfigError, match="at least 2, got 1"):
+    with pytest.raises(ConfigError, match="must be an integer >= 2, got 1"):
         check_k(1, 100)
-    with pytest.raises(DataError, match="k = 11 clusters but only 10 samples"):
+    with pytest.raises(ConfigError, match="must be an integer >= 2, got 2.5"):
+        check_k(2.5)
+    with pytest.raises(DataError, match="k = 11 but there are only 10 samples"):
         check_k(11, 10)

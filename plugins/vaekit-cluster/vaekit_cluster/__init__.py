@@ -5,9 +5,9 @@ The hook implementations vaekit loads through the entry-point group ``vaekit``
 
 * ``vaekit_register_regularizers``: the clustering regularizers ``dec`` (DEC / IDEC) and ``dcn``;
 * ``vaekit_register_commands``: ``vaekit cluster RUN`` (:mod:`vaekit_cluster.cli`);
-* ``vaekit_epoch_end``: each epoch of a run with a clustering regularizer on labelled data logs
-  ``test_cluster_acc``, ``test_cluster_nmi`` and ``test_cluster_ari`` (:mod:`vaekit_cluster.metrics`)
-  of the test split's codes.
+* ``vaekit_epoch_end``: each epoch of a run with a clustering regularizer logs ``cluster_changed``
+  (DEC's fraction of changed assignments) and, on labelled data, ``test_cluster_acc``,
+  ``test_cluster_nmi`` and ``test_cluster_ari`` (:mod:`vaekit_cluster.metrics`) of the test split's codes.
 
 A *clustering regularizer* is any regularizer with ``centroids`` (``[k, d]``) and
 ``assign(z [N, d]) -> [N]`` int64 hard clusters (:class:`Clusterer`), so other packages' clustering
@@ -17,6 +17,7 @@ regularizers get the metrics and the command too.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -46,17 +47,8 @@ def clusterer_of(model) -> Any | None:
 
 
 def regularizer_classes() -> dict[str, type]:
-    """The regularizer classes of this package by name (``dec``, ``dcn``) that are present."""
-    found = {}
-    for name, module, cls in _REGULARIZERS:
-        try:
-            mod = importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as e:  # only a missing module of ours; a missing dependency still raises
-            if e.name != f"{__name__}.{module}":
-                raise
-            continue
-        found[name] = getattr(mod, cls)
-    return found
+    """The regularizer classes of this package by name (``dec``, ``dcn``)."""
+    return {name: getattr(importlib.import_module(f"{__name__}.{module}"), cls) for name, module, cls in _REGULARIZERS}
 
 
 @vaekit.hookimpl
@@ -74,12 +66,18 @@ def vaekit_register_commands(app) -> None:
 
 @vaekit.hookimpl
 def vaekit_epoch_end(trainer, epoch: int, metrics: dict) -> None:
-    """Adds ``test_cluster_acc/nmi/ari`` of the test split (codes ``model.embed(x)`` of the data as loaded,
-    as ``vaekit cluster RUN --split test`` reads them) when the run has a clustering regularizer and the
-    test split has labels."""
+    """Adds, for a run with a clustering regularizer, ``cluster_changed`` (DEC: the fraction of training
+    assignments that changed at the last target refresh, which its ``tol`` stops on) and, when the test
+    split has labels, ``test_cluster_acc/nmi/ari`` of the test split (codes ``model.embed(x)`` of the
+    data as loaded, as ``vaekit cluster RUN --split test`` reads them)."""
     reg = clusterer_of(trainer.model)
+    if reg is None:
+        return
+    changed = getattr(reg, "changed", None)
+    if changed is not None and math.isfinite(changed):
+        metrics["cluster_changed"] = changed
     labels = trainer.data.test_y
-    if reg is None or labels is None:
+    if labels is None:
         return
     from .metrics import clustering_scores
 
@@ -91,9 +89,13 @@ def assign(model, reg, x: torch.Tensor, labels: torch.Tensor | None = None,
            batch_size: int = 500) -> torch.Tensor:
     """Hard clusters ``[N]`` int64 (CPU) of inputs ``x [N, *S]``: ``reg.assign`` of the codes
     ``model.embed(x)``, batched without gradients (a conditional model reads ``labels [N]``)."""
-    z = codes(model, x, labels, batch_size).to(reg.centroids.device)
+    return assign_codes(reg, codes(model, x, labels, batch_size))
+
+
+def assign_codes(reg, z: torch.Tensor) -> torch.Tensor:
+    """Hard clusters ``[N]`` int64 (CPU) of codes ``z [N, d]``: ``reg.assign`` on the centres' device, no gradients."""
     with torch.no_grad():
-        return reg.assign(z).long().cpu()
+        return reg.assign(z.to(reg.centroids.device)).long().cpu()
 
 
 def codes(model, x: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 500) -> torch.Tensor:

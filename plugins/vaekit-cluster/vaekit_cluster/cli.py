@@ -63,14 +63,16 @@ def cluster_run(run_dir, data=None, split: str = "test", k: int | None = None, s
     from vaekit.checkpoint import check_output
     from vaekit.errors import ConfigError, DataError
 
-    from . import assign, clusterer_of, codes
+    from . import assign_codes, clusterer_of, codes
     from .figures import plot_clusters, plot_confusion
     from .metrics import check_k, clustering_scores, kmeans
 
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if k is not None and k < 2:  # refused before the run is loaded; k > samples is checked once they are
-        check_k(k, k)
+    if k is not None:  # refused before the run is loaded; k > samples is checked once they are
+        check_k(k, what="--k")
+    if seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {seed}")
     if out_dir is not None:
         check_output(Path(out_dir) / "clusters.png", "--out-dir")
     model = resolve_run(run_dir, device, pm)
@@ -83,7 +85,7 @@ def cluster_run(run_dir, data=None, split: str = "test", k: int | None = None, s
     methods: dict[str, dict] = {}
     shown = None
     if reg is not None:
-        shown = assign(model, reg, x, labels, batch_size)
+        shown = assign_codes(reg, z)
         methods[reg.name] = {"k": int(reg.centroids.shape[0]), **clustering_scores(labels, shown)}
     k = k if k is not None else (int(reg.centroids.shape[0]) if reg is not None else len(labels.unique()))
     baseline = kmeans(z, k, seed)

@@ -6,7 +6,8 @@ import torch
 
 from vaekit import Regularizer, StepOutput
 
-from .dec import check_k, kmeans, nearest, training_codes
+from .dec import initial_centres, nearest
+from .metrics import check_k
 
 
 def online_kmeans_update(centroids: torch.Tensor, counts: torch.Tensor, z: torch.Tensor,
@@ -38,14 +39,15 @@ class DCN(Regularizer):
     :param k: number of clusters (>= 2, at most the number of training samples).
     :param weight: λ (the penalty is λ/2 ‖z − Ms‖²).
 
-    Raises ConfigError for k < 2 and (at the fit start) k larger than the number of training samples.
+    Raises ConfigError for k < 2 and (at the fit start) DataError for k larger than the number of
+    training samples.
     """
 
     name = "dcn"
 
     def __init__(self, latent_dim, data_shape, *, k: int = 10, weight: float = 1.0) -> None:
         super().__init__(latent_dim, data_shape, weight)
-        self.k = check_k(self.name, k)
+        self.k = check_k(k, what=f"{self.name}: k")
         self.register_buffer("centroids", torch.zeros(self.k, self.latent_dim))
         self.register_buffer("counts", torch.zeros(self.k))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
@@ -58,8 +60,9 @@ class DCN(Regularizer):
     def on_fit_start(self, trainer) -> None:
         """Centroids, counts and assignments from k-means on the initial codes (not again when resuming)."""
         if bool(self.initialized):
+            self.assignments = self.assignments.to(self.centroids.device)  # resumed: training state on the CPU
             return
-        centres, labels = kmeans(training_codes(trainer), self.k, trainer.config.seed, self.name)
+        centres, labels = initial_centres(trainer, self.k, self.name)
         self.centroids.copy_(centres)
         self.counts.copy_(torch.bincount(labels, minlength=self.k).to(self.counts.dtype))
         self.assignments = labels
@@ -78,13 +81,11 @@ class DCN(Regularizer):
         """Assignment update, then centroid update, on the batch's codes under the updated network."""
         if record.index is None:
             return
+        from . import codes
+
         n = len(record.index)
-        model = trainer.model
-        model.eval()
-        try:
-            z = model.embed(record.x[:n], None if record.c is None or not model.conditional else record.c[:n]).float()
-        finally:
-            model.train()
+        z = codes(trainer.model, record.x[:n], None if record.c is None else record.c[:n], batch_size=n)
+        z = z.to(self.centroids.device)
         s = nearest(z, self.centroids)
         self.assignments[record.index.to(self.assignments.device)] = s.to(self.assignments.device)
         online_kmeans_update(self.centroids, self.counts, z, s)

@@ -13,11 +13,13 @@ from torch import nn
 
 from vaekit import ConfigError, Regularizer, StepOutput
 
+from .metrics import check_k, fit_kmeans
+
 
 def soft_assignment(z: torch.Tensor, centroids: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """DEC's soft assignment (Xie et al. 2016, eq. 1), a Student's t kernel: ``q_ij ∝ (1 + ‖z_i − μ_j‖²/α)^(−(α+1)/2)``,
     normalised over the clusters j.  ``z [N, d]``, ``centroids [k, d]`` -> ``q [N, k]`` (rows sum to 1)."""
-    d2 = torch.cdist(z, centroids).pow(2)
+    d2 = squared_distances(z, centroids)
     logits = -(alpha + 1) / 2 * torch.log1p(d2 / alpha)
     return torch.softmax(logits, dim=1)
 
@@ -29,43 +31,31 @@ def target_distribution(q: torch.Tensor) -> torch.Tensor:
     return w / w.sum(1, keepdim=True)
 
 
+def squared_distances(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``‖z_i − μ_j‖²`` of ``z [N, d]`` and ``centroids [k, d]`` -> ``[N, k]``, from the differences (no
+    ``‖z‖² + ‖μ‖² − 2 z·μ`` expansion: that one cancels to 0 for codes near a centre in float32)."""
+    return (z[:, None, :] - centroids[None, :, :]).pow(2).sum(-1)
+
+
 def nearest(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """The index of the nearest centroid (Euclidean) of each code: ``z [N, d]``, ``centroids [k, d]`` -> ``[N]`` int64."""
-    return torch.cdist(z, centroids).argmin(1)
+    return squared_distances(z, centroids).argmin(1)
 
 
-def check_k(name: str, k: int) -> int:
-    """``k`` as an int; ConfigError unless it is at least 2."""
-    if int(k) != k or k < 2:
-        raise ConfigError(f"{name}: k (the number of clusters) must be an integer >= 2, got {k}")
-    return int(k)
+def training_codes(trainer) -> torch.Tensor:
+    """The codes ``model.embed(x)`` ``[N, d]`` float32 of every training sample as loaded (eval mode, no
+    gradients, no random numbers drawn), on the device of the model's parameters."""
+    from . import codes
+
+    device = next(trainer.model.parameters()).device
+    return codes(trainer.model, trainer.train_x, trainer.train_y).to(device)
 
 
-@torch.no_grad()
-def training_codes(trainer, chunk: int = 1024) -> torch.Tensor:
-    """The features ``model.embed(x)`` of every training sample, ``[N, d]`` (eval mode, in chunks,
-    drawing no random numbers); the model is put back in training mode."""
-    model, x, y = trainer.model, trainer.train_x, trainer.train_y
-    was_training = model.training
-    model.eval()
-    try:
-        parts = [model.embed(x[i:i + chunk], None if (y is None or not model.conditional) else y[i:i + chunk])
-                 for i in range(0, len(x), chunk)]
-    finally:
-        model.train(was_training)
-    return torch.cat(parts).float()
-
-
-def kmeans(codes: torch.Tensor, k: int, seed: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn k-means (n_init = 20, seeded) on ``codes [N, d]`` -> (centres ``[k, d]``, labels ``[N]``),
-    on the codes' device.  ConfigError if there are fewer than k samples."""
-    from sklearn.cluster import KMeans
-
-    if k > len(codes):
-        raise ConfigError(f"{name}: k={k} clusters but the training data has only {len(codes)} samples; lower k")
-    km = KMeans(n_clusters=k, n_init=20, random_state=seed).fit(codes.detach().cpu().double().numpy())
-    centres = torch.as_tensor(km.cluster_centers_, dtype=codes.dtype, device=codes.device)
-    return centres, torch.as_tensor(km.labels_, dtype=torch.long, device=codes.device)
+def initial_centres(trainer, k: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-means (:func:`~vaekit_cluster.metrics.fit_kmeans`, the run's seed) on the initial model's
+    :func:`training_codes` -> (centres ``[k, d]``, assignments ``[N]``) on the model's device.  Raises
+    DataError if k exceeds the number of training samples."""
+    return fit_kmeans(training_codes(trainer), k, trainer.config.seed, f"{name}: k")
 
 
 class DEC(Regularizer):
@@ -91,7 +81,7 @@ class DEC(Regularizer):
     :param weight: γ, the weight of KL(P‖Q) (IDEC's 0.1 by default).
 
     Raises ConfigError for k < 2, alpha <= 0, update_interval < 1, tol outside [0, 1), and (at the
-    fit start) k larger than the number of training samples.
+    fit start) DataError for k larger than the number of training samples.
     """
 
     name = "dec"
@@ -99,7 +89,7 @@ class DEC(Regularizer):
     def __init__(self, latent_dim, data_shape, *, k: int = 10, alpha: float = 1.0, update_interval: int = 140,
                  tol: float = 0.001, recon: bool = True, weight: float = 0.1) -> None:
         super().__init__(latent_dim, data_shape, weight)
-        self.k = check_k(self.name, k)
+        self.k = check_k(k, what=f"{self.name}: k")
         if not (math.isfinite(alpha) and alpha > 0):
             raise ConfigError(f"dec: alpha must be a finite number > 0, got {alpha}")
         if update_interval < 1:
@@ -125,13 +115,14 @@ class DEC(Regularizer):
     def on_fit_start(self, trainer) -> None:
         """Centres from k-means on the initial codes (not again when resuming), then the first target."""
         if not bool(self.initialized):
-            codes = training_codes(trainer)
-            centres, _ = kmeans(codes, self.k, trainer.config.seed, self.name)
+            centres, _ = initial_centres(trainer, self.k, self.name)
             with torch.no_grad():
                 self.centroids.copy_(centres)
                 self.initialized.fill_(True)
         if len(self.target) == 0:
             self.refresh(trainer)
+        device = self.centroids.device  # a resumed run's training state comes back on the CPU
+        self.target, self.assigned = self.target.to(device), self.assigned.to(device)
 
     @torch.no_grad()
     def refresh(self, trainer) -> float:
@@ -156,7 +147,7 @@ class DEC(Regularizer):
         if record.index is None or len(self.target) == 0:
             return None
         n = len(record.index)
-        p = self.target.to(record.z.device)[record.index].repeat(record.z.shape[0] // n, 1)
+        p = self.target[record.index.to(self.target.device)].to(record.z.device).repeat(record.z.shape[0] // n, 1)
         log_q = torch.log(self.soft_assign(record.z.float()).clamp_min(1e-12))
         return (p * (torch.log(p.clamp_min(1e-12)) - log_q)).sum(1).mean()
 

@@ -31,8 +31,8 @@ def cluster_order(clusters: torch.Tensor, labels: torch.Tensor | None) -> list[i
 
 
 def plot_clusters(x: torch.Tensor, clusters: torch.Tensor, path: Path, labels: torch.Tensor | None = None,
-                  per_row: int = 10, title: str | None = None) -> bool:
-    """One row per cluster of its first ``per_row`` inputs (data order) from ``x [N, *S]`` and
+                  per_row: int = 10, title: str | None = None, seed: int = 0) -> bool:
+    """One row per cluster of ``per_row`` of its inputs (a random draw seeded with ``seed``) from ``x [N, *S]`` and
     ``clusters [N]``; rows ordered as :func:`cluster_order` and labelled with the cluster id, its size and
     its matched label.  False (nothing written) if the inputs are not image-like."""
     from vaekit.viz import as_images, image_grid, save_figure
@@ -44,9 +44,10 @@ def plot_clusters(x: torch.Tensor, clusters: torch.Tensor, path: Path, labels: t
     matched = best_map(labels, clusters) if labels is not None else {}
     blank = np.ones_like(images[:1])
     tiles, names = [], []
+    generator = torch.Generator().manual_seed(seed)
     for c in order:
         idx = torch.nonzero(clusters == c).flatten()
-        row = images[idx[:per_row].numpy()]
+        row = images[idx[torch.randperm(len(idx), generator=generator)[:per_row]].numpy()]
         tiles.append(np.concatenate([row] + [blank] * (per_row - len(row))))
         names.append(f"cluster {c} (n={len(idx)})" + (f" → {matched[c]}" if c in matched else ""))
     grid = image_grid(np.concatenate(tiles), nrow=per_row)
