@@ -338,3 +338,20 @@ def test_the_lock_is_released_for_the_next_writer_in_the_same_process(one_epoch)
         with pytest.raises(RunDirLocked, match=f"process {os.getpid()}"):
             RunDirLock(run).acquire()
     RunDirLock(run).acquire().release()
+
+
+def test_a_folder_left_by_a_kill_before_config_json_is_not_foreign(tmp_path):
+    """A kill while config.json was being written leaves `.lock` and `.config.json.*.tmp`: the same
+    command starts the run (and removes the temporary); a real file of the user's is still refused."""
+    run = tmp_path / "r"
+    run.mkdir()
+    (run / ".lock").write_text("")
+    (run / ".config.json.abc123.tmp").write_text("{")
+    vaekit.train(epochs=1, out=str(run), **FAST)
+    assert not (run / ".config.json.abc123.tmp").exists() and checkpoint.has_checkpoint(run)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / ".config.json.abc123.tmp").write_text("{")
+    (other / "data.csv").write_text("1,2")
+    with pytest.raises(ConfigError, match=r"other files in it \(data.csv\)"):
+        vaekit.train(epochs=1, out=str(other), **FAST)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from . import checkpoint
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, OutputError
 
 try:
     import fcntl
@@ -73,7 +73,7 @@ def holds_weights(run_dir: Path) -> bool:
 def check_out_folder(run_dir: Path) -> None:
     """Raise ConfigError (one line) if ``run_dir`` exists and is not a folder, or is a non-empty folder
     that is not a vaekit run (:func:`is_run_dir`); a missing or empty folder (or one holding only
-    ``.lock``) passes.  Called before anything is written there."""
+    ``.lock`` and temporaries of vaekit's interrupted writes) passes.  Called before anything is written there."""
     run_dir = Path(run_dir)
     if not run_dir.exists():
         return
@@ -81,7 +81,7 @@ def check_out_folder(run_dir: Path) -> None:
         raise ConfigError(f"--out {str(run_dir)!r} is a file, not a folder; choose a new or empty folder")
     if is_run_dir(run_dir):
         return
-    others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
+    others = sorted(p.name for p in run_dir.iterdir() if not (p.name.startswith(".") and _is_run_file(p.name)))
     if others:
         shown = ", ".join(others[:3]) + (", …" if len(others) > 3 else "")
         raise ConfigError(f"--out {str(run_dir)!r} is a folder with other files in it ({shown}) and no vaekit "
@@ -123,7 +123,11 @@ class RunDirLock:
         self._file = None
 
     def acquire(self) -> "RunDirLock":
-        f = open(self.path, "a+")
+        """Take the lock; RunDirLocked if another process holds it, OutputError if ``.lock`` cannot be written."""
+        try:
+            f = open(self.path, "a+")
+        except OSError as e:
+            raise OutputError(f"cannot write in {str(self.run_dir)!r}: {e.strerror or e}") from None
         try:
             _lock(f)
         except OSError:
