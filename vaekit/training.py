@@ -592,8 +592,10 @@ def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginMana
 
     ``config`` is a :class:`RunConfig`, a dict of its fields, or a TOML path;
     keyword ``overrides`` replace fields (``train(epochs=5, latent_dim=2)``); ``overwrite=True``
-    replaces a run already in ``out`` (:class:`Trainer`).  Returns a :class:`TrainResult`.  Raises a :class:`~vaekit.errors.VaekitError`
-    subclass for bad input, :class:`~vaekit.errors.TrainingError` if the loss
+    replaces a run already in ``out`` (:class:`Trainer`).  Returns a :class:`TrainResult`.
+    Raises a :class:`~vaekit.errors.VaekitError` subclass for bad input (ConfigError for a run
+    already in ``out`` or a folder that is not a run, :class:`~vaekit.rundir.RunDirLocked` while
+    another process writes ``out``), :class:`~vaekit.errors.TrainingError` if the loss
     becomes NaN/inf (the last good checkpoint is kept).
     """
     if config is None:
