@@ -62,14 +62,15 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
 
 
 def test_a_run_that_never_checkpointed_can_be_started_again(tmp_path, test_pm):
-    """A run that fails before its first checkpoint leaves only config.json: it cannot be resumed
-    (the message says to start it again) and the same command, run again, starts it afresh."""
+    """A run that fails before its first checkpoint leaves only config.json: --resume starts it again
+    from epoch 1 with its recorded config (here: the same NaN again), and the same command, run again,
+    starts it afresh."""
     out = str(tmp_path / "r")
     with pytest.raises(TrainingError, match="holds no checkpoint"):
         vaekit.train(epochs=1, out=out, likelihood="nan_after:step=1", pm=test_pm, **FAST)
     assert (tmp_path / "r" / "config.json").exists() and not (tmp_path / "r" / "model.safetensors").exists()
-    with pytest.raises(vaekit.CheckpointError, match="without --resume to start afresh"):
-        vaekit.training.resume(out, quiet=True)
+    with pytest.raises(TrainingError, match=r"at step 1 \(epoch 1\).*vaekit run --resume .* starts it again"):
+        vaekit.training.resume(out, quiet=True, pm=test_pm)
     again = vaekit.train(epochs=1, out=out, **FAST)
     assert [m["epoch"] for m in _metrics(again.run_dir)] == [1]
     with pytest.raises(ConfigError, match="already holds a run"):  # now it has a checkpoint: never overwritten

@@ -278,6 +278,11 @@ def load_trainer_state(run_dir: Path, optimizers: dict[str, torch.optim.Optimize
         raise CheckpointError(f"trainer state in {str(run_dir)!r} does not match this run ({_short(e)})") from None
 
 
+def has_checkpoint(run_dir: Path) -> bool:
+    """True if ``run_dir`` holds a checkpoint to resume from (an epoch, or the pretraining, finished)."""
+    return (Path(run_dir) / STATE).exists()
+
+
 # --- whole runs ---------------------------------------------------------------------------------
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:

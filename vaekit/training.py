@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import platform
@@ -15,10 +16,10 @@ from typing import Any
 
 import torch
 
-from . import __version__, checkpoint
+from . import __version__, checkpoint, rundir
 from .config import RunConfig
 from .data import DataBundle, binarize, looks_like_path
-from .errors import CheckpointError, ConfigError, TrainingError, UnknownPluginError, first_line
+from .errors import CheckpointError, ConfigError, OutputError, TrainingError, UnknownPluginError, first_line
 from .evaluation import EVAL_SEED, elbo_summary
 from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
@@ -27,6 +28,8 @@ from .precision import MixedPrecision
 from .registry import PluginSpec
 
 TEST_BINARIZE_SEED = 1234  # the test set is binarized once, identically for every run
+_WRITE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG")
+                 if hasattr(errno, name)}  # a run directory that cannot be written: full, read-only
 
 
 def eval_inputs(test_x: torch.Tensor, binarize_mode: str) -> torch.Tensor:
@@ -111,10 +114,12 @@ class Trainer:
     :param progress: show a rich progress bar.
     :param quiet: print nothing (implies no progress bar).
     :param figures: write the PNG figures at the end.
+    :param overwrite: a new run may replace a run with a checkpoint in ``config.out``: vaekit's own run
+        files there are deleted first (:func:`vaekit.rundir.remove_run_files`; other files stay).
     """
 
     def __init__(self, config: RunConfig, pm: PluginManager | None = None, *, resume: bool = False,
-                 progress: bool = True, quiet: bool = False, figures: bool = True) -> None:
+                 progress: bool = True, quiet: bool = False, figures: bool = True, overwrite: bool = False) -> None:
         from rich.console import Console
 
         self.config = config
@@ -128,6 +133,9 @@ class Trainer:
         self.step = 0
         self.checkpointed: int | None = None  # the epoch of the last checkpoint written or restored
         self.stop_reason: str | None = None  # set by request_stop: the run ends after the current step
+        self.overwrite = overwrite
+        self.epochs_given = False  # resume(epochs=N): N is a new target, refused if below the epochs done
+        self.lock: rundir.RunDirLock | None = None  # held from _prepare_run_dir to the end of fit
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -162,6 +170,7 @@ class Trainer:
         self.start_epoch = 1
         if self.resume:
             self._restore()
+            self._record_epochs()
         else:
             checkpoint.write_json(self.run_dir / checkpoint.CONFIG, self._run_info())
 
@@ -204,6 +213,11 @@ class Trainer:
         return {"model": torch.optim.Adam(main, lr=self.config.lr), **own}
 
     def _prepare_run_dir(self) -> Path:
+        """Create the run directory and lock it (:mod:`vaekit.rundir`) before anything is written there.
+        A new run refuses a non-empty folder that is not a vaekit run, and a run holding a checkpoint or
+        weights unless ``overwrite``; it deletes vaekit's own files of a run that never checkpointed
+        (or, with ``overwrite``, of any run).  Raises ConfigError, or RunDirLocked (another process
+        is writing the directory)."""
         cfg = self.config
         if cfg.out is None:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -214,15 +228,25 @@ class Trainer:
                 run_dir = base.with_name(f"{base.name}-{n}")
             self.config = cfg = cfg.replace(out=str(run_dir))
         run_dir = Path(cfg.out)
-        if not self.resume and (run_dir / checkpoint.CONFIG).exists():
-            if (run_dir / checkpoint.STATE).exists() or (run_dir / checkpoint.MODEL).exists():
-                raise ConfigError(f"{str(run_dir)!r} already holds a run; resume it with --resume {run_dir} or choose another --out")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)  # a run that never checkpointed: start it afresh
+        if not self.resume:
+            rundir.check_out_folder(run_dir)  # before anything is written: not someone else's folder
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
+        self.lock = rundir.lock_run_dir(run_dir)
+        if not self.resume:
+            if rundir.holds_weights(run_dir) and not self.overwrite:
+                self._unlock()
+                raise ConfigError(f"{str(run_dir)!r} already holds a run; resume it with --resume {run_dir}, "
+                                  "replace it with --overwrite, or choose another --out")
+            rundir.remove_run_files(run_dir)  # a run that never checkpointed, or --overwrite: start afresh
         return run_dir
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _run_info(self) -> dict[str, Any]:
         cfg = self.config
@@ -288,6 +312,24 @@ class Trainer:
             self.start_epoch = self.config.epochs + 1
             self.console.print(f"this run stopped early at epoch {epoch} ({stopped}); nothing to resume")
 
+    def _record_epochs(self) -> None:
+        """On resume, after :meth:`_restore`: refuse a new ``--epochs`` below the epochs done (ConfigError),
+        record the target in ``config.json`` (a later plain ``--resume`` continues to it), and say so
+        when there is nothing left to train."""
+        done, epochs = max(self.checkpointed or 0, 0), self.config.epochs
+        if self.epochs_given and epochs < done:
+            raise ConfigError(f"{str(self.run_dir)!r} has already trained {done} epochs, so --epochs {epochs} would "
+                              f"undo them; pass --epochs N with N > {done} to continue it")
+        if self.stop_reason is not None:
+            return  # a run a plugin stopped early: nothing to record (_restore said so)
+        info = checkpoint.read_run_config(self.run_dir)
+        if info["config"].get("epochs") != epochs:
+            info["config"]["epochs"] = epochs
+            checkpoint.write_json(self.run_dir / checkpoint.CONFIG, info)
+        if done >= epochs:
+            self.console.print(f"{self.run_dir} has trained all its {epochs} epochs: nothing to train; "
+                               f"pass --epochs N (> {done}) to continue")
+
     def request_stop(self, reason: str) -> None:
         """End the run early, cleanly: training stops after the current step, the epoch is evaluated,
         checkpointed and logged with ``"stopped": reason`` in its ``metrics.jsonl`` record, and
@@ -300,6 +342,13 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        """Set up, train and write the figures; the run directory stays locked throughout (:mod:`vaekit.rundir`)."""
+        try:
+            return self._fit()
+        finally:
+            self._unlock()
+
+    def _fit(self) -> TrainResult:
         self.setup()
         cfg = self.config
         n = len(self.train_x)
@@ -318,15 +367,18 @@ class Trainer:
                 reg.on_fit_start(self)
             self._epochs(n, steps_per_epoch)
         except KeyboardInterrupt:
-            hint = f"continue with vaekit run --resume {self.run_dir}" if self.checkpointed is not None else \
-                "run the same command again to start afresh"
-            self.console.print(f"interrupted: {self._kept()}; {hint}")
+            print(f"interrupted: {self._kept()}", file=sys.stderr, flush=True)  # also under -q
             raise
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
             if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
                 raise
             raise TrainingError(f"out of memory at step {self.step + 1} ({first_line(e, 120)}); {self._kept()}. "
                                 "Lower --batch-size (or the samples k of an objective such as iwae:k)") from None
+        except OSError as e:  # a checkpoint or metrics line that cannot be written: a full disk, a read-only folder
+            if not isinstance(e, OutputError) and e.errno not in _WRITE_ERRNOS:
+                raise
+            what = str(e) if isinstance(e, OutputError) else f"cannot write in {str(self.run_dir)!r}: {e.strerror}"
+            raise OutputError(f"{what}; {self._kept()}") from None
         if self.figures:
             from . import viz
 
@@ -440,15 +492,19 @@ class Trainer:
         self.checkpointed = epoch
 
     def _kept(self) -> str:
+        """What an interrupted run leaves, and the command that carries on from it."""
+        again = f"vaekit run --resume {self.run_dir}"
         if self.checkpointed == 0:
-            return f"the checkpoint of the pretrained weights (epoch 0) is kept in {self.run_dir}"
+            return (f"the checkpoint of the pretrained weights (epoch 0) is kept in {self.run_dir} "
+                    f"({again} continues from it)")
         if self.checkpointed is not None:
-            return f"the last good checkpoint (epoch {self.checkpointed}) is kept in {self.run_dir}"
-        return f"no epoch had finished, so {self.run_dir} holds no checkpoint"
+            return f"the last good checkpoint (epoch {self.checkpointed}) is kept in {self.run_dir} ({again} continues from it)"
+        return f"no epoch had finished, so {self.run_dir} holds no checkpoint ({again} starts it again from epoch 1)"
 
     def _nan_message(self, value: float, epoch: int) -> str:
         return (f"the loss became {value} at step {self.step} (epoch {epoch}); training stopped and "
-                f"{self._kept()}. Try a lower --lr or check the data")
+                f"{self._kept()}. Try a lower --lr (vaekit run ... --out {self.run_dir} --overwrite replaces the run) "
+                "or check the data")
 
     def progress(self, steps_per_epoch: int, epochs: int, start_epoch: int = 1, label: str = "epoch"):
         """A progress bar over epochs ``start_epoch..epochs`` (None inside the ``with`` when off)."""
@@ -531,13 +587,15 @@ def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginManager | None = None,
           resume: bool = False, progress: bool = True, quiet: bool = False, figures: bool = True,
-          **overrides: Any) -> TrainResult:
+          overwrite: bool = False, **overrides: Any) -> TrainResult:
     """Train one model and write its run directory; the Python API behind ``vaekit run``.
 
     ``config`` is a :class:`RunConfig`, a dict of its fields, or a TOML path;
-    keyword ``overrides`` replace fields (``train(epochs=5, latent_dim=2)``).
-    Returns a :class:`TrainResult`.  Raises a :class:`~vaekit.errors.VaekitError`
-    subclass for bad input, :class:`~vaekit.errors.TrainingError` if the loss
+    keyword ``overrides`` replace fields (``train(epochs=5, latent_dim=2)``); ``overwrite=True``
+    replaces a run already in ``out`` (:class:`Trainer`).  Returns a :class:`TrainResult`.
+    Raises a :class:`~vaekit.errors.VaekitError` subclass for bad input (ConfigError for a run
+    already in ``out`` or a folder that is not a run, :class:`~vaekit.rundir.RunDirLocked` while
+    another process writes ``out``), :class:`~vaekit.errors.TrainingError` if the loss
     becomes NaN/inf (the last good checkpoint is kept).
     """
     if config is None:
@@ -548,20 +606,35 @@ def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginMana
         config = RunConfig.from_toml(config)
     if overrides:
         config = RunConfig.from_dict({**config.to_dict(), **overrides})
-    return Trainer(config, pm, resume=resume, progress=progress, quiet=quiet, figures=figures).fit()
+    return Trainer(config, pm, resume=resume, progress=progress, quiet=quiet, figures=figures, overwrite=overwrite).fit()
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, **kwargs: Any) -> TrainResult:
-    """Continue a run from its last checkpoint (optionally to a new number of ``epochs``)."""
-    info = checkpoint.read_run_config(Path(run_dir))
+    """Continue the run in ``run_dir`` from its last checkpoint; the Python API behind ``vaekit run --resume``.
+
+    ``epochs``: a new target, recorded in ``config.json`` (a later resume continues to it); fewer than
+    the epochs already done raises ConfigError.  Without it, the recorded target; a run that has done
+    every epoch trains nothing and says so.  A run that never checkpointed (it failed in its first
+    epoch: ``config.json`` alone) starts again from epoch 1 with its recorded config.  ``kwargs``:
+    ``pm``, ``progress``, ``quiet``, ``figures`` as for :func:`train`.  Raises CheckpointError if
+    ``run_dir`` is not a run, holds weights but no checkpoint, or needs a plugin not installed here;
+    :class:`~vaekit.rundir.RunDirLocked` if another process is writing it.
+    """
+    run_dir = Path(run_dir)
+    info = checkpoint.read_run_config(run_dir)
     values = dict(info["config"], out=str(run_dir))
     if epochs is not None:
         values["epochs"] = epochs
-    if not (Path(run_dir) / checkpoint.STATE).exists():
-        raise CheckpointError(f"{str(run_dir)!r} has no trainer state to resume from (no epoch finished); "
-                              "run it again without --resume to start afresh")
+    has_checkpoint = checkpoint.has_checkpoint(run_dir)
+    if not has_checkpoint and rundir.holds_weights(run_dir):
+        raise CheckpointError(f"{str(run_dir)!r} holds trained weights but no checkpoint to resume from; start a new "
+                              f"run from its weights with --init {run_dir}, or retrain it with --overwrite")
     try:
-        return train(RunConfig.from_dict(values), resume=True, **kwargs)
+        trainer = Trainer(RunConfig.from_dict(values), resume=has_checkpoint, **kwargs)
+        trainer.epochs_given = epochs is not None
+        if not has_checkpoint:
+            trainer.console.print(f"no epoch of {run_dir} had finished: starting it again from epoch 1")
+        return trainer.fit()
     except UnknownPluginError as e:
         raise CheckpointError(checkpoint.missing_plugin_message(run_dir, info, e)) from None
 

@@ -20,6 +20,7 @@ def export(
     from ..checkpoint import check_output, load_run
     from ..errors import ConfigError
     from ..export import export_aoti, export_torchscript
+    from ..rundir import check_not_run_file
 
     writers = {"torchscript": (export_torchscript, "model.pt"), "aoti": (export_aoti, "model.pt2")}
     if format not in writers:
@@ -28,6 +29,7 @@ def export(
     path = out if out is not None else Path(run_dir) / default_name
     if out is not None:
         check_output(path, "--out")
+        check_not_run_file(path, "--out")  # never over a run's own files (RUN/model.safetensors)
     model = load_run(run_dir)
     write(model, path, sampling=not no_sampling)
     typer.echo(f"exported to {path}")

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
 
 
 def run(
+    ctx: typer.Context,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML file with run settings; flags override it.")] = None,
     data: Annotated[Optional[str], typer.Option(help="Dataset name (mnist, digits, …) or a path (.npy/.npz, IDX, image folder).")] = None,
     encoder: Annotated[Optional[str], typer.Option(help="Encoder plugin, e.g. 'conv' or 'mlp:hidden=512,256'.")] = None,
@@ -38,7 +39,8 @@ def run(
     no_fused_op: Annotated[bool, typer.Option("--no-fused-op", help="Use the eager reparameterize + KL formula instead of the fused op (sets the prior's fused=false).")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Start from this run's weights, matched by name (fine-tuning); tensors it lacks keep their initialization.")] = None,
     pretrain: Annotated[Optional[str], typer.Option(help="Pretraining before training, e.g. 'layerwise:epochs=5,mask=0.2' (stacked autoencoder).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint (one that never checkpointed starts again from epoch 1); only --epochs may change, and is recorded.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out: deletes vaekit's own files there (config.json, weights, trainer state, metrics.jsonl, figures), nothing else.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Per-epoch lines only, no progress bar.")] = False,
     no_figures: Annotated[bool, typer.Option("--no-figures", help="Write no PNG figures at the end (they can fail without losing the run anyway).")] = False,
@@ -48,15 +50,14 @@ def run(
     from ..training import train
 
     if resume is not None:
-        given = {k: v for k, v in dict(no_fused_op=no_fused_op, config=config, data=data, encoder=encoder, decoder=decoder, prior=prior,
-                                       likelihood=likelihood, regularizer=regularizer, objective=objective, latent_dim=latent_dim,
-                                       beta=beta, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                       binarize=binarize, precision=precision, condition=condition, out=out, init=init,
-                                       pretrain=pretrain).items() if v}
+        # any flag given on the command line, whatever its value (--beta 0, --seed 0, --no-fused-op)
+        allowed = {"resume", "epochs", "quiet", "no_progress", "no_figures"}
+        given = [p.opts[0] for p in ctx.command.params if p.name not in allowed
+                 and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
         if given:
             from ..errors import ConfigError
 
-            raise ConfigError(f"--resume continues a run as configured; only --epochs may change (got --{next(iter(given)).replace('_', '-')})")
+            raise ConfigError(f"--resume continues a run as configured; only --epochs may change (got {given[0]})")
         result = resume_run(resume, epochs=epochs, quiet=quiet, progress=not no_progress, figures=not no_figures)
     else:
         base = RunConfig.from_toml(config) if config is not None else RunConfig()
@@ -69,6 +70,6 @@ def run(
         if no_fused_op:  # the prior's own option; a prior without one says so
             cfg = cfg.replace(prior=PluginSpec(cfg.prior.name, {**cfg.prior.options, "fused": False}))
         cfg = RunConfig.from_dict(cfg.to_dict())  # re-validate the flags
-        result = train(cfg, quiet=quiet, progress=not no_progress, figures=not no_figures)
+        result = train(cfg, quiet=quiet, progress=not no_progress, figures=not no_figures, overwrite=overwrite)
     if not quiet:
         typer.echo(f"run written to {result.run_dir}")
