@@ -222,3 +222,20 @@ def test_a_stale_model_file_is_resolved_from_the_committed_checkpoint(two_epochs
     vaekit.training.resume(run, quiet=True, figures=False)  # nothing left to train: it only repairs
     assert all(torch.equal(v, committed[k]) for k, v in load_file(run / "model.safetensors").items())
     assert [m["epoch"] for m in _metrics(run)] == [1, 2]
+
+
+def test_runs_of_an_older_vaekit_still_load(two_epochs, tmp_path):
+    """A run dir with config.json and model.safetensors alone (or an old trainer state beside it) loads
+    its model.safetensors for eval/sample/export; only resuming it is refused (EDITS, "older vaekit")."""
+    run = tmp_path / "run"
+    shutil.copytree(two_epochs, run)
+    expected = load_file(run / "model.safetensors")
+    _edit_state(run, meta={"format": None})
+    (run / "model.safetensors").write_bytes((two_epochs / "model.safetensors").read_bytes())
+    for keep in ("old trainer state", "weights alone"):
+        if keep == "weights alone":
+            (run / checkpoint.STATE).unlink()
+            (run / "metrics.jsonl").unlink()
+        loaded = vaekit.load_run(run).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items()), keep
+    assert not checkpoint.has_checkpoint(run)
