@@ -156,7 +156,8 @@ def load_model_weights(run_dir: Path, model: torch.nn.Module) -> int:
 
 
 def load_matching_weights(run_dir: Path, model: torch.nn.Module, exclude: set[str] = frozenset()) -> tuple[int, int]:
-    """Initialize ``model`` from another run's ``model.safetensors``, tensor by tensor, matched by name.
+    """Initialize ``model`` from another run's ``model.safetensors`` (or its committed checkpoint's
+    weights when that file is behind it: :func:`committed_weights`), tensor by tensor, matched by name.
 
     Every tensor of ``model.state_dict()`` (parameters and persistent buffers) whose name is in the
     source file and not in ``exclude`` takes the source's value; tensors only in ``model`` keep their
@@ -171,7 +172,8 @@ def load_matching_weights(run_dir: Path, model: torch.nn.Module, exclude: set[st
     run_dir = _run_dir(run_dir)
     if (run_dir / CONFIG).is_file():  # a bare weights file has no format to check
         read_run_config(run_dir)
-    tensors, _ = load_tensors(run_dir / MODEL, "checkpoint")
+    committed = committed_weights(run_dir)  # model.safetensors behind its checkpoint after a kill
+    tensors, _ = committed if committed is not None else load_tensors(run_dir / MODEL, "checkpoint")
     own = model.state_dict()
     matched = [k for k in own if k in tensors and k not in exclude]
     for k in matched:
