@@ -129,9 +129,11 @@ def test_cuda_generator_states_round_trip_through_the_checkpoint(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.__setitem__(index, state))
     gen = torch.Generator().manual_seed(5)
-    checkpoint.save_trainer_state(tmp_path, 3, 30, {}, gen)
+    records = [{"epoch": e} for e in (1, 2, 3)]
+    checkpoint.save_checkpoint(tmp_path, checkpoint.Checkpoint(3, 30, metrics=records), torch.nn.Module(), {}, gen)
     gen.manual_seed(6)
-    assert checkpoint.load_trainer_state(tmp_path, {}, gen) == (3, 30)
+    ckpt = checkpoint.load_checkpoint(tmp_path, torch.nn.Module(), {}, gen)
+    assert (ckpt.epoch, ckpt.step, ckpt.metrics) == (3, 30, records)
     assert torch.equal(restored[0], states[0]) and torch.equal(restored[1], states[1])
     assert torch.equal(gen.get_state(), torch.Generator().manual_seed(5).get_state())
 

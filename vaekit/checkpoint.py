@@ -1,15 +1,19 @@
-"""Run directories: ``config.json`` + ``model.safetensors`` (+ ``trainer_state.safetensors`` to resume).
+"""Run directories: ``config.json``, the checkpoint ``trainer_state.safetensors`` and the files derived
+from it, ``model.safetensors`` and ``metrics.jsonl`` (docs/runs.md).
 
 No pickles: tensors go through safetensors, everything else through JSON.
-Every file is written to a temporary name and renamed into place, so a kill
-never leaves a half-written file.
+Every file is written to a temporary name, fsynced and renamed into place, so a kill
+never leaves a half-written file; a checkpoint is one file, so it is committed by one rename.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,7 @@ RUN_FORMAT = "vaekit-run/2"
 CONFIG = "config.json"
 MODEL = "model.safetensors"
 STATE = "trainer_state.safetensors"
+METRICS = "metrics.jsonl"
 
 
 # --- atomic writes ------------------------------------------------------------------------------
@@ -57,13 +62,31 @@ def atomic_write(path: Path, write) -> None:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file normal permissions
+        _fsync(tmp)
+        kill_point(f"writing:{path.name}", tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself survives a crash of the machine
+        kill_point(f"wrote:{path.name}")
     except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(e, OSError) and not isinstance(e, OutputError):
             raise OutputError(f"cannot write {str(path)!r}: {e.strerror or first_line(e)}") from None
         raise
+
+
+def _fsync(path) -> None:
+    """Flush a file's (or a folder's: its entries') data to the disk; a no-op where the OS refuses."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -114,32 +137,17 @@ def read_json(path: Path, what: str) -> Any:
 
 # --- model --------------------------------------------------------------------------------------
 
-def save_model(run_dir: Path, model: torch.nn.Module, epoch: int) -> None:
-    save_tensors(Path(run_dir) / MODEL, model.state_dict(), {"format": "vaekit", "epoch": str(epoch)})
-
-
 def load_model_weights(run_dir: Path, model: torch.nn.Module) -> int:
-    """Load ``model.safetensors`` into ``model``; return the epoch it was saved at.
+    """Load a run's weights into ``model``; return the epoch they were saved at.
 
+    The weights are ``model.safetensors``'s, or the committed checkpoint's when that file is stale
+    or missing after a kill between the checkpoint's commit and its rewrite (:func:`committed_weights`).
     Raises CheckpointError if the file is missing, corrupt, or does not match
     the model built from ``config.json`` (missing, unexpected or mis-shaped tensors).
     """
-    path = Path(run_dir) / MODEL
-    tensors, meta = load_tensors(path, "checkpoint")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
-    for k in sorted(set(own) & set(tensors)):
-        if own[k].shape != tensors[k].shape:
-            problems.append(f"{k} has shape {list(tensors[k].shape)} in the checkpoint but {list(own[k].shape)} in the model")
-            break
-    if problems:
-        raise CheckpointError(f"{MODEL} in {str(run_dir)!r} does not match its {CONFIG}: " + "; ".join(problems))
+    committed = committed_weights(run_dir)
+    tensors, meta = committed if committed is not None else load_tensors(Path(run_dir) / MODEL, "checkpoint")
+    check_weights(tensors, model, f"{MODEL} in {str(run_dir)!r}")
     model.load_state_dict(tensors)
     try:
         return int(meta.get("epoch", "0"))
@@ -148,7 +156,8 @@ def load_model_weights(run_dir: Path, model: torch.nn.Module) -> int:
 
 
 def load_matching_weights(run_dir: Path, model: torch.nn.Module, exclude: set[str] = frozenset()) -> tuple[int, int]:
-    """Initialize ``model`` from another run's ``model.safetensors``, tensor by tensor, matched by name.
+    """Initialize ``model`` from another run's ``model.safetensors`` (or its committed checkpoint's
+    weights when that file is behind it: :func:`committed_weights`), tensor by tensor, matched by name.
 
     Every tensor of ``model.state_dict()`` (parameters and persistent buffers) whose name is in the
     source file and not in ``exclude`` takes the source's value; tensors only in ``model`` keep their
@@ -163,7 +172,8 @@ def load_matching_weights(run_dir: Path, model: torch.nn.Module, exclude: set[st
     run_dir = _run_dir(run_dir)
     if (run_dir / CONFIG).is_file():  # a bare weights file has no format to check
         read_run_config(run_dir)
-    tensors, _ = load_tensors(run_dir / MODEL, "checkpoint")
+    committed = committed_weights(run_dir)  # model.safetensors behind its checkpoint after a kill
+    tensors, _ = committed if committed is not None else load_tensors(run_dir / MODEL, "checkpoint")
     own = model.state_dict()
     matched = [k for k in own if k in tensors and k not in exclude]
     for k in matched:
@@ -242,45 +252,306 @@ def set_rng_states(tensors: dict[str, torch.Tensor], generator: torch.Generator)
 
 
 EXTRA = "extra."  # prefix of the regularizers' training state in trainer_state.safetensors
+MODEL_PREFIX = "model."  # prefix of the model's weights in trainer_state.safetensors
+CHECKPOINT_FORMAT = "vaekit-checkpoint/1"
+"""The ``format`` in ``trainer_state.safetensors``'s metadata: the file is the whole checkpoint (model,
+optimizers, RNG streams, position, metrics).  A trainer state without it is from an older vaekit,
+whose model and trainer state were two separate files; such a run loads but does not resume."""
 
 
-def save_trainer_state(run_dir: Path, epoch: int, step: int, optimizers: dict[str, torch.optim.Optimizer],
-                       generator: torch.Generator, amp=None, extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Write optimizers, every RNG stream (:func:`rng_states`), the gradient scaler of ``amp``
-    (:class:`~vaekit.precision.MixedPrecision`), the epoch/step reached and ``extra`` tensors (the
-    regularizers' :meth:`~vaekit.interfaces.Regularizer.training_state`, by name), atomically."""
+@dataclass
+class Checkpoint:
+    """A committed checkpoint, less the tensors :func:`load_checkpoint` loads in place (model,
+    optimizers, RNG streams, gradient scaler).
+
+    :param epoch: epochs completed (0: none, or the pretrained weights).
+    :param step: optimizer steps taken in all.
+    :param position: batches of epoch ``epoch + 1`` already trained (0: at an epoch's end).
+    :param metrics: every ``metrics.jsonl`` record committed so far (pretraining stages and epochs).
+    :param sums: running sums of epoch ``epoch + 1``'s train terms (each term times the batch size)
+        and ``count`` the samples they cover, so the epoch's train means come out as uninterrupted.
+    :param seconds: training time of epoch ``epoch + 1`` so far (for ``samples_per_s``).
+    :param epoch_generator: the run generator's state at the start of epoch ``epoch + 1`` (when
+        ``position > 0``): the epoch's shuffle and binarization are drawn again from it.
+    :param extra: the regularizers' :meth:`~vaekit.interfaces.Regularizer.training_state`, by name.
+    """
+
+    epoch: int
+    step: int
+    position: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+    seconds: float = 0.0
+    epoch_generator: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the model's, as loaded
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The training epochs' records (pretraining stage lines left out)."""
+        return [m for m in self.metrics if "stage" not in m]
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """True when ``run_dir`` holds a committed checkpoint (``trainer_state.safetensors``, which is only
+    ever renamed into place whole); whether it is valid is checked by :func:`load_checkpoint`."""
+    return (Path(run_dir) / STATE).is_file()
+
+
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint, model: torch.nn.Module,
+                    optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator, amp=None) -> None:
+    """Commit one checkpoint, then bring the files derived from it up to date.
+
+    The commit is one atomic rename of ``trainer_state.safetensors`` (written and fsynced under a
+    temporary name) holding the model's weights (``model.*``), optimizers (``optim.*``), every RNG
+    stream (:func:`rng_states`), the gradient scaler of ``amp``, the regularizers' ``extra`` state and,
+    in its JSON metadata, ``ckpt``'s epoch, step, position, running sums and metrics records.  A kill
+    before the rename leaves the previous checkpoint, after it the new one.  Then ``model.safetensors``
+    (the weights, metadata ``epoch``/``step``/``position``) and ``metrics.jsonl`` (``ckpt.metrics``) are
+    rewritten from it (:func:`sync_run_files`); a kill between leaves them stale, and they are
+    rewritten from the checkpoint on resume (:func:`load_run` reads the checkpoint's weights meanwhile).
+    Raises OutputError if a file cannot be written (the last committed checkpoint stays).
+    """
     tensors: dict[str, torch.Tensor] = rng_states(generator)
-    for name, t in (extra or {}).items():
+    for name, t in model.state_dict().items():
+        tensors[MODEL_PREFIX + name] = t
+    for name, t in ckpt.extra.items():
         tensors[f"{EXTRA}{name}"] = t.detach().cpu().contiguous()
-    meta: dict[str, str] = {"epoch": str(epoch), "step": str(step)}
+    if ckpt.position:
+        tensors["rng.epoch_generator"] = ckpt.epoch_generator
+    meta: dict[str, str] = {"format": CHECKPOINT_FORMAT, "epoch": str(ckpt.epoch), "step": str(ckpt.step),
+                            "position": str(ckpt.position), "metrics": json.dumps(ckpt.metrics),
+                            "sums": json.dumps({"sums": ckpt.sums, "count": ckpt.count, "seconds": ckpt.seconds})}
     if amp is not None:
         meta["scaler"] = json.dumps(amp.state_dict())
     for name, opt in optimizers.items():
         flatten_optimizer(f"optim.{name}", opt, tensors, meta)
     save_tensors(Path(run_dir) / STATE, tensors, meta)
+    sync_run_files(run_dir, ckpt, model.state_dict(), metrics=not ckpt.position)
 
 
-def load_trainer_state(run_dir: Path, optimizers: dict[str, torch.optim.Optimizer], generator: torch.Generator,
-                       amp=None, extra: dict[str, torch.Tensor] | None = None) -> tuple[int, int]:
-    """Restore optimizers, RNG states and the gradient scaler; return ``(epoch, step)`` reached.
-    ``extra``: a dict filled with the ``extra`` tensors :func:`save_trainer_state` wrote, by name."""
-    tensors, meta = load_tensors(Path(run_dir) / STATE, "trainer state")
-    if extra is not None:
-        extra.update({k[len(EXTRA):]: v for k, v in tensors.items() if k.startswith(EXTRA)})
+def sync_run_files(run_dir: Path, ckpt: Checkpoint, weights: dict[str, torch.Tensor], metrics: bool = True) -> None:
+    """Rewrite ``model.safetensors`` from ``weights`` (the checkpoint's, ``[*]`` each) unless it already
+    holds the checkpoint's epoch/step/position, and (``metrics``) ``metrics.jsonl`` from ``ckpt.metrics``,
+    each atomically.  Raises OutputError if a file cannot be written."""
+    run_dir = Path(run_dir)
+    if _model_stamp(run_dir) != _stamp(ckpt):
+        save_tensors(run_dir / MODEL, weights, {"format": "vaekit", **_stamp(ckpt)})
+    if metrics:
+        write_metrics(run_dir, ckpt.metrics)
+
+
+def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Write ``metrics.jsonl`` (one JSON record a line) atomically."""
+    text = "".join(json.dumps(m) + "\n" for m in records)
+    atomic_write(Path(run_dir) / METRICS, lambda tmp: Path(tmp).write_text(text))
+
+
+def _stamp(ckpt: Checkpoint) -> dict[str, str]:
+    return {"epoch": str(ckpt.epoch), "step": str(ckpt.step), "position": str(ckpt.position)}
+
+
+def _model_stamp(run_dir: Path) -> dict[str, str] | None:
+    """The epoch/step/position in ``model.safetensors``'s metadata; None if it is missing or unreadable."""
+    try:
+        with safe_open(Path(run_dir) / MODEL, framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+    return {k: meta.get(k) for k in ("epoch", "step", "position")}
+
+
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizers: dict[str, torch.optim.Optimizer],
+                    generator: torch.Generator, amp=None) -> Checkpoint:
+    """Load the committed checkpoint of ``run_dir`` into ``model``, ``optimizers``, the RNG streams,
+    ``generator`` and ``amp``'s scaler, check it, and return the rest (:class:`Checkpoint`).
+
+    Raises CheckpointError (one line) if it is missing, corrupt, from an older vaekit (separate model
+    and trainer-state files: not resumable), or does not fit this run: a negative or non-integer
+    epoch/step/position, metrics whose epochs are not ``1..epoch``, weights or optimizer state whose
+    names or shapes differ from the model's parameters, optimizer settings (``lr``, ``betas``…) of
+    another type than this run's.  Nothing is modified when it raises before the model is loaded.
+    """
+    run_dir = Path(run_dir)
+    tensors, meta = load_tensors(run_dir / STATE, "trainer state")
+    where = f"trainer state {str(run_dir / STATE)!r}"
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{where} was written by an older vaekit (model and trainer state in separate files) "
+                              "and cannot be resumed; its weights still load for eval, sample and export, or start "
+                              "a new run")
+    try:
+        ckpt = _read_meta(meta, tensors)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{where} is damaged: {_short(e)}") from None
+    weights = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    check_weights(weights, model, where)
+    try:
+        for name, opt in optimizers.items():
+            check_optimizer(f"optim.{name}", opt, tensors, meta)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{where} does not match this run: {_short(e)}") from None
+    model.load_state_dict(weights)
     try:
         for name, opt in optimizers.items():
             unflatten_optimizer(f"optim.{name}", opt, tensors, meta)
         set_rng_states(tensors, generator)
         if amp is not None:
             amp.load_state_dict(json.loads(meta.get("scaler", "{}")))
-        return int(meta["epoch"]), int(meta["step"])
-    except (KeyError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"trainer state in {str(run_dir)!r} does not match this run ({_short(e)})") from None
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{where} does not match this run ({_short(e)})") from None
+    ckpt.extra = {k[len(EXTRA):]: v for k, v in tensors.items() if k.startswith(EXTRA)}
+    ckpt.weights = weights
+    return ckpt
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    """True if ``run_dir`` holds a checkpoint to resume from (an epoch, or the pretraining, finished)."""
-    return (Path(run_dir) / STATE).exists()
+def _read_meta(meta: dict[str, str], tensors: dict[str, torch.Tensor]) -> Checkpoint:
+    """The :class:`Checkpoint` fields in a checkpoint's metadata, checked (ValueError naming the first bad one)."""
+    numbers = {}
+    for key in ("epoch", "step", "position"):
+        value = json.loads(meta[key])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{key} is {meta[key]}, not a whole number >= 0")
+        numbers[key] = value
+    metrics = json.loads(meta["metrics"])
+    if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
+        raise ValueError("its metrics are not a list of records")
+    epochs = [m.get("epoch") for m in metrics if "stage" not in m]
+    if epochs != list(range(1, numbers["epoch"] + 1)):
+        raise ValueError(f"it is at epoch {numbers['epoch']} but its metrics hold epochs {epochs[:5]}"
+                         f"{'…' if len(epochs) > 5 else ''}")
+    running = json.loads(meta["sums"])
+    sums, count, seconds = running["sums"], running["count"], running["seconds"]
+    if (not isinstance(sums, dict) or not all(isinstance(v, (int, float)) for v in sums.values())
+            or isinstance(count, bool) or not isinstance(count, int) or count < 0
+            or not isinstance(seconds, (int, float))):
+        raise ValueError("its running sums of the epoch are not numbers")
+    epoch_generator = tensors.get("rng.epoch_generator")
+    if numbers["position"] and epoch_generator is None:
+        raise ValueError(f"it is {numbers['position']} batches into an epoch but lacks the epoch's generator state")
+    return Checkpoint(**numbers, metrics=metrics, sums=sums, count=count, seconds=float(seconds),
+                      epoch_generator=epoch_generator)
+
+
+def check_weights(weights: dict[str, torch.Tensor], model: torch.nn.Module, where: str) -> None:
+    """CheckpointError unless ``weights`` has exactly the names and shapes of ``model.state_dict()``."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors (e.g. {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})")
+    for k in sorted(set(own) & set(weights)):
+        if own[k].shape != weights[k].shape:
+            problems.append(f"{k} has shape {list(weights[k].shape)} in the checkpoint but {list(own[k].shape)} in the model")
+            break
+    if problems:
+        raise CheckpointError(f"{where} does not match its {CONFIG}: " + "; ".join(problems))
+
+
+def check_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """ValueError/TypeError unless the optimizer state :func:`flatten_optimizer` wrote under ``prefix``
+    fits ``optimizer``: the same groups of the same sizes, settings of the same types (``lr`` a
+    finite number, ``betas`` two numbers, ``amsgrad`` a bool…), and every per-parameter state tensor
+    of more than 0 dimensions (Adam's moments) shaped like its parameter."""
+    info = json.loads(meta[prefix])
+    groups = info["param_groups"]
+    own = optimizer.param_groups
+    if not isinstance(groups, list) or len(groups) != len(own):
+        raise ValueError(f"{prefix} has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
+                         f"this run {len(own)}")
+    params = {}
+    for saved, group in zip(groups, own):
+        if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
+            raise ValueError(f"{prefix}: a parameter group of another size than this run's")
+        for key, value in group.items():
+            if key != "params" and key in saved and not _same_kind(saved[key], value):
+                raise TypeError(f"{prefix} setting {key} is {saved[key]!r}, not a {type(value).__name__} like "
+                                f"this run's {value!r}")
+        params.update(zip(saved["params"], group["params"]))
+    start = prefix + ".state."
+    for name, value in tensors.items():
+        if name.startswith(start):
+            pid, key = name[len(start):].split(".", 1)
+            p = params.get(int(pid))
+            if p is None:
+                raise ValueError(f"{name} belongs to no parameter of this run")
+            if value.dim() > 0 and value.shape != p.shape:
+                raise ValueError(f"{name} has shape {list(value.shape)} but its parameter {list(p.shape)}")
+
+
+def _same_kind(saved: Any, current: Any) -> bool:
+    """Whether an optimizer setting read from JSON has the type of this run's value."""
+    if isinstance(current, bool):
+        return isinstance(saved, bool)
+    if isinstance(current, (int, float)):
+        return isinstance(saved, (int, float)) and not isinstance(saved, bool) and math.isfinite(saved)
+    if current is None:
+        return saved is None or isinstance(saved, bool)
+    if isinstance(current, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(current) and \
+            all(_same_kind(a, b) for a, b in zip(saved, current))
+    if isinstance(current, str):
+        return isinstance(saved, str)
+    return True
+
+
+def committed_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The model weights of ``run_dir``'s committed checkpoint when ``model.safetensors`` is stale (a kill
+    between the commit and its rewrite): ``(tensors, metadata)``, else None (no checkpoint, one from an
+    older vaekit, or a model file that holds the checkpoint's epoch/step/position)."""
+    path = Path(run_dir) / STATE
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != CHECKPOINT_FORMAT:
+                return None
+            stamp = {k: meta.get(k) for k in ("epoch", "step", "position")}
+            if _model_stamp(run_dir) in (stamp, None) and (Path(run_dir) / MODEL).is_file():
+                return None  # up to date (or unreadable: reported as corrupt by load_tensors)
+            tensors = {k[len(MODEL_PREFIX):]: f.get_tensor(k) for k in f.keys() if k.startswith(MODEL_PREFIX)}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+    return tensors, {"format": "vaekit", **stamp}
+
+
+# --- run-dir housekeeping and the kill test hook ------------------------------------------------
+
+RUN_FILES = (CONFIG, MODEL, STATE, METRICS)
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporaries a killed write left in ``run_dir`` (``.<file>.<random>.tmp`` of
+    :func:`atomic_write`, for the run's files and figures); return them."""
+    removed = []
+    for path in Path(run_dir).glob(".*.tmp"):
+        target = path.name[1:].rsplit(".", 2)[0]
+        if path.is_file() and (target in RUN_FILES or target.endswith(".png")):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+KILL_ENV = "VAEKIT_TEST_KILL_AT"
+_kill_counts: dict[str, int] = {}
+
+
+def kill_point(label: str, tmp: str | None = None) -> None:
+    """Test hook: with ``VAEKIT_TEST_KILL_AT=<label>:<n>`` set, SIGKILL this process the ``n``-th time
+    it reaches ``label`` (``step``; ``writing:<file>``, with ``tmp`` cut to half its size first, as a
+    kill during the write leaves it; ``wrote:<file>``).  No-op without the variable."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec or spec.rsplit(":", 1)[0] != label:
+        return
+    _kill_counts[label] = _kill_counts.get(label, 0) + 1
+    if _kill_counts[label] == int(spec.rsplit(":", 1)[1]):
+        if tmp is not None:
+            os.truncate(tmp, os.path.getsize(tmp) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 
 
 # --- whole runs ---------------------------------------------------------------------------------

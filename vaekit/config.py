@@ -41,6 +41,8 @@ class RunConfig:
     (Sohn et al. 2015) on the dataset's labels (:mod:`vaekit.conditioning`).  ``objective`` is the training objective
     (:class:`~vaekit.interfaces.Objective`, ``"elbo"``, ``"iwae:k=5"``); its β is ``beta`` unless it
     sets its own.  A ``config.json`` written before objectives existed loads with ``elbo``.
+    ``checkpoint_every`` N > 0 also checkpoints every N optimizer steps mid-epoch (0: at the end of
+    each epoch only); a resumed run continues at the exact batch (docs/runs.md).
     """
 
     data: PluginSpec = field(default_factory=lambda: PluginSpec("mnist"))
@@ -61,6 +63,7 @@ class RunConfig:
     precision: Precision = "fp32"
     condition: Condition = "none"
     out: str | None = None
+    checkpoint_every: int = 0
     init: str | None = None
     pretrain: PluginSpec | None = None
 
@@ -73,7 +76,7 @@ class RunConfig:
             self.regularizers = [self.regularizers]
         self.regularizers = [_parse_spec(r, "regularizer") for r in self.regularizers]
         hints = {"latent_dim": int, "beta": float, "epochs": int, "batch_size": int, "lr": float, "seed": int,
-                 "device": Device, "binarize": Binarize, "precision": Precision,
+                 "checkpoint_every": int, "device": Device, "binarize": Binarize, "precision": Precision,
                  "condition": Condition}
         for name, typ in hints.items():
             setattr(self, name, coerce(getattr(self, name), typ, name.replace("_", "-")))
@@ -83,6 +86,8 @@ class RunConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch-size must be at least 1, got {self.batch_size}")
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"checkpoint-every must be >= 0 (0: at the end of each epoch only), got {self.checkpoint_every}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if self.beta < 0:

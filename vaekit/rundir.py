@@ -31,7 +31,6 @@ except ImportError:  # POSIX
     msvcrt = None
 
 LOCK = ".lock"
-METRICS = "metrics.jsonl"
 
 
 class RunDirLocked(CheckpointError):
@@ -44,7 +43,7 @@ def run_files() -> list[str]:
     interrupted write (``.<name>.*.tmp``, :func:`~vaekit.checkpoint.atomic_write`) are vaekit's too."""
     from .viz import FIGURES
 
-    return [checkpoint.CONFIG, checkpoint.MODEL, checkpoint.STATE, METRICS, LOCK] + [f"{n}.png" for n in FIGURES]
+    return [*checkpoint.RUN_FILES, LOCK] + [f"{n}.png" for n in FIGURES]
 
 
 def _is_run_file(name: str) -> bool:

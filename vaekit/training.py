@@ -132,6 +132,9 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.checkpointed: int | None = None  # the epoch of the last checkpoint written or restored
+        self.checkpointed_position = 0  # and the batches of the next epoch it had trained
+        self.metrics_log: list[dict[str, Any]] = []  # metrics.jsonl's records: pretraining stages and epochs
+        self._resume_at: checkpoint.Checkpoint | None = None  # a checkpoint taken mid-epoch, to continue from
         self.stop_reason: str | None = None  # set by request_stop: the run ends after the current step
         self.overwrite = overwrite
         self.epochs_given = False  # resume(epochs=N): N is a new target, refused if below the epochs done
@@ -167,6 +170,7 @@ class Trainer:
         self._warm_up()
         self.optimizers = self._make_optimizers()
         self.run_dir = self._prepare_run_dir()
+        checkpoint.remove_temporaries(self.run_dir)  # left by a kill during a write
         self.start_epoch = 1
         if self.resume:
             self._restore()
@@ -291,26 +295,34 @@ class Trainer:
         }
 
     def _restore(self) -> None:
-        checkpoint.load_model_weights(self.run_dir, self.model)
-        extra: dict[str, torch.Tensor] = {}
-        epoch, self.step = checkpoint.load_trainer_state(self.run_dir, self.optimizers, self.generator, self.amp,
-                                                         extra=extra)
+        """Load the committed checkpoint (:func:`~vaekit.checkpoint.load_checkpoint`, which checks it), check
+        its step against this run's steps per epoch, and rewrite ``model.safetensors`` and
+        ``metrics.jsonl`` from it (a kill may have left them behind the commit).  A checkpoint taken
+        mid-epoch (``--checkpoint-every``) continues at its batch (:meth:`_train_epoch`)."""
+        ckpt = checkpoint.load_checkpoint(self.run_dir, self.model, self.optimizers, self.generator, self.amp)
+        steps_per_epoch = math.ceil(len(self.train_x) / self.config.batch_size)
+        history = ckpt.history
+        stopped = history[-1].get("stopped") if history else None
+        if ckpt.position >= steps_per_epoch or (not stopped and ckpt.step != ckpt.epoch * steps_per_epoch + ckpt.position):
+            raise CheckpointError(f"trainer state in {str(self.run_dir)!r} is damaged or not of this run: step {ckpt.step} "
+                                  f"does not follow from epoch {ckpt.epoch} and {ckpt.position} batches of the next at "
+                                  f"{steps_per_epoch} steps an epoch")
         for i, reg in enumerate(self.model.regularizers):
             prefix = f"regularizer{i}."
-            own = {k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)}
+            own = {k[len(prefix):]: v for k, v in ckpt.extra.items() if k.startswith(prefix)}
             if own:
                 reg.load_training_state(own)
-        self.start_epoch = epoch + 1
-        self.checkpointed = epoch
-        lines = _read_metrics(self.run_dir)
-        stages = [m for m in lines if "stage" in m]  # pretraining lines: kept, never part of the history
-        self.history = [m for m in lines if "stage" not in m and m.get("epoch", 0) <= epoch]
-        _write_metrics(self.run_dir, stages + self.history)  # drop lines of an epoch that had not been checkpointed
-        stopped = self.history[-1].get("stopped") if self.history else None
+        self.step = ckpt.step
+        self.start_epoch = ckpt.epoch + 1
+        self.checkpointed, self.checkpointed_position = ckpt.epoch, ckpt.position
+        self.metrics_log = ckpt.metrics
+        self.history = history
+        self._resume_at = ckpt if ckpt.position else None
+        checkpoint.sync_run_files(self.run_dir, ckpt, ckpt.weights)
         if stopped:  # a run a plugin stopped early has converged: resuming it trains nothing
             self.stop_reason = stopped
             self.start_epoch = self.config.epochs + 1
-            self.console.print(f"this run stopped early at epoch {epoch} ({stopped}); nothing to resume")
+            self.console.print(f"this run stopped early at epoch {ckpt.epoch} ({stopped}); nothing to resume")
 
     def _record_epochs(self) -> None:
         """On resume, after :meth:`_restore`: refuse a new ``--epochs`` below the epochs done (ConfigError),
@@ -405,16 +417,17 @@ class Trainer:
                 self.pm.hook.vaekit_epoch_end(trainer=self, epoch=epoch, metrics=record)
                 for reg in self.model.regularizers:
                     reg.on_epoch_end(self, epoch)
-                self._checkpoint(epoch)
-                self.history.append(record)
-                self.log_stage(record, _epoch_line(record, cfg.epochs, schedule))
+                self._checkpoint(epoch, record)  # the record is committed with the epoch's checkpoint
+                self.console.print(_epoch_line(record, cfg.epochs, schedule))
                 if self.stop_reason is not None:
                     self.console.print(f"stopped early at epoch {epoch}/{cfg.epochs}: {self.stop_reason}")
 
     def log_stage(self, record: dict[str, Any], line: str) -> None:
-        """Append ``record`` to ``metrics.jsonl`` and print ``line`` (training epochs and pretraining stages)."""
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Add ``record`` to ``metrics.jsonl`` (rewritten atomically) and print ``line``: a pretraining
+        stage's epoch.  The record becomes part of the next checkpoint; a training epoch's record is
+        committed with its checkpoint instead (:meth:`_checkpoint`)."""
+        self.metrics_log.append(record)
+        checkpoint.write_metrics(self.run_dir, self.metrics_log)
         self.console.print(line)
 
     def batches(self):
@@ -436,14 +449,32 @@ class Trainer:
             yield idx, x_all[idx], None if self.train_y is None else self.train_y[idx]
 
     def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float]:
+        """Train one epoch; return its train means (each term averaged over the samples) and seconds.
+        Every ``checkpoint_every`` steps (but the epoch's last) the run is checkpointed mid-epoch with the
+        generator's state at the epoch's start, the batches done and the running sums; a run resumed
+        from such a checkpoint draws the epoch's shuffle again and continues at the next batch."""
         model, objective = self.model, self.objective
         model.train()
+        resume, self._resume_at = self._resume_at, None
+        now = self.generator.get_state()
+        if resume is not None:
+            self.generator.set_state(resume.epoch_generator)
+        epoch_generator = self.generator.get_state()
+        batches = self.indexed_batches()
         sums: dict[str, float] = {}
-        count = 0
+        count = position = 0
+        before = 0.0
+        if resume is not None:
+            for _ in range(resume.position):  # the first draws the epoch's shuffle (and binarization)
+                next(batches)
+            self.generator.set_state(now)
+            sums, count, position, before = dict(resume.sums), resume.count, resume.position, resume.seconds
+        steps_per_epoch = math.ceil(len(self.train_x) / self.config.batch_size)
+        every = self.config.checkpoint_every
         main_opt = self.optimizers["model"]
         reg_opts = [(reg, self.optimizers.get(f"regularizer{i}")) for i, reg in enumerate(model.regularizers)]
         start = time.perf_counter()
-        for index, x, c in self.indexed_batches():
+        for index, x, c in batches:
             with self.amp.autocast():
                 record = objective.forward(model, x, c)
             record.index = index
@@ -463,6 +494,7 @@ class Trainer:
                 reg.on_step_end(self, record)
             bs = x.shape[0]
             count += bs
+            position += 1
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + (value if k == "loss" else v.item()) * bs
             for k, v in extra.items():
@@ -470,9 +502,14 @@ class Trainer:
             if bar is not None:
                 elapsed = time.perf_counter() - start
                 bar.update(epoch, count, elapsed, sums)
+            checkpoint.kill_point("step")
             if self.stop_reason is not None:
                 break
-        seconds = time.perf_counter() - start
+            if every and self.step % every == 0 and position < steps_per_epoch:
+                self._checkpoint(epoch - 1, partial=dict(position=position, sums=dict(sums), count=count,
+                                                         seconds=before + time.perf_counter() - start,
+                                                         epoch_generator=epoch_generator))
+        seconds = before + time.perf_counter() - start
         return {k: v / count for k, v in sums.items()}, seconds
 
     def _test_metrics(self) -> dict[str, float]:
@@ -480,25 +517,35 @@ class Trainer:
         ``vaekit eval`` reports too, drawn without touching the training RNG streams."""
         return {f"test_{k}": v for k, v in elbo_summary(self.model, self.test_x, seed=EVAL_SEED, c=self.test_y).items()}
 
-    def _checkpoint(self, epoch: int) -> None:
+    def _checkpoint(self, epoch: int, record: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> None:
+        """Commit a checkpoint (:func:`~vaekit.checkpoint.save_checkpoint`) after ``epoch`` completed epochs:
+        with ``record``, that epoch's metrics record (added to the history once committed); with
+        ``partial`` (``position``, ``sums``, ``count``, ``seconds``, ``epoch_generator``), mid-way
+        through epoch ``epoch + 1``.  Raises TrainingError if a parameter is NaN/inf (nothing written)."""
+        where = f"epoch {epoch}" if partial is None else f"epoch {epoch + 1}"
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():
-                raise TrainingError(f"parameter {name} became NaN/inf in epoch {epoch}; " + self._kept())
-        checkpoint.save_model(self.run_dir, self.model, epoch)
+                raise TrainingError(f"parameter {name} became NaN/inf in {where}; " + self._kept())
+        metrics = self.metrics_log + ([record] if record is not None else [])
         extra = {f"regularizer{i}.{k}": v for i, reg in enumerate(self.model.regularizers)
                  for k, v in reg.training_state().items()}
-        checkpoint.save_trainer_state(self.run_dir, epoch, self.step, self.optimizers, self.generator, self.amp,
-                                      extra=extra)
-        self.checkpointed = epoch
+        ckpt = checkpoint.Checkpoint(epoch, self.step, metrics=metrics, extra=extra, **(partial or {}))
+        checkpoint.save_checkpoint(self.run_dir, ckpt, self.model, self.optimizers, self.generator, self.amp)
+        self.metrics_log = metrics
+        if record is not None:
+            self.history.append(record)
+        self.checkpointed, self.checkpointed_position = epoch, ckpt.position
 
     def _kept(self) -> str:
         """What an interrupted run leaves, and the command that carries on from it."""
         again = f"vaekit run --resume {self.run_dir}"
-        if self.checkpointed == 0:
+        if self.checkpointed == 0 and not self.checkpointed_position:
             return (f"the checkpoint of the pretrained weights (epoch 0) is kept in {self.run_dir} "
                     f"({again} continues from it)")
         if self.checkpointed is not None:
-            return f"the last good checkpoint (epoch {self.checkpointed}) is kept in {self.run_dir} ({again} continues from it)"
+            into = f", {self.checkpointed_position} batches into the next" if self.checkpointed_position else ""
+            return (f"the last good checkpoint (epoch {self.checkpointed}{into}) is kept in {self.run_dir} "
+                    f"({again} continues from it)")
         return f"no epoch had finished, so {self.run_dir} holds no checkpoint ({again} starts it again from epoch 1)"
 
     def _nan_message(self, value: float, epoch: int) -> str:
@@ -578,11 +625,6 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break  # a line cut by a kill: everything after it is unreliable
     return out
-
-
-def _write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(m) + "\n" for m in history)
-    checkpoint.atomic_write(run_dir / "metrics.jsonl", lambda tmp: Path(tmp).write_text(text))
 
 
 def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginManager | None = None,

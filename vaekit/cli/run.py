@@ -39,6 +39,7 @@ def run(
     no_fused_op: Annotated[bool, typer.Option("--no-fused-op", help="Use the eager reparameterize + KL formula instead of the fused op (sets the prior's fused=false).")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Start from this run's weights, matched by name (fine-tuning); tensors it lacks keep their initialization.")] = None,
     pretrain: Annotated[Optional[str], typer.Option(help="Pretraining before training, e.g. 'layerwise:epochs=5,mask=0.2' (stacked autoencoder).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N optimizer steps mid-epoch (default 0: at each epoch's end only); --resume continues at the exact batch.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint (one that never checkpointed starts again from epoch 1); only --epochs may change, and is recorded.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out: deletes vaekit's own files there (config.json, weights, trainer state, metrics.jsonl, figures), nothing else.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
@@ -65,7 +66,7 @@ def run(
             data=data, encoder=encoder, decoder=decoder, prior=prior, likelihood=likelihood,
             regularizers=regularizer, objective=objective, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
             lr=lr, seed=seed, device=device, binarize=binarize, precision=precision, condition=condition, out=None if out is None else str(out),
-            init=None if init is None else str(init), pretrain=pretrain,
+            init=None if init is None else str(init), pretrain=pretrain, checkpoint_every=checkpoint_every,
         )
         if no_fused_op:  # the prior's own option; a prior without one says so
             cfg = cfg.replace(prior=PluginSpec(cfg.prior.name, {**cfg.prior.options, "fused": False}))
