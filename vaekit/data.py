@@ -149,6 +149,8 @@ def load_sklearn_digits(test_fraction: float = 0.2) -> DataBundle:
     """scikit-learn's 1,797 8x8 digits (values 0–16 scaled to [0, 1]) as ``[1, 8, 8]`` images, split per class."""
     from sklearn.datasets import load_digits
 
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))

@@ -20,7 +20,7 @@ The archive is one scripted module with the methods
 
 plus attributes ``vaekit_format``, ``input_shape``, ``latent_dim``, ``deterministic``,
 ``can_sample``, ``num_classes`` (0) and ``conditional`` (False), and the run's ``config.json`` as an extra file.
-Every method checks its input as the C++ runtime does and raises RuntimeError ("wrong input shape:
+Every method checks its input as the C++ runtime does and raises (``torch.jit.Error`` in Python) ("wrong input shape:
 expected [N, 1, 28, 28], got [8, 784]"; "wrong latent shape: …") for ``x`` not ``[N, *input_shape]``
 or a code not ``[N, latent_dim]``.
 
