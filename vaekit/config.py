@@ -51,6 +51,11 @@ class RunConfig:
     (Sohn et al. 2015) on the dataset's labels (:mod:`vaekit.conditioning`).  ``objective`` is the training objective
     (:class:`~vaekit.interfaces.Objective`, ``"elbo"``, ``"iwae:k=5"``); its β is ``beta`` unless it
     sets its own.  A ``config.json`` written before objectives existed loads with ``elbo``.
+
+    Raises ConfigError (one line) for a value of the wrong type, ``latent_dim``/``epochs``/``batch_size``
+    below 1 or above :data:`MAX_LATENT_DIM`/:data:`MAX_EPOCHS`/:data:`MAX_BATCH_SIZE`, a ``seed``
+    outside [0, :data:`MAX_SEED`], a non-finite or non-positive ``lr``, a non-finite or negative
+    ``beta``, an ``out``/``init`` that is not a path string, and incompatible choices.
     """
 
     data: PluginSpec = field(default_factory=lambda: PluginSpec("mnist"))
