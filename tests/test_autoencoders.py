@@ -136,7 +136,7 @@ def _filter_locality(model, x):
     the top 10% of pixels, over the decoder columns (784-d filters) of the units the codes of ``x`` use."""
     with torch.no_grad():
         used = (model.code(x) != 0).float().mean(0) > 0.01  # units never in a code have no filter in use
-    filters = model.decoder.net[0].weight.detach().T[used].reshape(-1, 28, 28)
+    filters = model.decoder.linear.weight.detach().T[used].reshape(-1, 28, 28)
     energy = filters.square() / filters.square().sum((1, 2), keepdim=True)
     ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     cy, cx = (energy * ys).sum((1, 2), keepdim=True), (energy * xs).sum((1, 2), keepdim=True)
@@ -147,8 +147,8 @@ def _filter_locality(model, x):
 
 def test_linear_ksparse_autoencoder_learns_local_filters(tmp_path, test_digits):
     """Makhzani & Frey 2013 (their MNIST filters): with linear activations the k-sparse AE's filters are local; a plain
-    linear AE's are spread over the digit.  mlp:hidden= leaves the encoder its linear head alone."""
-    kw = dict(COMMON, encoder="mlp:hidden=", decoder="mlp:hidden=", likelihood="gaussian", binarize="none",
+    linear AE's are spread over the digit.  The linear encoder leaves only the linear head."""
+    kw = dict(COMMON, encoder="linear", decoder="linear", likelihood="gaussian", binarize="none",
               prior="none", latent_dim=200, epochs=15, lr=3e-3)
     sparse = vaekit.train(regularizers=["ksparse:k=20,alpha=2"], out=str(tmp_path / "k"), **kw).model
     plain = vaekit.train(out=str(tmp_path / "p"), **kw).model

@@ -133,6 +133,8 @@ def read_json(path: Path, what: str) -> Any:
             return json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{what} {str(path)!r} is not valid JSON ({_short(e)})") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} {str(path)!r} is not a vaekit file (JSON nested too deeply to read)") from None
 
 
 # --- model --------------------------------------------------------------------------------------
@@ -559,11 +561,22 @@ def kill_point(label: str, tmp: str | None = None) -> None:
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     """A run's ``config.json``, checked: the one place every use of a run's weights reads it
     (:func:`load_run`, resuming, ``--init``).  Raises CheckpointError if it is missing, not a vaekit
-    run config, or from a format whose weights now mean something else (:func:`check_run_format`)."""
+    run config (not JSON, ``config`` or ``data`` not objects, ``data.shape`` not 1 to 3 positive
+    integers), or from a format whose weights now mean something else (:func:`check_run_format`)."""
     run_dir = _run_dir(run_dir)
     info = read_json(run_dir / CONFIG, "run config")
     if not isinstance(info, dict) or "config" not in info or "data" not in info:
         raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} is not a vaekit run config")
+    where = f"{CONFIG} in {str(run_dir)!r}"
+    for key in ("config", "data"):
+        if not isinstance(info[key], dict):
+            raise CheckpointError(f"{where}: '{key}' must be an object, got {json.dumps(info[key])[:80]}; "
+                                  "restore the file the run wrote")
+    shape = info["data"].get("shape")
+    if not (isinstance(shape, list) and 1 <= len(shape) <= 3
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)):
+        raise CheckpointError(f"{where}: data.shape must be a list of 1 to 3 positive integers ([D] or [C, H, W]), "
+                              f"got {json.dumps(shape)[:80]}; restore the file the run wrote")
     check_run_format(run_dir, info)
     return info
 
@@ -593,7 +606,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
     Returns the :class:`~vaekit.model.VAEModel` in eval mode, with
     ``model.config`` (:class:`~vaekit.config.RunConfig`), ``model.run_info``
     (the whole ``config.json``) and ``model.run_dir`` (the directory it was loaded from).  Raises CheckpointError if the directory,
-    config or weights are missing, corrupt or mismatched.
+    config or weights are missing, corrupt or mismatched, or if a weight is NaN or inf.
     """
     from .config import RunConfig
     from .errors import ConfigError, UnknownPluginError
@@ -611,6 +624,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} describes a model that cannot be built: {_short(e)}") from None
     load_model_weights(Path(run_dir), model)
+    bad = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{MODEL} in {str(run_dir)!r} holds NaN/inf weights ({bad}), so everything computed "
+                              "from it would be NaN: retrain the run (e.g. with a lower --lr)")
     model.config = config
     model.run_info = info
     model.run_dir = Path(run_dir)

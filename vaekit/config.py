@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,15 @@ Binarize = Literal["auto", "dynamic", "static", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Condition = Literal["none", "label"]
+
+MAX_LATENT_DIM = 1_000_000
+"""The largest latent dimension d a config accepts (far beyond any model that fits in memory at d = 10⁶)."""
+MAX_EPOCHS = 1_000_000
+"""The most epochs a config accepts: a larger number is a typo (``epochs = 1e20``), not a run."""
+MAX_BATCH_SIZE = 2**31 - 1
+"""The largest mini-batch a config accepts (torch indexes batches with 32-bit sizes in places)."""
+MAX_SEED = 2**63 - 1
+"""The largest seed: torch's generators take a 64-bit seed (a seed of 1e23 overflows)."""
 
 _SPEC_FIELDS = ("data", "encoder", "decoder", "prior", "likelihood", "objective", "pretrain")
 
@@ -43,6 +53,11 @@ class RunConfig:
     sets its own.  A ``config.json`` written before objectives existed loads with ``elbo``.
     ``checkpoint_every`` N > 0 also checkpoints every N optimizer steps mid-epoch (0: at the end of
     each epoch only); a resumed run continues at the exact batch (docs/runs.md).
+
+    Raises ConfigError (one line) for a value of the wrong type, ``latent_dim``/``epochs``/``batch_size``
+    below 1 or above :data:`MAX_LATENT_DIM`/:data:`MAX_EPOCHS`/:data:`MAX_BATCH_SIZE`, a ``seed``
+    outside [0, :data:`MAX_SEED`], a non-finite or non-positive ``lr``, a non-finite or negative
+    ``beta``, an ``out``/``init`` that is not a path string, and incompatible choices.
     """
 
     data: PluginSpec = field(default_factory=lambda: PluginSpec("mnist"))
@@ -82,17 +97,29 @@ class RunConfig:
             setattr(self, name, coerce(getattr(self, name), typ, name.replace("_", "-")))
         if self.latent_dim < 1:
             raise ConfigError(f"latent-dim must be at least 1, got {self.latent_dim}")
+        for name, top in (("latent_dim", MAX_LATENT_DIM), ("epochs", MAX_EPOCHS), ("batch_size", MAX_BATCH_SIZE)):
+            if getattr(self, name) > top:
+                raise ConfigError(f"{name.replace('_', '-')} must be at most {top:,}, got {getattr(self, name):.3g}")
         if self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch-size must be at least 1, got {self.batch_size}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint-every must be >= 0 (0: at the end of each epoch only), got {self.checkpoint_every}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.beta < 0:
-            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        check_seed(self.seed, "seed")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr must be a finite positive number, got {self.lr}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"beta must be a finite number >= 0, got {self.beta}")
+        if self.out is not None and not isinstance(self.out, (str, Path)):
+            raise ConfigError(f"out must be a folder path (a string), got {self.out!r}")
+        if self.out is not None:
+            self.out = str(self.out)
+            if not self.out:
+                raise ConfigError("out must name a run directory, got ''")
         if self.init is not None:
+            if not isinstance(self.init, (str, Path)):
+                raise ConfigError(f"init must be a run directory path (a string), got {self.init!r}")
             self.init = coerce(self.init, str, "init")
             if not self.init:
                 raise ConfigError("init must name a run directory, got ''")
@@ -108,6 +135,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
         """Build from a mapping (TOML table or config.json); unknown keys raise ConfigError."""
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"a run config must be a table of settings, got {type(values).__name__}")
         names = [f.name for f in dataclasses.fields(cls)]
         values = {k.replace("-", "_"): v for k, v in values.items()}
         if "regularizer" in values and "regularizers" not in values:
@@ -128,9 +157,16 @@ class RunConfig:
                 values = tomllib.load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {str(p)!r} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {str(p)!r} is a folder; give a TOML file") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from None
-        return cls.from_dict(values.get("run", values))
+        table = values.get("run", values)
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"config file {str(p)!r}: 'run' must be a table of settings ([run]), got {table!r}")
+        return cls.from_dict(table)
 
     def replace(self, **changes: Any) -> "RunConfig":
         """A copy with the non-None ``changes`` applied (command-line flags over a config file)."""
@@ -147,6 +183,13 @@ class RunConfig:
                 v = [r.to_json() for r in v]
             out[f.name] = v
         return out
+
+
+def check_seed(seed: int, what: str = "--seed") -> int:
+    """``seed`` if it is in [0, :data:`MAX_SEED`]; ConfigError naming ``what`` otherwise."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{what} must be an integer in [0, 2**63 - 1], got {seed:.3g}")
+    return seed
 
 
 def _parse_spec(value: Any, what: str) -> PluginSpec:

@@ -149,6 +149,8 @@ def load_sklearn_digits(test_fraction: float = 0.2) -> DataBundle:
     """scikit-learn's 1,797 8x8 digits (values 0–16 scaled to [0, 1]) as ``[1, 8, 8]`` images, split per class."""
     from sklearn.datasets import load_digits
 
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
     d = load_digits()
     x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
     y = torch.from_numpy(d.target.astype(np.int64))
@@ -196,8 +198,8 @@ def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()
     held out.  ``shape`` reshapes each sample (e.g. ``1,28,28`` for flat MNIST rows).
 
     Raises DataError if the path is missing, unreadable or of an unknown kind, if the data is
-    not numeric, if train and test would be scaled differently, or if a mode-``I`` image has
-    negative values.
+    not numeric, if train and test would be scaled differently, if the labels are not one per
+    sample, or if a mode-``I`` image has negative values.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -226,6 +228,12 @@ def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()
     except Exception as e:  # noqa: BLE001 - any failure to parse a file is bad data, said in one line
         raise DataError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from None
     train_x, test_x, train_y, test_y = arrays
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        if x is not None and np.ndim(x) == 0:
+            raise DataError(f"{name}: the {split} data is a single value, not an array of shape [N, ...]")
+        if x is not None and y is not None and (np.ndim(y) != 1 or len(y) != len(x)):
+            raise DataError(f"{name}: {len(x)} {split} samples but labels of shape {list(np.shape(y))}; "
+                            f"give one label per sample ([{len(x)}])")
     if train_x is not None and test_x is None:
         train_x, test_x, train_y, test_y = _holdout(train_x, train_y, test_fraction)
     divisor = 1.0
@@ -345,6 +353,8 @@ def read_idx(path: Path) -> np.ndarray:
     if data[2] not in dtypes:
         raise DataError(f"{path.name}: unknown IDX data type 0x{data[2]:02x}")
     ndim = data[3]
+    if ndim == 0:
+        raise DataError(f"{path.name}: an IDX file with 0 dimensions holds no samples; expected [N, ...] (e.g. N images of H x W)")
     dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
     offset = 4 + 4 * ndim
     dtype = np.dtype(dtypes[data[2]])

@@ -51,3 +51,12 @@ def first_line(e: BaseException, limit: int = 300, empty: str | None = None) -> 
     ``empty`` (default: the exception's type name) when the message is empty."""
     lines = str(e).strip().splitlines()
     return (lines[0] if lines else (type(e).__name__ if empty is None else empty))[:limit]
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for a failed allocation: MemoryError, torch's CUDA ``OutOfMemoryError``, or the CPU
+    allocator's ``RuntimeError`` ("can't allocate memory")."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
+

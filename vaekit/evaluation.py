@@ -82,7 +82,7 @@ def importance_sampled_log_likelihood(
     conditional model needs the labels ``c [N]`` and estimates log p(x|c).
 
     Raises ConfigError for models without a stochastic prior (the bound is undefined), a likelihood
-    that is not a normalised density for ``x``, or ``num_samples < 1``.
+    that is not a normalised density for ``x``, ``num_samples < 1`` or ``batch_size < 1``.
     """
     if not model.prior.stochastic:
         raise ConfigError("the importance-sampled NLL needs a prior and posterior; this is a deterministic autoencoder (prior 'none')")
@@ -91,6 +91,8 @@ def importance_sampled_log_likelihood(
                           "it is a loss, not a normalised density (grey-level data under a Bernoulli likelihood: binarize it)")
     if num_samples < 1:
         raise ConfigError(f"the number of importance samples must be at least 1, got {num_samples}")
+    if batch_size < 1:
+        raise ConfigError(f"the batch size must be at least 1, got {batch_size}")
     was_training = model.training
     model.eval()
     device = _device(model)

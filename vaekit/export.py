@@ -20,6 +20,9 @@ The archive is one scripted module with the methods
 
 plus attributes ``vaekit_format``, ``input_shape``, ``latent_dim``, ``deterministic``,
 ``can_sample``, ``num_classes`` (0) and ``conditional`` (False), and the run's ``config.json`` as an extra file.
+Every method checks its input as the C++ runtime does and raises (``torch.jit.Error`` in Python) ("wrong input shape:
+expected [N, 1, 28, 28], got [8, 784]"; "wrong latent shape: …") for ``x`` not ``[N, *input_shape]``
+or a code not ``[N, latent_dim]``.
 
 A conditional VAE (``--condition label``, :mod:`vaekit.conditioning`) is exported as
 :class:`ConditionalExportedModel`, whose methods take the labels too — ``encode(x, c)``,
@@ -194,11 +197,27 @@ class _Archive(nn.Module):
         self.num_classes = num_classes
         self.conditional = num_classes > 0
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """RuntimeError unless ``x`` is ``[N, *input_shape]`` (the C++ runtime's ``check_input``, same words)."""
+        ok = x.dim() == len(self.input_shape) + 1
+        for i in range(len(self.input_shape)):
+            if ok and x.shape[i + 1] != self.input_shape[i]:
+                ok = False
+        if not ok:
+            raise RuntimeError("wrong input shape: expected [N, " + ", ".join([str(s) for s in self.input_shape])
+                               + "], got " + str(x.shape))
+
+    def _check_latent(self, code: torch.Tensor) -> None:
+        """RuntimeError unless ``code`` is ``[N, latent_dim]`` (the C++ runtime's ``check_latent``)."""
+        if code.dim() != 2 or code.shape[1] != self.latent_dim:
+            raise RuntimeError("wrong latent shape: expected [N, " + str(self.latent_dim) + "], got " + str(code.shape))
+
 
 class ExportedModel(_Archive):
     """The exported module; see the module docstring for its methods."""
 
     def _mean_logvar(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x)
         params = self.encode_net(x)
         if self.deterministic:
             return params, params.new_empty([params.shape[0], 0])
@@ -212,6 +231,7 @@ class ExportedModel(_Archive):
 
     @torch.jit.export
     def decode(self, code: torch.Tensor) -> torch.Tensor:
+        self._check_latent(code)
         return self.decode_net(code)
 
     @torch.jit.export
@@ -243,6 +263,7 @@ class ConditionalExportedModel(_Archive):
             raise RuntimeError("a label is out of range: this model knows the labels 0.." + str(self.num_classes - 1))
 
     def _mean_logvar(self, x: torch.Tensor, c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self._check_input(x)
         self._check_labels(c, x.shape[0])
         params = self.encode_net(x, c)
         if self.deterministic:
@@ -257,6 +278,7 @@ class ConditionalExportedModel(_Archive):
 
     @torch.jit.export
     def decode(self, code: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        self._check_latent(code)
         self._check_labels(c, code.shape[0])
         return self.decode_net(code, c)
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .conditioning import ConditionalDecoder, ConditionalEncoder, check_labels, conditioned_input_shape
-from .errors import ConfigError, first_line
+from .errors import ConfigError, first_line, is_out_of_memory
 from torch.distributions import Distribution
 
 from .interfaces import Decoder, Encoder, Likelihood, Prior, Regularizer, StepOutput, sample_with_generator
@@ -250,8 +250,19 @@ def build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginMan
     is then built for :func:`~vaekit.conditioning.conditioned_input_shape` and the decoder plugin for
     ``latent_dim + K`` (:mod:`vaekit.conditioning`).  Raises UnknownPluginError / ConfigError for
     unknown plugins, bad options or incompatible choices (e.g. a conv encoder on vector data, a
-    conditional model of data without labels).
+    conditional model of data without labels), ConfigError if its weights do not fit in memory.
     """
+    try:
+        return _build_model(config, data_shape, pm, num_classes)
+    except Exception as e:  # noqa: BLE001 - only a failed allocation is turned into a ConfigError
+        if not is_out_of_memory(e):
+            raise
+        raise ConfigError(f"the model does not fit in memory ({first_line(e, 160)}): lower --latent-dim "
+                          f"(now {config.latent_dim}) or the layer sizes") from None
+
+
+def _build_model(config: "RunConfig", data_shape: tuple[int, ...], pm: "PluginManager",
+                 num_classes: int | None = None) -> VAEModel:
     shape = tuple(int(s) for s in data_shape)
     k = 0
     if config.condition == "label":

@@ -67,7 +67,8 @@ class PluginSpec:
         previous option's value, so ``conv:channels=32,64,kernel_size=3`` sets
         ``channels="32,64"`` and ``kernel_size="3"``.
 
-        Raises ConfigError if the string has no name or an option has no ``=``.
+        Raises ConfigError if the string has no name or an option has no ``=``, or if a table's
+        ``options`` entry is not a table.
         """
         if isinstance(value, PluginSpec):
             return value
@@ -79,6 +80,9 @@ class PluginSpec:
             nested = opts.pop("options", None)
             if isinstance(nested, Mapping):
                 opts.update(nested)
+            elif nested is not None:
+                raise ConfigError(f"plugin {name!r}: 'options' must be a table of option = value "
+                                  f"([<field>.options] or options = {{ key = value }}), got {nested!r}")
             return cls(name, opts)
         if not isinstance(value, str):
             raise ConfigError(f"a plugin must be given as 'name:key=value,...', got {value!r}")

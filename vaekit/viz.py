@@ -120,16 +120,24 @@ def plot_samples(model, path: Path, n: int = 64, seed: int = 0) -> bool:
 
 @torch.no_grad()
 def plot_latent(model, x: torch.Tensor, y: torch.Tensor | None, path: Path) -> None:
-    """Scatter of the posterior means, coloured by label; the first two principal components when d > 2."""
+    """Scatter of the posterior means, coloured by label; the first two principal components when d > 2.
+
+    With fewer than 3 points (a one-sample test split) there are fewer than two components: the
+    missing ones are drawn as 0 (a component of a single point explains no variance)."""
     from sklearn.decomposition import PCA
 
     z = map_batches(model, model.embed, x, c=_cond(model, y)).numpy()
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
     if z.shape[1] > 2:
-        pca = PCA(n_components=2).fit(z)
-        z2 = pca.transform(z)
-        ev = pca.explained_variance_ratio_ * 100
+        k = min(2, len(z) - 1)  # PCA of n points has at most n - 1 components of non-zero variance
+        if k > 0:
+            pca = PCA(n_components=k).fit(z)
+            z2, ev = pca.transform(z), pca.explained_variance_ratio_ * 100
+        else:
+            z2, ev = np.zeros((len(z), 0)), np.zeros(0)
+        z2 = np.concatenate([z2, np.zeros((len(z), 2 - k))], 1)
+        ev = np.concatenate([ev, np.zeros(2 - k)])
         ax.set_xlabel(f"PC 1 ({ev[0]:.0f}% of variance)")
         ax.set_ylabel(f"PC 2 ({ev[1]:.0f}% of variance)")
         ax.set_title(f"posterior means, PCA of z (d = {z.shape[1]})")

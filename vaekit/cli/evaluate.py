@@ -50,11 +50,15 @@ def evaluate_run(
     (``EVAL_SEED``) it equals the last ``test_elbo`` in the run's ``metrics.jsonl`` (same device).
     """
     from ..checkpoint import read_run_config
+    from ..config import check_seed
     from ..errors import ConfigError
     from ..evaluation import evaluate_run
 
     if nll_samples < 0:
         raise ConfigError(f"--nll-samples must be >= 0 (0 skips the NLL), got {nll_samples}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
+    check_seed(seed)
     info = read_run_config(run_dir)
     if as_json:
         result = evaluate_run(run_dir, "test", nll_samples, batch_size, device, seed)

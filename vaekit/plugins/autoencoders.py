@@ -29,7 +29,7 @@ class KSparse(Regularizer):
     path (evaluation, reconstructions, samples, the NLL, figures) — since it was trained on them.
     The features, ``transform_features`` (``VAEModel.embed``, ``vaekit embed``, an exported
     ``encode``), keep ``⌊alpha·k + ½⌋`` units (at most d): the paper's α ≥ 1, used only for the
-    features handed to a classifier (their Algorithm 1, encoding).  With a linear encoder (``--encoder mlp:hidden=`` leaves
+    features handed to a classifier (their Algorithm 1, encoding).  With a linear encoder (``--encoder linear`` leaves
     only the linear head) this is the paper's linear-activation k-sparse AE, whose filters (decoder
     columns) are more local than a plain linear AE's.  No penalty.
 

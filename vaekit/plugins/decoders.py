@@ -21,7 +21,7 @@ class MLPDecoder(Decoder):
         self, latent_dim, output_shape, *, hidden: tuple[int, ...] = (400,), activation: Activation = "relu"
     ):
         super().__init__(latent_dim, output_shape)
-        check_positive(hidden, "mlp hidden sizes")
+        check_positive(hidden, "mlp hidden sizes", "give at least one layer size (hidden=400), or use --decoder linear for a linear map")
         self.net = mlp([self.latent_dim, *hidden, flat_size(self.output_shape)], activation, final_activation=False)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,7 @@ class ConvDecoder(Decoder):
         activation: Activation = "relu",
     ):
         super().__init__(latent_dim, output_shape)
-        check_positive(channels, "conv channels")
+        check_positive(channels, "conv channels", "give at least one (channels=32,64)")
         check_image_shape(self.output_shape, len(channels), "conv decoder")
         c_out, h, w = self.output_shape
         n = len(channels)

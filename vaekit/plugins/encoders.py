@@ -13,15 +13,15 @@ from .layers import Activation, check_image_shape, check_positive, flat_size, ma
 class MLPEncoder(Encoder):
     """Fully connected encoder: flatten ``x [B, *S]``, then Linear+activation per hidden size.
 
-    Output ``h [B, hidden[-1]]`` (or ``[B, D]`` with no hidden layer).
+    Output ``h [B, hidden[-1]]``.
 
-    :param hidden: hidden layer sizes, e.g. ``400`` or ``500,500,2000``.
+    :param hidden: hidden layer sizes, e.g. ``400`` or ``500,500,2000`` (at least one; ``--encoder linear`` has none).
     :param activation: nonlinearity after every hidden layer.
     """
 
     def __init__(self, input_shape, *, hidden: tuple[int, ...] = (400,), activation: Activation = "relu"):
         super().__init__(input_shape)
-        check_positive(hidden, "mlp hidden sizes")
+        check_positive(hidden, "mlp hidden sizes", "give at least one layer size (hidden=400), or use --encoder linear for a linear map")
         sizes = [flat_size(self.input_shape), *hidden]
         self.net = mlp(sizes, activation, final_activation=True)
         self.out_features = sizes[-1]
@@ -52,7 +52,7 @@ class ConvEncoder(Encoder):
         activation: Activation = "relu",
     ):
         super().__init__(input_shape)
-        check_positive(channels, "conv channels")
+        check_positive(channels, "conv channels", "give at least one (channels=32,64)")
         check_image_shape(self.input_shape, len(channels), "conv encoder")
         c, h, w = self.input_shape
         layers: list[nn.Module] = []

@@ -53,6 +53,10 @@ def flat_size(shape: tuple[int, ...]) -> int:
     return int(math.prod(shape))
 
 
-def check_positive(values: tuple[int, ...], what: str) -> None:
+def check_positive(values: tuple[int, ...], what: str, empty: str | None = None) -> None:
+    """ConfigError unless every size in ``values`` is >= 1 and, with ``empty`` (what to give instead),
+    unless there is at least one (an empty ``hidden=`` would silently drop every layer)."""
+    if empty is not None and not values:
+        raise ConfigError(f"{what} are empty: {empty}")
     if any(v < 1 for v in values):
         raise ConfigError(f"{what} must be positive integers, got {values}")

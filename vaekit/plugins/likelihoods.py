@@ -74,8 +74,8 @@ class GaussianLikelihood(Likelihood):
 
     def __init__(self, data_shape, *, sigma: float = 0.1, learn_sigma: bool = False, min_sigma: float = 0.01):
         super().__init__(data_shape)
-        if sigma <= 0 or min_sigma <= 0:
-            raise ConfigError(f"gaussian likelihood: sigma and min_sigma must be > 0, got {sigma} and {min_sigma}")
+        if not (0 < sigma < math.inf and 0 < min_sigma < math.inf):
+            raise ConfigError(f"gaussian likelihood: sigma and min_sigma must be finite and > 0, got {sigma} and {min_sigma}")
         self.learn_sigma = bool(learn_sigma)
         self.min_sigma = float(min_sigma)
         if self.learn_sigma:
