@@ -236,11 +236,16 @@ CASES = [
     Case("config-json-data-null", _on_copy(_edited_run(_set("data", None)), "export", "--out", lambda t: t / "m.pt"),
          CheckpointError, "'data' must be an object, got null"),
     Case("config-json-deeply-nested", _on_copy(_edited_run(deep), "eval"), CheckpointError, "JSON nested too deeply to read"),
-    # same number of pixels as the weights (64) but not the data's shape: refused where the data meet the model
-    Case("config-json-shape-reordered", _on_copy(_edited_run(_set("data.shape", [2, 4, 8])), "eval", "-k", "0"), DataError,
-         "samples have shape [1, 8, 8], but the run was trained on"),
+    # same number of pixels as the weights (64) but not the data's shape: the weights record the shape they were
+    # trained on (model.safetensors metadata), and load_run compares config.json's with it
+    Case("config-json-shape-reordered", _on_copy(_edited_run(_set("data.shape", [2, 4, 8])), "eval", "-k", "0"),
+         CheckpointError, "says the data shape is [2, 4, 8], but the weights were trained on data of shape [1, 8, 8]"),
+    Case("config-json-shape-reordered-sample", _on_copy(_edited_run(_set("data.shape", [1, 4, 16])), "sample", "--out",
+         lambda t: t / "s.png"), CheckpointError, "says the data shape is [1, 4, 16], but the weights were trained on"),
+    Case("config-json-shape-reordered-export", _on_copy(_edited_run(_set("data.shape", [64])), "export", "--out",
+         lambda t: t / "m.pt"), CheckpointError, "says the data shape is [64], but the weights were trained on"),
     Case("config-json-shape-other-size", _on_copy(_edited_run(_set("data.shape", [1, 8, 9])), "eval"), CheckpointError,
-         "does not match its config.json"),
+         "says the data shape is [1, 8, 9]"),
     Case("nan-weights-eval", _on_copy(_nan_weights, "eval", "-k", "5"), CheckpointError, "holds NaN/inf weights (decoder.net.0.bias)"),
     Case("nan-weights-sample", _on_copy(_nan_weights, "sample", "--out", lambda t: t / "s.png"), CheckpointError, "NaN/inf weights"),
     Case("nan-weights-export", _on_copy(_nan_weights, "export", "--out", lambda t: t / "m.pt"), CheckpointError, "NaN/inf weights"),

@@ -324,22 +324,28 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, model: torch.nn.Module,
         tensors["rng.epoch_generator"] = ckpt.epoch_generator
     meta: dict[str, str] = {"format": CHECKPOINT_FORMAT, "epoch": str(ckpt.epoch), "step": str(ckpt.step),
                             "position": str(ckpt.position), "metrics": json.dumps(ckpt.metrics),
-                            "sums": json.dumps({"sums": ckpt.sums, "count": ckpt.count, "seconds": ckpt.seconds})}
+                            "sums": json.dumps({"sums": ckpt.sums, "count": ckpt.count, "seconds": ckpt.seconds}),
+                            "data_shape": json.dumps(list(model.data_shape))}
     if amp is not None:
         meta["scaler"] = json.dumps(amp.state_dict())
     for name, opt in optimizers.items():
         flatten_optimizer(f"optim.{name}", opt, tensors, meta)
     save_tensors(Path(run_dir) / STATE, tensors, meta)
-    sync_run_files(run_dir, ckpt, model.state_dict(), metrics=not ckpt.position)
+    sync_run_files(run_dir, ckpt, model.state_dict(), metrics=not ckpt.position, data_shape=model.data_shape)
 
 
-def sync_run_files(run_dir: Path, ckpt: Checkpoint, weights: dict[str, torch.Tensor], metrics: bool = True) -> None:
+def sync_run_files(run_dir: Path, ckpt: Checkpoint, weights: dict[str, torch.Tensor], metrics: bool = True,
+                   data_shape=None) -> None:
     """Rewrite ``model.safetensors`` from ``weights`` (the checkpoint's, ``[*]`` each) unless it already
     holds the checkpoint's epoch/step/position, and (``metrics``) ``metrics.jsonl`` from ``ckpt.metrics``,
-    each atomically.  Raises OutputError if a file cannot be written."""
+    each atomically.  ``data_shape`` (the model's ``S``) is recorded in the weights' metadata, where
+    :func:`load_run` checks ``config.json``'s shape against it.  Raises OutputError if a file cannot be written."""
     run_dir = Path(run_dir)
     if _model_stamp(run_dir) != _stamp(ckpt):
-        save_tensors(run_dir / MODEL, weights, {"format": "vaekit", **_stamp(ckpt)})
+        meta = {"format": "vaekit", **_stamp(ckpt)}
+        if data_shape is not None:
+            meta["data_shape"] = json.dumps(list(data_shape))
+        save_tensors(run_dir / MODEL, weights, meta)
     if metrics:
         write_metrics(run_dir, ckpt.metrics)
 
@@ -623,6 +629,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
         raise CheckpointError(missing_plugin_message(run_dir, info, e)) from None
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} describes a model that cannot be built: {_short(e)}") from None
+    recorded = recorded_data_shape(Path(run_dir))
+    if recorded is not None and recorded != list(shape):
+        raise CheckpointError(f"{CONFIG} in {str(run_dir)!r} says the data shape is {list(shape)}, but the weights were "
+                              f"trained on data of shape {recorded}: restore data.shape in {CONFIG}")
     load_model_weights(Path(run_dir), model)
     bad = next((k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
@@ -632,6 +642,22 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", pm=None):
     model.run_info = info
     model.run_dir = Path(run_dir)
     return model.to(device).eval()
+
+
+def recorded_data_shape(run_dir: Path) -> list | None:
+    """The data shape ``S`` the weights were trained on, from the metadata of ``model.safetensors`` (else of the
+    checkpoint); None for runs written before vaekit recorded it, or when neither file can be read."""
+    for name in (MODEL, STATE):
+        try:
+            with safe_open(str(Path(run_dir) / name), framework="pt") as f:
+                raw = (f.metadata() or {}).get("data_shape")
+        except (OSError, SafetensorError):
+            continue
+        try:
+            return json.loads(raw) if raw else None
+        except ValueError:
+            return None
+    return None
 
 
 def missing_plugin_message(run_dir, info: dict[str, Any], error) -> str:

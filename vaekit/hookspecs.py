@@ -133,7 +133,8 @@ def vaekit_fit_start(trainer: "Trainer") -> None:
 
 @hookspec
 def vaekit_epoch_end(trainer: "Trainer", epoch: int, metrics: "dict[str, Any]") -> None:
-    """Called after each epoch's evaluation and checkpoint.
+    """Called after each epoch's evaluation, before its checkpoint: the record, with what plugins add,
+    is committed with the checkpoint (docs/runs.md), so a resumed run never loses or repeats it.
 
     :param trainer: the running trainer.
     :param epoch: the epoch just finished, counting from 1.

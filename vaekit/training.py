@@ -318,7 +318,7 @@ class Trainer:
         self.metrics_log = ckpt.metrics
         self.history = history
         self._resume_at = ckpt if ckpt.position else None
-        checkpoint.sync_run_files(self.run_dir, ckpt, ckpt.weights)
+        checkpoint.sync_run_files(self.run_dir, ckpt, ckpt.weights, data_shape=self.model.data_shape)
         if stopped:  # a run a plugin stopped early has converged: resuming it trains nothing
             self.stop_reason = stopped
             self.start_epoch = self.config.epochs + 1
