@@ -353,5 +353,5 @@ def test_running_out_of_memory_is_one_line(tmp_path, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(IWAE, "forward", oom)
-    with pytest.raises(TrainingError, match=r"out of memory at step 1 .*Lower --batch-size \(or the samples k"):
+    with pytest.raises(TrainingError, match=r"out of memory at step 1 .*a lower --batch-size \(or the samples k"):
         vaekit.train(objective="iwae:k=5", out=str(tmp_path / "r"), epochs=1, **DIGITS)

@@ -246,6 +246,46 @@ def test_fewer_epochs_than_done_is_an_error_and_a_finished_run_says_so(tmp_path)
         assert _epochs(run) == [1, 2] and (run / "model.safetensors").read_bytes() == before["model.safetensors"]
 
 
+def test_fewer_epochs_than_a_mid_epoch_checkpoint_reached_is_an_error(tmp_path):
+    """A kill mid-epoch 2 after a --checkpoint-every commit: the weights are part-way into epoch 2, so
+    --epochs 1 would report a finished 1-epoch run with other weights; it is refused, nothing changed."""
+    run = tmp_path / "r"
+    env = {**_env(), checkpoint.KILL_ENV: "step:8"}  # 5 steps an epoch, commits at steps 2, 4, 5 (end), 6
+    proc = subprocess.run([sys.executable, "-m", "vaekit", "run", *FLAGS, "--epochs", "2", "--checkpoint-every", "2",
+                           "--out", str(run), "-q"], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(run / checkpoint.STATE), framework="pt") as f:
+        meta = f.metadata()
+    assert (meta["epoch"], meta["position"]) == ("1", "1")  # committed: epoch 1 and one batch of epoch 2
+    before = _snapshot(run)
+    line = one_line_error(invoke("run", "--resume", run, "--epochs", "1"), "has already trained 1 epochs and part of epoch 2")
+    assert "--epochs N with N >= 2" in line
+    assert _snapshot(run) == {**before, ".lock": b""}
+
+
+def test_a_stop_requested_by_an_epoch_end_hook_is_committed_and_resume_trains_nothing(tmp_path, capsys):
+    class StopAtOne:
+        @vaekit.hookimpl
+        def vaekit_epoch_end(self, trainer, epoch, metrics):
+            if epoch == 1:
+                trainer.request_stop("enough")
+
+    run = tmp_path / "r"
+    pm = PluginManager(extra_plugins=[StopAtOne()], autoload=False)
+    result = vaekit.train(epochs=3, out=str(run), pm=pm, **FAST)
+    assert [m["epoch"] for m in result.history] == _epochs(run) == [1]
+    assert json.loads((run / "metrics.jsonl").read_text())["stopped"] == "enough"
+    again = vaekit.resume(run, pm=PluginManager(autoload=False), quiet=False, figures=False)
+    assert [m["epoch"] for m in again.history] == [1] and "nothing to resume" in capsys.readouterr().err
+
+
+def test_train_refuses_resume_and_points_to_resume(tmp_path):
+    with pytest.raises(ConfigError, match=r"continue one with vaekit.resume\(run_dir, epochs=N\)"):
+        vaekit.train(epochs=1, out=str(tmp_path / "r"), resume=True, **FAST)
+
+
 # --- a run that fails in epoch 1 is not stuck ------------------------------------------------------
 
 def test_a_run_interrupted_in_epoch_1_restarts_in_place_bit_identically(tmp_path, capsys):

@@ -560,8 +560,6 @@ def kill_point(label: str, tmp: str | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-
-
 # --- whole runs ---------------------------------------------------------------------------------
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:

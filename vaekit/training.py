@@ -136,6 +136,7 @@ class Trainer:
         self.metrics_log: list[dict[str, Any]] = []  # metrics.jsonl's records: pretraining stages and epochs
         self._resume_at: checkpoint.Checkpoint | None = None  # a checkpoint taken mid-epoch, to continue from
         self.stop_reason: str | None = None  # set by request_stop: the run ends after the current step
+        self.restart_note: str | None = None  # printed once the run directory is locked (resume of a run never checkpointed)
         self.overwrite = overwrite
         self.epochs_given = False  # resume(epochs=N): N is a new target, refused if below the epochs done
         self.lock: rundir.RunDirLock | None = None  # held from _prepare_run_dir to the end of fit
@@ -170,6 +171,8 @@ class Trainer:
         self._warm_up()
         self.optimizers = self._make_optimizers()
         self.run_dir = self._prepare_run_dir()
+        if self.restart_note:
+            self.console.print(self.restart_note)
         checkpoint.remove_temporaries(self.run_dir)  # left by a kill during a write
         self.start_epoch = 1
         if self.resume:
@@ -329,9 +332,11 @@ class Trainer:
         record the target in ``config.json`` (a later plain ``--resume`` continues to it), and say so
         when there is nothing left to train."""
         done, epochs = max(self.checkpointed or 0, 0), self.config.epochs
-        if self.epochs_given and epochs < done:
-            raise ConfigError(f"{str(self.run_dir)!r} has already trained {done} epochs, so --epochs {epochs} would "
-                              f"undo them; pass --epochs N with N > {done} to continue it")
+        started = done + 1 if self.checkpointed_position else done  # a mid-epoch checkpoint is into epoch done + 1
+        if self.epochs_given and epochs < started:
+            part, least = (f" and part of epoch {started}", f">= {started}") if started > done else ("", f"> {done}")
+            raise ConfigError(f"{str(self.run_dir)!r} has already trained {done} epochs{part}, so --epochs {epochs} would "
+                              f"undo them; pass --epochs N with N {least} to continue it")
         if self.stop_reason is not None:
             return  # a run a plugin stopped early: nothing to record (_restore said so)
         info = checkpoint.read_run_config(self.run_dir)
@@ -385,7 +390,9 @@ class Trainer:
             if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
                 raise
             raise TrainingError(f"out of memory at step {self.step + 1} ({first_line(e, 120)}); {self._kept()}. "
-                                "Lower --batch-size (or the samples k of an objective such as iwae:k)") from None
+                                "A resume needs the same memory: start it again smaller with vaekit run ... "
+                                f"--out {self.run_dir} --overwrite and a lower --batch-size (or the samples k of "
+                                "an objective such as iwae:k)") from None
         except OSError as e:  # a checkpoint or metrics line that cannot be written: a full disk, a read-only folder
             if not isinstance(e, OutputError) and e.errno not in _WRITE_ERRNOS:
                 raise
@@ -412,11 +419,11 @@ class Trainer:
                 record.update(self._test_metrics())
                 record["samples_per_s"] = n / seconds if seconds > 0 else float("nan")
                 record["epoch_seconds"] = seconds
-                if self.stop_reason is not None:
-                    record["stopped"] = self.stop_reason
                 self.pm.hook.vaekit_epoch_end(trainer=self, epoch=epoch, metrics=record)
                 for reg in self.model.regularizers:
                     reg.on_epoch_end(self, epoch)
+                if self.stop_reason is not None:  # after the hooks: a stop they request is committed too
+                    record["stopped"] = self.stop_reason
                 self._checkpoint(epoch, record)  # the record is committed with the epoch's checkpoint
                 self.console.print(_epoch_line(record, cfg.epochs, schedule))
                 if self.stop_reason is not None:
@@ -628,7 +635,7 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginManager | None = None,
-          resume: bool = False, progress: bool = True, quiet: bool = False, figures: bool = True,
+          progress: bool = True, quiet: bool = False, figures: bool = True,
           overwrite: bool = False, **overrides: Any) -> TrainResult:
     """Train one model and write its run directory; the Python API behind ``vaekit run``.
 
@@ -638,8 +645,12 @@ def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginMana
     Raises a :class:`~vaekit.errors.VaekitError` subclass for bad input (ConfigError for a run
     already in ``out`` or a folder that is not a run, :class:`~vaekit.rundir.RunDirLocked` while
     another process writes ``out``), :class:`~vaekit.errors.TrainingError` if the loss
-    becomes NaN/inf (the last good checkpoint is kept).
+    becomes NaN/inf (the last good checkpoint is kept).  A run is continued with :func:`resume`,
+    which reads its recorded config (``train(resume=...)`` is refused).
     """
+    if "resume" in overrides:
+        raise ConfigError("train() starts a run; continue one with vaekit.resume(run_dir, epochs=N), "
+                          "which uses the run's recorded config")
     if config is None:
         config = RunConfig()
     elif isinstance(config, dict):
@@ -648,7 +659,7 @@ def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginMana
         config = RunConfig.from_toml(config)
     if overrides:
         config = RunConfig.from_dict({**config.to_dict(), **overrides})
-    return Trainer(config, pm, resume=resume, progress=progress, quiet=quiet, figures=figures, overwrite=overwrite).fit()
+    return Trainer(config, pm, progress=progress, quiet=quiet, figures=figures, overwrite=overwrite).fit()
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, **kwargs: Any) -> TrainResult:
@@ -674,8 +685,8 @@ def resume(run_dir: str | Path, epochs: int | None = None, **kwargs: Any) -> Tra
     try:
         trainer = Trainer(RunConfig.from_dict(values), resume=has_checkpoint, **kwargs)
         trainer.epochs_given = epochs is not None
-        if not has_checkpoint:
-            trainer.console.print(f"no epoch of {run_dir} had finished: starting it again from epoch 1")
+        if not has_checkpoint:  # printed once the run directory is locked (Trainer.setup)
+            trainer.restart_note = f"no epoch of {run_dir} had finished: starting it again from epoch 1"
         return trainer.fit()
     except UnknownPluginError as e:
         raise CheckpointError(checkpoint.missing_plugin_message(run_dir, info, e)) from None
