@@ -211,3 +211,27 @@ def test_a_failed_write_is_one_output_error_and_leaves_nothing(tmp_path):
     with pytest.raises(OutputError, match=r"cannot write .*model.safetensors.*No space left on device"):
         atomic_write(target, full_disk)
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"] and target.read_text() == "old"
+
+
+def test_a_failed_flush_is_not_committed(tmp_path, monkeypatch):
+    """An fsync error on the written file (EIO, a full disk reported late) is one OutputError line and the
+    old file stays in place: nothing unflushed is renamed into place as committed."""
+    import errno
+    import os
+    import stat
+
+    from vaekit.errors import OutputError
+
+    target = tmp_path / "metrics.jsonl"
+    target.write_text("old\n")
+    real = os.fsync
+
+    def failing(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # files fail; folders flush
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", failing)
+    with pytest.raises(OutputError, match="cannot write .*metrics.jsonl.*Input/output error"):
+        checkpoint.write_metrics(tmp_path, [{"epoch": 1}])
+    assert target.read_text() == "old\n" and not list(tmp_path.glob(".*.tmp"))

@@ -8,6 +8,7 @@ never leaves a half-written file; a checkpoint is one file, so it is committed b
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -76,15 +77,22 @@ def atomic_write(path: Path, write) -> None:
 
 
 def _fsync(path) -> None:
-    """Flush a file's (or a folder's: its entries') data to the disk; a no-op where the OS refuses."""
+    """Flush a file's (or a folder's: its entries') data to the disk.  A file whose flush fails (EIO, a full
+    disk reported late) raises the OSError, so it is never renamed into place as committed; for a folder,
+    where some systems refuse an fsync (EINVAL, EBADF, or no O_RDONLY open), only a lost write (EIO, a full
+    disk) raises."""
+    folder = os.path.isdir(path)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
-        return
+        if folder:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if not folder or e.errno in (errno.EIO, errno.ENOSPC, errno.EDQUOT):
+            raise
     finally:
         os.close(fd)
 
