@@ -332,14 +332,16 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint, model: torch.nn.Module,
         tensors["rng.epoch_generator"] = ckpt.epoch_generator
     meta: dict[str, str] = {"format": CHECKPOINT_FORMAT, "epoch": str(ckpt.epoch), "step": str(ckpt.step),
                             "position": str(ckpt.position), "metrics": json.dumps(ckpt.metrics),
-                            "sums": json.dumps({"sums": ckpt.sums, "count": ckpt.count, "seconds": ckpt.seconds}),
-                            "data_shape": json.dumps(list(model.data_shape))}
+                            "sums": json.dumps({"sums": ckpt.sums, "count": ckpt.count, "seconds": ckpt.seconds})}
+    data_shape = getattr(model, "data_shape", None)  # a VAEModel's S, checked by load_run
+    if data_shape is not None:
+        meta["data_shape"] = json.dumps(list(data_shape))
     if amp is not None:
         meta["scaler"] = json.dumps(amp.state_dict())
     for name, opt in optimizers.items():
         flatten_optimizer(f"optim.{name}", opt, tensors, meta)
     save_tensors(Path(run_dir) / STATE, tensors, meta)
-    sync_run_files(run_dir, ckpt, model.state_dict(), metrics=not ckpt.position, data_shape=model.data_shape)
+    sync_run_files(run_dir, ckpt, model.state_dict(), metrics=not ckpt.position, data_shape=data_shape)
 
 
 def sync_run_files(run_dir: Path, ckpt: Checkpoint, weights: dict[str, torch.Tensor], metrics: bool = True,
