@@ -360,6 +360,21 @@ def sync_run_files(run_dir: Path, ckpt: Checkpoint, weights: dict[str, torch.Ten
         write_metrics(run_dir, ckpt.metrics)
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl`` (``[]`` without one), up to a line cut by a kill (everything after
+    such a line is unreliable)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
 def write_metrics(run_dir: Path, records: list[dict[str, Any]]) -> None:
     """Write ``metrics.jsonl`` (one JSON record a line) atomically."""
     text = "".join(json.dumps(m) + "\n" for m in records)
@@ -540,12 +555,20 @@ def committed_weights(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str,
 RUN_FILES = (CONFIG, MODEL, STATE, METRICS)
 
 
+def temporary_target(name: str) -> str | None:
+    """The file name an :func:`atomic_write` temporary ``.<file>.<random>.tmp`` was written for; None if
+    ``name`` is not such a temporary (the random part of :func:`tempfile.mkstemp` holds no dots)."""
+    if name.startswith(".") and name.endswith(".tmp") and name.count(".") >= 3:
+        return name[1:].rsplit(".", 2)[0]
+    return None
+
+
 def remove_temporaries(run_dir: Path) -> list[Path]:
     """Delete the temporaries a killed write left in ``run_dir`` (``.<file>.<random>.tmp`` of
     :func:`atomic_write`, for the run's files and figures); return them."""
     removed = []
     for path in Path(run_dir).glob(".*.tmp"):
-        target = path.name[1:].rsplit(".", 2)[0]
+        target = temporary_target(path.name) or ""
         if path.is_file() and (target in RUN_FILES or target.endswith(".png")):
             path.unlink(missing_ok=True)
             removed.append(path)

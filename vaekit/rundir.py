@@ -48,9 +48,7 @@ def run_files() -> list[str]:
 
 def _is_run_file(name: str) -> bool:
     own = run_files()
-    if name in own:
-        return True
-    return name.startswith(".") and name.endswith(".tmp") and any(name.startswith(f".{n}.") for n in own)
+    return name in own or checkpoint.temporary_target(name) in own
 
 
 def is_run_dir(path: Path) -> bool:

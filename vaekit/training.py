@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import math
 import platform
 import sys
@@ -619,19 +618,6 @@ def _epoch_line(record: dict[str, Any], epochs: int, schedule: dict[str, float] 
     tests = [f"{k} {v:.2f}" for k, v in record.items() if k.startswith("test_")]
     return (f"epoch {record['epoch']}/{epochs}  " + "  ".join(parts) + "  |  " + "  ".join(tests)
             + f"  |  {record['samples_per_s']:,.0f} samples/s")
-
-
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut by a kill: everything after it is unreliable
-    return out
 
 
 def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginManager | None = None,

@@ -434,7 +434,8 @@ def plot_run(run, kinds: list[str] | None = None, out: Path | None = None, data=
     from .apply import condition_labels, load_split, resolve_run
     from .checkpoint import check_output
     from .errors import ConfigError
-    from .training import _read_metrics, eval_inputs
+    from .checkpoint import read_metrics
+    from .training import eval_inputs
 
     names = list(kinds) if kinds else list(FIGURES)
     for name in names:  # every name checked before any work
@@ -450,7 +451,7 @@ def plot_run(run, kinds: list[str] | None = None, out: Path | None = None, data=
     x, y = load_split(model, data, split, pm)
     condition_labels(model, y)  # a conditional run on data without labels: one DataError line
     x = eval_inputs(x, model.run_info["config"].get("binarize", "none"))
-    history = [m for m in _read_metrics(run_dir) if "stage" not in m] if run_dir.is_dir() else []
+    history = [m for m in read_metrics(run_dir) if "stage" not in m] if run_dir.is_dir() else []
     ctx = FigureContext(x, y, history)
     written = []
     for name in names:
