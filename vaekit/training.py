@@ -18,7 +18,8 @@ import torch
 from . import __version__, checkpoint, rundir
 from .config import RunConfig
 from .data import DataBundle, binarize, looks_like_path
-from .errors import CheckpointError, ConfigError, OutputError, TrainingError, UnknownPluginError, first_line
+from .errors import (CheckpointError, ConfigError, OutputError, TrainingError, UnknownPluginError, first_line,
+                     is_out_of_memory)
 from .evaluation import EVAL_SEED, elbo_summary
 from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
@@ -386,7 +387,7 @@ class Trainer:
             print(f"interrupted: {self._kept()}", file=sys.stderr, flush=True)  # also under -q
             raise
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
-            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+            if not is_out_of_memory(e):
                 raise
             raise TrainingError(f"out of memory at step {self.step + 1} ({first_line(e, 120)}); {self._kept()}. "
                                 "A resume needs the same memory: start it again smaller with vaekit run ... "
