@@ -29,6 +29,10 @@ MAX_EPOCHS = 1_000_000
 """The most epochs a config accepts: a larger number is a typo (``epochs = 1e20``), not a run."""
 MAX_BATCH_SIZE = 2**31 - 1
 """The largest mini-batch a config accepts (torch indexes batches with 32-bit sizes in places)."""
+MAX_STEPS = 2**62
+"""The most optimizer steps ``max_steps`` accepts (a larger number is a typo, not a run)."""
+MAX_WORKERS = 256
+"""The most data-loading worker processes ``workers`` accepts."""
 MAX_SEED = 2**63 - 1
 """The largest seed: torch's generators take a 64-bit seed (a seed of 1e23 overflows)."""
 
@@ -52,10 +56,15 @@ class RunConfig:
     (:class:`~vaekit.interfaces.Objective`, ``"elbo"``, ``"iwae:k=5"``); its β is ``beta`` unless it
     sets its own.  A ``config.json`` written before objectives existed loads with ``elbo``.
     ``checkpoint_every`` N > 0 also checkpoints every N optimizer steps mid-epoch (0: at the end of
-    each epoch only); a resumed run continues at the exact batch (docs/runs.md).
+    each epoch only); a resumed run continues at the exact batch (docs/runs.md).  ``max_steps`` N > 0
+    ends training after N optimizer steps in all (counted over the whole run, resumes included),
+    with a checkpoint, mid-epoch if it falls there; 0: no limit (``epochs`` still ends the run).
+    ``workers`` N > 0 reads the training batches in N :class:`torch.utils.data.DataLoader` worker
+    processes (for data read from disk, docs/data.md); results do not depend on it.
 
     Raises ConfigError (one line) for a value of the wrong type, ``latent_dim``/``epochs``/``batch_size``
-    below 1 or above :data:`MAX_LATENT_DIM`/:data:`MAX_EPOCHS`/:data:`MAX_BATCH_SIZE`, a ``seed``
+    below 1 or above :data:`MAX_LATENT_DIM`/:data:`MAX_EPOCHS`/:data:`MAX_BATCH_SIZE`, a ``max_steps``
+    outside [0, :data:`MAX_STEPS`], ``workers`` outside [0, :data:`MAX_WORKERS`], a ``seed``
     outside [0, :data:`MAX_SEED`], a non-finite or non-positive ``lr``, a non-finite or negative
     ``beta``, an ``out``/``init`` that is not a path string, and incompatible choices.
     """
@@ -79,6 +88,8 @@ class RunConfig:
     condition: Condition = "none"
     out: str | None = None
     checkpoint_every: int = 0
+    max_steps: int = 0
+    workers: int = 0
     init: str | None = None
     pretrain: PluginSpec | None = None
 
@@ -91,7 +102,7 @@ class RunConfig:
             self.regularizers = [self.regularizers]
         self.regularizers = [_parse_spec(r, "regularizer") for r in self.regularizers]
         hints = {"latent_dim": int, "beta": float, "epochs": int, "batch_size": int, "lr": float, "seed": int,
-                 "checkpoint_every": int, "device": Device, "binarize": Binarize, "precision": Precision,
+                 "checkpoint_every": int, "max_steps": int, "workers": int, "device": Device, "binarize": Binarize, "precision": Precision,
                  "condition": Condition}
         for name, typ in hints.items():
             setattr(self, name, coerce(getattr(self, name), typ, name.replace("_", "-")))
@@ -106,6 +117,12 @@ class RunConfig:
             raise ConfigError(f"batch-size must be at least 1, got {self.batch_size}")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint-every must be >= 0 (0: at the end of each epoch only), got {self.checkpoint_every}")
+        if not 0 <= self.max_steps <= MAX_STEPS:
+            raise ConfigError(f"max-steps must be a number of optimizer steps in [0, {MAX_STEPS:.3g}] "
+                              f"(0: no limit), got {self.max_steps:.3g}")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be in [0, {MAX_WORKERS}] (0: read batches in the training process), "
+                              f"got {self.workers:.3g}")
         check_seed(self.seed, "seed")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a finite positive number, got {self.lr}")

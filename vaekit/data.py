@@ -11,7 +11,7 @@ import gzip
 import importlib.util
 import math
 import os
-from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Iterable
 
@@ -19,31 +19,51 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .samples import ArraySamples, ImageFiles, NpyRows, Samples, scan_npy, to_float, torch_dtype_ready
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
 
-@dataclass
 class DataBundle:
-    """A train/test split held in memory.
+    """A train/test split: the samples of each split (:class:`~vaekit.samples.Samples`) and their labels.
 
-    train_x: ``[N, *S]`` float32; test_x: ``[M, *S]`` float32; train_y/test_y:
-    ``[N]``/``[M]`` int64 labels or None; ``S`` is ``(C, H, W)`` for images or
-    ``(D,)`` for vectors.  scaling: how the raw values were mapped to these floats, in words
-    (``"uint8 / 255"``, ``"none (float data)"``, …); a run records it in ``config.json`` and
-    prints it in its first line.
+    ``DataBundle(name, train_x, test_x, train_y=None, test_y=None, scaling=...)``: ``train_x``/``test_x``
+    are float32 tensors ``[N, *S]``/``[M, *S]`` or :class:`~vaekit.samples.Samples` (a uint8 tensor
+    and its divisor held by :class:`~vaekit.samples.ArraySamples`, rows of a ``.npy`` file read
+    from disk, image files); train_y/test_y: ``[N]``/``[M]`` int64 labels or None; ``S`` is
+    ``(C, H, W)`` for images or ``(D,)`` for vectors.  scaling: how the raw values were mapped to
+    floats, in words (``"uint8 / 255"``, ``"none (float data)"``, …); a run records it in
+    ``config.json`` and prints it in its first line.
+
+    ``train``/``test`` are the Samples; ``train_x``/``test_x`` every sample as a float32 tensor,
+    converted on each access (DataError, one line, for samples read from disk: they are read by
+    batches, ``bundle.train.batch(index)``).
     """
 
-    name: str
-    train_x: torch.Tensor
-    test_x: torch.Tensor
-    train_y: torch.Tensor | None = None
-    test_y: torch.Tensor | None = None
-    scaling: str = "as given by the dataset"
+    def __init__(self, name: str, train_x, test_x, train_y: torch.Tensor | None = None,
+                 test_y: torch.Tensor | None = None, scaling: str = "as given by the dataset") -> None:
+        self.name = name
+        self.train = _as_samples(train_x)
+        self.test = _as_samples(test_x)
+        self.train_y, self.test_y, self.scaling = train_y, test_y, scaling
+
+    def __repr__(self) -> str:
+        return (f"DataBundle({self.name!r}, train {list(getattr(self.train, 'full_shape', []))}, "
+                f"test {list(getattr(self.test, 'full_shape', []))}, scaling {self.scaling!r})")
+
+    @property
+    def train_x(self) -> torch.Tensor:
+        """Every training sample, float32 ``[N, *S]``; DataError for samples read from disk."""
+        return _floats(self.train, self.name, "train")
+
+    @property
+    def test_x(self) -> torch.Tensor:
+        """Every test sample, float32 ``[M, *S]``; DataError for samples read from disk."""
+        return _floats(self.test, self.name, "test")
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.train_x.shape[1:])
+        return tuple(self.train.shape)
 
     @property
     def num_classes(self) -> int:
@@ -53,24 +73,19 @@ class DataBundle:
 
     def validate(self) -> "DataBundle":
         """Check shapes, emptiness and finiteness; raise DataError with one readable line."""
-        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
-            if not isinstance(x, torch.Tensor) or x.dim() < 2:
-                shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        for split, x, y in (("train", self.train, self.train_y), ("test", self.test, self.test_y)):
+            if not isinstance(x, Samples) or len(x.full_shape) < 2:
+                shape = list(x.full_shape) if isinstance(x, Samples) else type(x).__name__
                 raise DataError(f"{self.name}: {split} data must have shape [N, ...] with N samples, got {shape}")
-            if x.shape[0] == 0:
+            if len(x) == 0:
                 raise DataError(f"{self.name}: the {split} split is empty")
-            if x.shape[1:] != self.train_x.shape[1:]:
+            if x.shape != self.train.shape:
                 raise DataError(
-                    f"{self.name}: train samples have shape {list(self.train_x.shape[1:])} but test samples {list(x.shape[1:])}"
+                    f"{self.name}: train samples have shape {list(self.train.shape)} but test samples {list(x.shape)}"
                 )
-            bad = ~torch.isfinite(x)
-            if bad.any():
-                first = int(bad.flatten(1).any(1).nonzero()[0])
-                raise DataError(
-                    f"{self.name}: {split} data contains {int(bad.sum())} NaN/inf values (first in sample {first})"
-                )
-            if y is not None and y.shape != (x.shape[0],):
-                raise DataError(f"{self.name}: {split} labels have shape {list(y.shape)}, expected [{x.shape[0]}]")
+            x.check_finite(f"{self.name}: {split} data")
+            if y is not None and tuple(y.shape) != (len(x),):
+                raise DataError(f"{self.name}: {split} labels have shape {list(y.shape)}, expected [{len(x)}]")
         return self
 
     def keep_classes(self, classes: Iterable[int]) -> "DataBundle":
@@ -99,8 +114,23 @@ class DataBundle:
             if not mask.any():
                 raise DataError(f"{self.name}: classes={_join(wanted)} leaves the {split} split empty (no sample of "
                                 f"{'that class' if len(wanted) == 1 else 'these classes'} in it)")
-        return replace(self, train_x=self.train_x[tr], test_x=self.test_x[te],
-                       train_y=self.train_y[tr], test_y=self.test_y[te]).validate()
+        tr, te = tr.nonzero().flatten(), te.nonzero().flatten()
+        return DataBundle(self.name, self.train.subset(tr), self.test.subset(te), self.train_y[tr], self.test_y[te],
+                          self.scaling).validate()
+
+
+def _as_samples(x):
+    """A tensor as :class:`ArraySamples`; Samples as they are; anything else as given (validate refuses it)."""
+    return ArraySamples(x) if isinstance(x, torch.Tensor) else x
+
+
+def _floats(samples, name: str, split: str) -> torch.Tensor:
+    if not isinstance(samples, Samples):
+        raise DataError(f"{name}: the {split} data is a {type(samples).__name__}, not samples of shape [N, ...]")
+    if not samples.in_memory:
+        raise DataError(f"{name}: the {split} split is {samples.describe()}, not held in memory; read it by batches "
+                        f"(bundle.{split}.batch(index)) or load it with the dataset option lazy=false")
+    return samples.tensor()
 
 
 def _join(values: Iterable[int]) -> str:
@@ -140,9 +170,10 @@ def load_mnist5k(train_per_class: int = 400, test_per_class: int = 100) -> DataB
         test_idx.append(rows[len(rows) - test_per_class:])
     train = np.concatenate(train_idx)
     test = np.stack(test_idx, axis=1).reshape(-1)  # interleave by class
-    images = torch.from_numpy(x.astype(np.float32) / 255.0).view(-1, 1, 28, 28)
+    images = torch.from_numpy(x).view(-1, 1, 28, 28)  # held as uint8, scaled per batch
     labels = torch.from_numpy(y)
-    return DataBundle("mnist", images[train], images[test], labels[train], labels[test], "uint8 / 255").validate()
+    return DataBundle("mnist", ArraySamples(images[train], 255.0), ArraySamples(images[test], 255.0),
+                      labels[train], labels[test], "uint8 / 255").validate()
 
 
 def load_sklearn_digits(test_fraction: float = 0.2) -> DataBundle:
@@ -152,7 +183,7 @@ def load_sklearn_digits(test_fraction: float = 0.2) -> DataBundle:
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"digits: test_fraction must be in (0, 1), got {test_fraction}")
     d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32) / 16.0).unsqueeze(1)
+    x = torch.from_numpy(d.images.astype(np.uint8)).unsqueeze(1)  # the values 0..16, held as uint8
     y = torch.from_numpy(d.target.astype(np.int64))
     train, test = [], []
     for digit in range(10):
@@ -161,12 +192,14 @@ def load_sklearn_digits(test_fraction: float = 0.2) -> DataBundle:
         train.append(rows[: len(rows) - n_test])
         test.append(rows[len(rows) - n_test:])
     train_i, test_i = torch.cat(train), torch.cat(test)
-    return DataBundle("digits", x[train_i], x[test_i], y[train_i], y[test_i], "0..16 / 16").validate()
+    return DataBundle("digits", ArraySamples(x[train_i], 16.0), ArraySamples(x[test_i], 16.0), y[train_i], y[test_i],
+                      "0..16 / 16").validate()
 
 
 # --- files on disk ------------------------------------------------------------------------------
 
-def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()) -> DataBundle:
+def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = (), lazy: str = "auto",
+              image_size: int = 0) -> DataBundle:
     """Load data from ``path``: ``.npy``, ``.npz``, MNIST IDX files, or a folder of images.
 
     * ``.npy``: one array ``[N, ...]``; ``.npz``: ``x_train``/``x_test``
@@ -197,25 +230,42 @@ def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()
     channels-first.  Data without a split is split by a fixed permutation, ``test_fraction``
     held out.  ``shape`` reshapes each sample (e.g. ``1,28,28`` for flat MNIST rows).
 
+    Integer and boolean data is held in memory in its source dtype (integers in [0, 255] as
+    uint8) and converted to float32 batch by batch; float data is held as float32.
+
+    ``lazy`` (``auto``, ``true``, ``false``) reads the training split from disk batch by batch
+    instead of loading it: a ``.npy`` file's rows through positioned reads
+    (:class:`~vaekit.samples.NpyRows`, the file opened with ``np.load(mmap_mode="r")``), a folder's
+    images decoded when a batch needs them (:class:`~vaekit.samples.ImageFiles`).  ``auto`` does so
+    when the training data would take more than :data:`LAZY_AUTO_BYTES` in memory (a ``.npy`` file's
+    size; a folder's image count × channels × height × width).  The test split is always loaded.
+    ``image_size`` H > 0 resizes every image of a folder to H × H (Pillow, bilinear).
+
     Raises DataError if the path is missing, unreadable or of an unknown kind, if the data is
     not numeric, if train and test would be scaled differently, if the labels are not one per
-    sample, or if a mode-``I`` image has negative values.
+    sample, if a mode-``I`` image has negative values, or for ``lazy`` or ``image_size`` on data
+    they do not apply to (``lazy=true`` on ``.npz``/IDX, ``image_size`` on arrays).
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"data path {str(p)!r} does not exist")
     name = p.name
-    scaling = None  # an image folder scales each image itself and says how
+    lazy = _lazy_choice(lazy)
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 0:
+        raise DataError(f"image_size must be a whole number of pixels >= 1 (0: keep the size), got {image_size!r}")
     try:
         if p.is_dir():
             idx = _find_idx_split(p)
-            if idx is not None:
-                arrays = idx
-            else:
-                arrays, scaling = _load_image_folder(p)
+            if idx is None:
+                return _load_image_folder(p, test_fraction, tuple(shape), lazy, image_size)
+            arrays = idx
         elif _is_idx(p):
             arrays = _load_idx_file(p)
         elif p.suffix == ".npy":
+            if image_size:
+                raise DataError(f"{name}: image_size resizes the images of a folder; this is an array file")
+            if lazy == "true" or (lazy == "auto" and p.stat().st_size > LAZY_AUTO_BYTES):
+                return _load_npy_lazily(p, test_fraction, tuple(shape))
             arrays = _split_arrays(np.load(p, allow_pickle=False), None)
         elif p.suffix == ".npz":
             arrays = _load_npz(p)
@@ -227,6 +277,9 @@ def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()
         raise
     except Exception as e:  # noqa: BLE001 - any failure to parse a file is bad data, said in one line
         raise DataError(f"cannot read {str(p)!r}: {type(e).__name__}: {e}") from None
+    if lazy == "true" or image_size:
+        what = "lazy=true" if lazy == "true" else "image_size"
+        raise DataError(f"{name}: {what} applies to .npy files and image folders; this data is loaded in memory")
     train_x, test_x, train_y, test_y = arrays
     for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
         if x is not None and np.ndim(x) == 0:
@@ -236,10 +289,9 @@ def load_path(path: str, test_fraction: float = 0.1, shape: tuple[int, ...] = ()
                             f"give one label per sample ([{len(x)}])")
     if train_x is not None and test_x is None:
         train_x, test_x, train_y, test_y = _holdout(train_x, train_y, test_fraction)
-    divisor = 1.0
-    if scaling is None:
-        divisor, scaling = _value_scaling(train_x, test_x, name)
-    tx, vx = _to_tensor(train_x, shape, name, divisor), _to_tensor(test_x, shape, name, divisor)
+    divisor, scaling, (lo, hi) = _value_scaling(train_x, test_x, name)
+    tx = ArraySamples(_arrange(_stored(train_x, lo, hi, name), shape, name), divisor)
+    vx = ArraySamples(_arrange(_stored(test_x, lo, hi, name), shape, name), divisor)
     ty = None if train_y is None else torch.as_tensor(np.asarray(train_y, dtype=np.int64))
     vy = None if test_y is None else torch.as_tensor(np.asarray(test_y, dtype=np.int64))
     if (ty is None) != (vy is None):
@@ -277,8 +329,9 @@ def _holdout(x, y, test_fraction):
     return x[tr], x[te], (None if y is None else y[tr]), (None if y is None else y[te])
 
 
-def _value_scaling(train, test, name: str) -> tuple[float, str]:
-    """The divisor that maps the raw values of ``train`` and ``test`` to floats, and its label.
+def _value_scaling(train, test, name: str) -> tuple[float, str, tuple[int, int]]:
+    """The divisor that maps the raw values of ``train`` and ``test`` to floats, its label, and the
+    integer range ``(lo, hi)`` of the integer data (0, 0 without any).
 
     Decided on both splits together (the rules are in :func:`load_path`), so a split that
     happens to hold only 0 and 1 is not scaled differently from the other.
@@ -296,7 +349,7 @@ def _value_scaling(train, test, name: str) -> tuple[float, str]:
             f"{name}: train data ({arrays[0].dtype}) would be scaled as {rules[0][1]!r} but test data "
             f"({arrays[1].dtype}) as {rules[1][1]!r}; save both splits with the same dtype"
         )
-    return rules[0]
+    return rules[0][0], rules[0][1], (lo, hi)
 
 
 def _dtype_scaling(dtype: np.dtype, lo: int, hi: int) -> tuple[float, str]:
@@ -316,14 +369,24 @@ def _dtype_scaling(dtype: np.dtype, lo: int, hi: int) -> tuple[float, str]:
     return 1.0, f"none ({dtype} in [{lo}, {hi}])"
 
 
-def _to_tensor(a, shape: tuple[int, ...], name: str, divisor: float = 1.0) -> torch.Tensor:
+def _stored(a, lo: int, hi: int, name: str) -> torch.Tensor:
+    """Array ``a [N, ...]`` as the tensor held in memory: float data as float32, integers in [0, 255]
+    (``lo``, ``hi``: the range of all the integer data) as uint8, other integers and bool in their own
+    dtype (:func:`~vaekit.samples.torch_dtype_ready`); :func:`~vaekit.samples.to_float` scales them per batch."""
     a = np.asarray(a)
     if a.ndim < 2:
         raise DataError(f"{name}: expected an array of shape [N, ...] with N samples, got shape {list(a.shape)}")
-    a = a.astype(np.float32, copy=False)
-    if divisor != 1.0:
-        a = a / np.float32(divisor)
-    t = torch.from_numpy(np.ascontiguousarray(a))
+    if a.dtype.kind == "f":
+        a = a.astype(np.float32, copy=False)
+    elif a.dtype.kind in "iu" and lo >= 0 and hi <= 255:
+        a = a.astype(np.uint8, copy=False)
+    return torch.from_numpy(np.ascontiguousarray(torch_dtype_ready(a)))
+
+
+def _arrange(t: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """Samples ``t [N, ...]`` (any dtype) in the layout a model reads: reshaped to ``[N, *shape]`` when
+    ``shape`` is given, ``[N, H, W]`` as ``[N, 1, H, W]``, channels-last ``[N, H, W, C]`` channels-first.
+    The same for a whole split and for one batch of it.  Raises DataError for a shape that does not fit."""
     if shape:
         if math.prod(shape) != math.prod(t.shape[1:]):
             raise DataError(f"{name}: cannot reshape samples of shape {list(t.shape[1:])} to {list(shape)}")
@@ -335,6 +398,41 @@ def _to_tensor(a, shape: tuple[int, ...], name: str, divisor: float = 1.0) -> to
     if t.dim() > 4:
         raise DataError(f"{name}: samples of shape {list(t.shape[1:])} are not vectors or images")
     return t
+
+
+LAZY_AUTO_BYTES = 1 << 30
+"""``lazy=auto`` reads training data from disk when it would take more than this in memory: 1 GiB."""
+
+
+def _lazy_choice(lazy) -> str:
+    value = {True: "true", False: "false"}.get(lazy, lazy) if isinstance(lazy, bool) else str(lazy).lower()
+    if value not in ("auto", "true", "false"):
+        raise DataError(f"lazy must be auto, true or false, got {lazy!r}")
+    return value
+
+
+def _load_npy_lazily(p: Path, test_fraction: float, shape: tuple[int, ...]) -> DataBundle:
+    """A ``.npy`` file whose training rows are read from disk batch by batch (:class:`~vaekit.samples.NpyRows`)
+    and whose test rows (``test_fraction`` of them, the same permutation as in memory) are loaded."""
+    name = p.name
+    mm = np.load(p, mmap_mode="r", allow_pickle=False)  # the layout only: the mapping is never read
+    dtype, full, offset, fortran = mm.dtype, tuple(mm.shape), int(mm.offset), mm.ndim > 1 and not mm.flags.c_contiguous
+    del mm
+    if len(full) < 2:
+        raise DataError(f"{name}: expected an array of shape [N, ...] with N samples, got shape {list(full)}")
+    if dtype.kind not in "biuf":
+        raise DataError(f"{name}: expected a numeric array, got dtype {dtype}")
+    if fortran:
+        raise DataError(f"{name}: the array is stored in Fortran order, so its samples are not contiguous on disk; "
+                        "save it with np.save(path, np.ascontiguousarray(x)) or use lazy=false")
+    lo_px, hi_px, (lo, hi) = scan_npy(p, offset, dtype, full, name)
+    divisor, scaling = _dtype_scaling(dtype, lo, hi)
+    arrange = partial(_arrange, shape=shape, name=name)
+    extremes = to_float(arrange(torch.from_numpy(torch_dtype_ready(np.stack([lo_px, hi_px])))), divisor)
+    rows = NpyRows(p, offset, dtype, full[1:], np.arange(full[0]), divisor, arrange, extremes)
+    train_rows, test_rows, _, _ = _holdout(np.arange(full[0]), None, test_fraction)
+    test = ArraySamples(arrange(_stored(rows.read_rows(test_rows), lo, hi, name)), divisor)
+    return DataBundle(name, rows.subset(torch.from_numpy(train_rows)), test, None, None, scaling).validate()
 
 
 def _is_idx(p: Path) -> bool:
@@ -397,68 +495,142 @@ def _find_idx_split(folder: Path):
 _INT32_MAX = 2**31 - 1
 
 
-def _image_pixels(im) -> tuple[np.ndarray, float, str]:
-    """An opened image's pixels ``[H, W]`` or ``[H, W, 3]``, the divisor of its mode's range, and a label.
+def _mode_rule(mode: str) -> tuple[float, str]:
+    """The divisor of an image mode's range and its label; mode ``I`` gets divisor 0:
+    :func:`_load_image_folder` picks its divisor from the whole folder."""
+    if mode in ("1", "L", "P"):
+        return 255.0, "8-bit images / 255"
+    if mode.startswith("I;16"):
+        return 65535.0, "16-bit images / 65535"
+    if mode == "I":
+        return 0.0, ""
+    if mode == "F":
+        return 1.0, "none (32-bit float images)"
+    return 255.0, "8-bit images / 255"
 
-    Mode ``I`` is returned as int32 with divisor 0: :func:`_load_image_folder` picks its divisor
-    from the whole folder.
-    """
+
+def _is_grey(mode: str) -> bool:
+    return mode in ("1", "L", "P", "I", "F") or mode.startswith("I;16")
+
+
+def _image_pixels(im) -> np.ndarray:
+    """An opened image's pixels ``[H, W]`` (grey modes; ``1`` and ``P`` become ``L``) or ``[H, W, 3]`` (RGB)."""
     mode = im.mode
     if mode in ("1", "L", "P"):
-        return np.asarray(im.convert("L")), 255.0, "8-bit images / 255"
-    if mode.startswith("I;16"):
-        return np.asarray(im), 65535.0, "16-bit images / 65535"
-    if mode == "I":
-        return np.asarray(im), 0.0, ""
-    if mode == "F":
-        return np.asarray(im), 1.0, "none (32-bit float images)"
-    return np.asarray(im.convert("RGB")), 255.0, "8-bit images / 255"
+        return np.asarray(im.convert("L"))
+    if _is_grey(mode):
+        return np.asarray(im)
+    return np.asarray(im.convert("RGB"))
 
 
-def _load_image_folder(folder: Path):
-    """All images under ``folder`` as float32 ``[N, H, W]`` or ``[N, H, W, 3]``, scaled per :func:`load_path`.
-
-    Returns ``((x, None, y, None), scaling)``.
-    """
+def _open_image(f: Path):
     from PIL import Image, UnidentifiedImageError
 
+    try:
+        return Image.open(f)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"cannot read image {str(f)!r}: {e}") from None
+
+
+def _decode_raw(f: Path, size: int, colour: bool, wide: float) -> tuple[np.ndarray, float]:
+    """Image ``f``'s pixels in their source dtype ``[H, W]`` or ``[H, W, 3]`` (``colour``: grey repeated
+    over three channels), resized to ``size`` × ``size`` when ``size`` > 0, and the divisor of its
+    mode (``wide``: the folder's divisor for mode ``I``)."""
+    from PIL import Image
+
+    with _open_image(f) as im:
+        try:
+            if size:
+                im = (im.convert("L") if im.mode in ("1", "P") else im).resize((size, size), Image.Resampling.BILINEAR)
+            a = _image_pixels(im)
+        except (OSError, ValueError) as e:
+            raise DataError(f"cannot read image {str(f)!r}: {e}") from None
+        divisor = _mode_rule(im.mode)[0] or wide
+    if colour and a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    return a, divisor
+
+
+def decode_image(f: Path, size: int, colour: bool, wide: float, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    """Image ``f`` as float32 ``[*S]`` scaled by its mode's range (:func:`load_path`), as a lazy image
+    folder reads it (:class:`~vaekit.samples.ImageFiles`); the same values as the folder loaded in memory."""
+    a, divisor = _decode_raw(f, size, colour, wide)
+    return to_float(_arrange(torch.from_numpy(torch_dtype_ready(a)[None]), shape, name)[0], divisor)
+
+
+def _stack_images(files: list[Path], size: int, colour: bool, wide: float, shape: tuple[int, ...],
+                  name: str) -> ArraySamples:
+    """``files`` decoded into memory: one tensor in the images' source dtype and divisor when they share
+    them (uint8 for 8-bit images), else float32 scaled image by image."""
+    decoded = [_decode_raw(f, size, colour, wide) for f in files]
+    if len({(a.dtype, d) for a, d in decoded}) == 1:
+        x, divisor = np.stack([a for a, _ in decoded]), decoded[0][1]
+    else:
+        x, divisor = np.stack([a.astype(np.float32) / np.float32(d) for a, d in decoded]), 1.0
+    return ArraySamples(_arrange(torch.from_numpy(torch_dtype_ready(x)), shape, name), divisor)
+
+
+def _load_image_folder(folder: Path, test_fraction: float, shape: tuple[int, ...], lazy: str,
+                       image_size: int) -> DataBundle:
+    """The images under ``folder`` split by :func:`_holdout`, scaled per :func:`load_path`; the training
+    split decoded lazily (:class:`~vaekit.samples.ImageFiles`) when ``lazy`` says so."""
     files = sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"no images (PNG/JPG/…) or IDX files in folder {str(folder)!r}")
     classes = sorted({f.parent.relative_to(folder).parts[0] for f in files if f.parent != folder})
-    pixels = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                pixels.append(_image_pixels(im))
-        except (UnidentifiedImageError, OSError) as e:
-            raise DataError(f"cannot read image {str(f)!r}: {e}") from None
-    wide = [(f, a) for f, (a, divisor, _) in zip(files, pixels) if divisor == 0.0]
-    if wide:
-        lo, hi = min(int(a.min()) for _, a in wide), max(int(a.max()) for _, a in wide)
-        if lo < 0:
-            first = next(f for f, a in wide if a.min() < 0)
-            raise DataError(f"image {str(first)!r} (32-bit integer mode 'I') has negative pixel values; "
-                            "vaekit maps images to [0, 1] and cannot guess their range")
-        if hi <= 65535:
-            rule = (65535.0, "16-bit images / 65535")
-        else:
-            rule = (float(_INT32_MAX), f"32-bit integer images / {_INT32_MAX}")
-        pixels = [(a, *rule) if divisor == 0.0 else (a, divisor, label) for a, divisor, label in pixels]
-    arrays = [a.astype(np.float32) / np.float32(divisor) for a, divisor, _ in pixels]
-    if any(a.ndim == 3 for a in arrays):
-        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
-    sizes = {a.shape for a in arrays}
-    if len(sizes) > 1:
-        raise DataError(f"images in {str(folder)!r} differ in size: {', '.join(str(s) for s in sorted(sizes)[:3])}")
-    x = np.stack(arrays)
+    headers = []
+    for f in files:  # the header only: mode and size, no pixels decoded
+        with _open_image(f) as im:
+            headers.append((im.mode, im.size))
+    modes = {mode for mode, _ in headers}
+    wide, labels = 0.0, {_mode_rule(m)[1] for m in modes if m != "I"}
+    if "I" in modes:
+        ranges = []
+        for f, (mode, _) in zip(files, headers):
+            if mode == "I":
+                with _open_image(f) as im:
+                    a = np.asarray(im)
+                if a.min() < 0:
+                    raise DataError(f"image {str(f)!r} (32-bit integer mode 'I') has negative pixel values; "
+                                    "vaekit maps images to [0, 1] and cannot guess their range")
+                ranges.append(int(a.max()))
+        wide, label = (65535.0, "16-bit images / 65535") if max(ranges) <= 65535 else \
+            (float(_INT32_MAX), f"32-bit integer images / {_INT32_MAX}")
+        labels.add(label)
+    sizes = {size for _, size in headers}
+    if len(sizes) > 1 and not image_size:
+        listed = ", ".join(f"{h}x{w}" for w, h in sorted(sizes)[:3])
+        raise DataError(f"images in {str(folder)!r} differ in size: {listed}; resize them all with --image-size H "
+                        "(file:image_size=H)")
+    colour = not all(_is_grey(m) for m in modes)
+    width, height = (image_size, image_size) if image_size else next(iter(sizes))
     y = None
     if classes and all(f.parent != folder for f in files):
         index = {c: i for i, c in enumerate(classes)}
         y = np.array([index[f.parent.relative_to(folder).parts[0]] for f in files], dtype=np.int64)
-    labels = sorted({label for _, _, label in pixels})
-    scaling = labels[0] if len(labels) == 1 else "per image: " + "; ".join(labels)
-    return (x, None, y, None), scaling
+    train, test, train_y, test_y = _holdout(np.arange(len(files)), y, test_fraction)
+    channels = 3 if colour else 1
+    name = folder.name
+    args = (image_size, colour, wide)
+    arrange = (shape, name)
+    test_x = _stack_images([files[i] for i in test], *args, *arrange)
+    if lazy == "true" or (lazy == "auto" and len(train) * channels * height * width > LAZY_AUTO_BYTES):
+        sample = tuple(test_x.shape)
+        lo, hi = (0.0, 1.0) if modes - {"F"} else (math.inf, -math.inf)  # the range of every mode but F
+        if "F" in modes:  # float images have no range to assume: the training images' own extremes
+            for f, (mode, _) in zip(files, headers):
+                if mode == "F":
+                    with _open_image(f) as im:
+                        a = np.asarray(im)
+                    lo, hi = min(lo, float(a.min())), max(hi, float(a.max()))
+        bounds = torch.stack([torch.full(sample, lo), torch.full(sample, hi)])
+        train_x = ImageFiles([files[i] for i in train], partial(decode_image, size=image_size, colour=colour, wide=wide,
+                                                                  shape=shape, name=name), sample, bounds)
+    else:
+        train_x = _stack_images([files[i] for i in train], *args, *arrange)
+    scaling = next(iter(labels)) if len(labels) == 1 else "per image: " + "; ".join(sorted(labels))
+    as_tensor = (lambda v: None if v is None else torch.from_numpy(v))
+    return DataBundle(name, train_x, test_x, as_tensor(train_y), as_tensor(test_y), scaling).validate()
 
 
 def looks_like_path(value: str) -> bool:
@@ -469,3 +641,10 @@ def looks_like_path(value: str) -> bool:
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One Bernoulli draw per pixel with probability ``x`` (Salakhutdinov & Murray 2008 binarization)."""
     return torch.bernoulli(x, generator=generator)
+
+
+def binarize_with(x: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Bernoulli draws with probabilities ``x [B, *S]`` from given ``uniforms`` ``[B, *S]`` (U[0, 1)):
+    1 where ``u < x`` (P = x), else 0, in ``x``'s dtype.  The trainer draws the uniforms of each
+    batch from the run's seeded generator (dynamic binarization, Salakhutdinov & Murray 2008)."""
+    return (uniforms.to(x.device) < x).to(x.dtype)

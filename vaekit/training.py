@@ -17,15 +17,16 @@ import torch
 
 from . import __version__, checkpoint, rundir
 from .config import RunConfig
-from .data import DataBundle, binarize, looks_like_path
-from .errors import (CheckpointError, ConfigError, OutputError, TrainingError, UnknownPluginError, first_line,
-                     is_out_of_memory)
+from .data import DataBundle, binarize, binarize_with, looks_like_path
+from .errors import (CheckpointError, ConfigError, DataError, OutputError, TrainingError, UnknownPluginError,
+                     first_line, is_out_of_memory)
 from .evaluation import EVAL_SEED, elbo_summary
 from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model, decoder_spec
 from .precision import MixedPrecision
 from .registry import PluginSpec
+from .samples import ArraySamples, Samples, load_batches
 
 TEST_BINARIZE_SEED = 1234  # the test set is binarized once, identically for every run
 _WRITE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG")
@@ -139,6 +140,7 @@ class Trainer:
         self.restart_note: str | None = None  # printed once the run directory is locked (resume of a run never checkpointed)
         self.overwrite = overwrite
         self.epochs_given = False  # resume(epochs=N): N is a new target, refused if below the epochs done
+        self.max_steps_given = False  # resume(max_steps=N): likewise, against the steps done
         self.lock: rundir.RunDirLock | None = None  # held from _prepare_run_dir to the end of fit
 
     # --- set-up -------------------------------------------------------------------------------
@@ -154,15 +156,19 @@ class Trainer:
         self.objective = build_objective(cfg, self.model, self.pm)
         lik = self.model.likelihood
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
-        check_inputs(lik, self.data.train_x, self.binarize, "the training data")
-        check_inputs(lik, self.data.test_x, self.binarize, "the test data")
-        self.train_x = self.data.train_x
-        self.test_x = self.data.test_x
-        self.test_x = eval_inputs(self.test_x, self.binarize)
+        check_inputs(lik, self.data.train.extremes(), self.binarize, "the training data")  # per-pixel min and max
+        test_x = self.data.test_x  # the test split is held as floats (evaluation reads it whole)
+        check_inputs(lik, test_x, self.binarize, "the test data")
+        self.test_x = eval_inputs(test_x, self.binarize).to(self.device)
+        self.train: Samples = self.data.train  # read batch by batch (indexed_batches)
         if self.binarize == "static":
-            self.train_x = binarize(self.train_x, torch.Generator().manual_seed(cfg.seed))
-        self.train_x = self.train_x.to(self.device)
-        self.test_x = self.test_x.to(self.device)
+            if not self.train.in_memory:
+                raise ConfigError(f"--binarize static draws the whole training set once, but {self.data.name} is "
+                                  f"{self.train.describe()}; use --binarize dynamic, or load it with lazy=false")
+            fixed = binarize(self.train.tensor(), torch.Generator().manual_seed(cfg.seed))
+            self.train = ArraySamples(fixed.to(torch.uint8))  # 0/1, held as uint8
+        if isinstance(self.train, ArraySamples):
+            self.train = self.train.to(self.device)
         self.train_y = None if self.data.train_y is None else self.data.train_y.to(self.device)
         self.test_y = None if self.data.test_y is None else self.data.test_y.to(self.device)
         self.pretraining = None
@@ -195,7 +201,7 @@ class Trainer:
             from .pretrain import build_pretraining
 
             self.pretraining = build_pretraining(cfg.pretrain)
-            self.pretraining.prepare(self.model, self.train_x[:8])
+            self.pretraining.prepare(self.model, self.first_samples(8))
 
     @torch.no_grad()
     def _warm_up(self) -> None:
@@ -205,8 +211,22 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self.amp.autocast():
             self.model.eval()
-            self.model(self.train_x[:2], None if self.train_y is None else self.train_y[:2])
+            self.model(self.first_samples(2), None if self.train_y is None else self.train_y[:2])
             self.model.train()
+
+    @property
+    def train_x(self) -> torch.Tensor:
+        """Every training sample as trained on (statically binarized if the run is), float32 ``[N, *S]``
+        on the device, converted on each access.  Raises DataError for training data read from disk
+        batch by batch: read it with ``trainer.train.batch(index)`` (:class:`~vaekit.samples.Samples`)."""
+        if not self.train.in_memory:
+            raise DataError(f"the training data of {self.data.name} is {self.train.describe()}, not held in memory; "
+                            "read it by batches (trainer.train.batch(index)) or load it with lazy=false")
+        return self.train.tensor().to(self.device)
+
+    def first_samples(self, n: int) -> torch.Tensor:
+        """The first ``n`` training samples (fewer if there are fewer), float32 ``[n, *S]`` on the device."""
+        return self.train.batch(torch.arange(min(n, len(self.train)))).to(self.device)
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         own: dict[str, torch.optim.Optimizer] = {}
@@ -289,8 +309,8 @@ class Trainer:
             "format": checkpoint.RUN_FORMAT,
             "created": datetime.now().isoformat(timespec="seconds"),
             "config": resolved.to_dict(),
-            "data": {"name": self.data.name, "shape": list(self.data.shape), "n_train": len(self.data.train_x),
-                     "n_test": len(self.data.test_x), "num_classes": self.data.num_classes,
+            "data": {"name": self.data.name, "shape": list(self.data.shape), "n_train": len(self.data.train),
+                     "n_test": len(self.data.test), "num_classes": self.data.num_classes,
                      "scaling": self.data.scaling},
             "plugin_sources": sources,
             "device": str(self.device),
@@ -303,7 +323,7 @@ class Trainer:
         ``metrics.jsonl`` from it (a kill may have left them behind the commit).  A checkpoint taken
         mid-epoch (``--checkpoint-every``) continues at its batch (:meth:`_train_epoch`)."""
         ckpt = checkpoint.load_checkpoint(self.run_dir, self.model, self.optimizers, self.generator, self.amp)
-        steps_per_epoch = math.ceil(len(self.train_x) / self.config.batch_size)
+        steps_per_epoch = math.ceil(len(self.train) / self.config.batch_size)
         history = ckpt.history
         stopped = history[-1].get("stopped") if history else None
         if ckpt.position >= steps_per_epoch or (not stopped and ckpt.step != ckpt.epoch * steps_per_epoch + ckpt.position):
@@ -328,24 +348,30 @@ class Trainer:
             self.console.print(f"this run stopped early at epoch {ckpt.epoch} ({stopped}); nothing to resume")
 
     def _record_epochs(self) -> None:
-        """On resume, after :meth:`_restore`: refuse a new ``--epochs`` below the epochs done (ConfigError),
-        record the target in ``config.json`` (a later plain ``--resume`` continues to it), and say so
-        when there is nothing left to train."""
-        done, epochs = max(self.checkpointed or 0, 0), self.config.epochs
+        """On resume, after :meth:`_restore`: refuse a new ``--epochs`` below the epochs done, or a new
+        ``--max-steps`` below the steps done (ConfigError), record the targets in ``config.json`` (a
+        later plain ``--resume`` continues to them), and say so when there is nothing left to train."""
+        done, epochs, max_steps = max(self.checkpointed or 0, 0), self.config.epochs, self.config.max_steps
         started = done + 1 if self.checkpointed_position else done  # a mid-epoch checkpoint is into epoch done + 1
         if self.epochs_given and epochs < started:
             part, least = (f" and part of epoch {started}", f">= {started}") if started > done else ("", f"> {done}")
             raise ConfigError(f"{str(self.run_dir)!r} has already trained {done} epochs{part}, so --epochs {epochs} would "
                               f"undo them; pass --epochs N with N {least} to continue it")
+        if self.max_steps_given and max_steps and max_steps < self.step:
+            raise ConfigError(f"{str(self.run_dir)!r} has already taken {self.step} optimizer steps, so --max-steps "
+                              f"{max_steps} would undo them; pass --max-steps N with N > {self.step} (0: no limit)")
         if self.stop_reason is not None:
             return  # a run a plugin stopped early: nothing to record (_restore said so)
         info = checkpoint.read_run_config(self.run_dir)
-        if info["config"].get("epochs") != epochs:
-            info["config"]["epochs"] = epochs
+        if info["config"].get("epochs") != epochs or info["config"].get("max_steps", 0) != max_steps:
+            info["config"]["epochs"], info["config"]["max_steps"] = epochs, max_steps
             checkpoint.write_json(self.run_dir / checkpoint.CONFIG, info)
         if done >= epochs:
             self.console.print(f"{self.run_dir} has trained all its {epochs} epochs: nothing to train; "
                                f"pass --epochs N (> {done}) to continue")
+        elif max_steps and self.step >= max_steps:
+            self.console.print(f"{self.run_dir} has taken all its {max_steps} steps (--max-steps): nothing to train; "
+                               f"pass --max-steps N (> {self.step}, or 0 for no limit) to continue")
 
     def request_stop(self, reason: str) -> None:
         """End the run early, cleanly: training stops after the current step, the epoch is evaluated,
@@ -368,12 +394,12 @@ class Trainer:
     def _fit(self) -> TrainResult:
         self.setup()
         cfg = self.config
-        n = len(self.train_x)
+        n = len(self.train)
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.console.print(
             f"[bold]vaekit[/] {cfg.encoder.name}/{cfg.prior.name}/{cfg.likelihood.name} on {self.data.name} "
             f"{list(self.data.shape)} ({n} train, {len(self.test_x)} test), latent {cfg.latent_dim}, "
-            f"{self.device}, run dir {self.run_dir}, pixels {self.data.scaling}"
+            f"{self.device}, run dir {self.run_dir}, pixels {self.data.scaling}, training data {self.train.describe()}"
         )
         try:
             if self.pretraining is not None:  # before the fit-start hooks: they see the pretrained model
@@ -413,8 +439,13 @@ class Trainer:
             for epoch in range(self.start_epoch, cfg.epochs + 1):
                 if self.stop_reason is not None:
                     break
+                if cfg.max_steps and self.step >= cfg.max_steps:
+                    break  # a resumed run already at its --max-steps (_record_epochs said so)
                 schedule = self.objective.set_epoch(epoch)  # e.g. the β in effect: a function of the epoch alone
-                train_means, seconds = self._train_epoch(epoch, bar)
+                trained = self._train_epoch(epoch, bar)
+                if trained is None:  # --max-steps reached mid-epoch: checkpointed there
+                    break
+                train_means, seconds = trained
                 record = {"epoch": epoch, "step": self.step, **schedule, **{f"train_{k}": v for k, v in train_means.items()}}
                 record.update(self._test_metrics())
                 record["samples_per_s"] = n / seconds if seconds > 0 else float("nan")
@@ -428,6 +459,10 @@ class Trainer:
                 self.console.print(_epoch_line(record, cfg.epochs, schedule))
                 if self.stop_reason is not None:
                     self.console.print(f"stopped early at epoch {epoch}/{cfg.epochs}: {self.stop_reason}")
+                elif cfg.max_steps and self.step >= cfg.max_steps and epoch < cfg.epochs:
+                    self.console.print(f"stopped at step {self.step} (--max-steps {cfg.max_steps}) after epoch {epoch}; "
+                                       f"vaekit run --resume {self.run_dir} --max-steps N continues it")
+                    break
 
     def log_stage(self, record: dict[str, Any], line: str) -> None:
         """Add ``record`` to ``metrics.jsonl`` (rewritten atomically) and print ``line``: a pretraining
@@ -443,23 +478,37 @@ class Trainer:
         for _, x, c in self.indexed_batches():
             yield x, c
 
-    def indexed_batches(self):
+    def indexed_batches(self, start: int = 0):
         """:meth:`batches` with each batch's positions in the training set: ``(index [B] int64, x, c)``
         (``x = train_x[index]`` before any binarization); the training step puts ``index`` in its
-        :class:`~vaekit.interfaces.StepOutput`."""
-        x_all = self.train_x
-        if self.binarize == "dynamic":
-            x_all = binarize(self.data.train_x, self.generator).to(self.device)
-        perm = torch.randperm(len(x_all), generator=self.generator).to(self.device)
-        for b0 in range(0, len(perm), self.config.batch_size):
-            idx = perm[b0 : b0 + self.config.batch_size]
-            yield idx, x_all[idx], None if self.train_y is None else self.train_y[idx]
+        :class:`~vaekit.interfaces.StepOutput`.
 
-    def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float]:
+        The epoch's permutation is drawn from the run's generator when this is called; the batches
+        are read from the training :class:`~vaekit.samples.Samples` in its order
+        (:func:`~vaekit.samples.load_batches`, ``config.workers`` processes), and a dynamic
+        binarization draws each batch's uniforms ``[B, *S]`` from the generator as the batch is
+        taken.  ``start``: begin at the epoch's batch ``start`` (a resumed epoch; the batches before
+        it are neither read nor binarized)."""
+        perm = torch.randperm(len(self.train), generator=self.generator)
+        size = self.config.batch_size
+        index_batches = [perm[b0:b0 + size] for b0 in range(start * size, len(perm), size)]
+        return self._read_batches(index_batches)
+
+    def _read_batches(self, index_batches: list[torch.Tensor]):
+        loaded = load_batches(self.train, index_batches, self.config.workers)
+        for index, x in zip(index_batches, loaded):
+            if self.binarize == "dynamic":  # the batch's uniforms, drawn right after its indices
+                x = binarize_with(x, torch.rand((len(index), *self.train.shape), generator=self.generator))
+            index = index.to(self.device)
+            yield index, x.to(self.device), None if self.train_y is None else self.train_y[index]
+
+    def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float] | None:
         """Train one epoch; return its train means (each term averaged over the samples) and seconds.
         Every ``checkpoint_every`` steps (but the epoch's last) the run is checkpointed mid-epoch with the
         generator's state at the epoch's start, the batches done and the running sums; a run resumed
-        from such a checkpoint draws the epoch's shuffle again and continues at the next batch."""
+        from such a checkpoint draws the epoch's shuffle again and continues at the next batch.  When
+        the run reaches ``max_steps`` before the epoch's last batch it is checkpointed there the same
+        way and None is returned (the epoch is not over)."""
         model, objective = self.model, self.objective
         model.train()
         resume, self._resume_at = self._resume_at, None
@@ -467,17 +516,15 @@ class Trainer:
         if resume is not None:
             self.generator.set_state(resume.epoch_generator)
         epoch_generator = self.generator.get_state()
-        batches = self.indexed_batches()
+        batches = self.indexed_batches(start=0 if resume is None else resume.position)  # draws the epoch's shuffle
         sums: dict[str, float] = {}
         count = position = 0
         before = 0.0
         if resume is not None:
-            for _ in range(resume.position):  # the first draws the epoch's shuffle (and binarization)
-                next(batches)
             self.generator.set_state(now)
             sums, count, position, before = dict(resume.sums), resume.count, resume.position, resume.seconds
-        steps_per_epoch = math.ceil(len(self.train_x) / self.config.batch_size)
-        every = self.config.checkpoint_every
+        steps_per_epoch = math.ceil(len(self.train) / self.config.batch_size)
+        every, limit = self.config.checkpoint_every, self.config.max_steps
         main_opt = self.optimizers["model"]
         reg_opts = [(reg, self.optimizers.get(f"regularizer{i}")) for i, reg in enumerate(model.regularizers)]
         start = time.perf_counter()
@@ -512,10 +559,16 @@ class Trainer:
             checkpoint.kill_point("step")
             if self.stop_reason is not None:
                 break
-            if every and self.step % every == 0 and position < steps_per_epoch:
+            at_limit = bool(limit) and self.step >= limit
+            if (at_limit or (every and self.step % every == 0)) and position < steps_per_epoch:
                 self._checkpoint(epoch - 1, partial=dict(position=position, sums=dict(sums), count=count,
                                                          seconds=before + time.perf_counter() - start,
                                                          epoch_generator=epoch_generator))
+            if at_limit and position < steps_per_epoch:
+                self.console.print(f"stopped at step {self.step} (--max-steps {limit}), {position} of {steps_per_epoch} "
+                                   f"batches into epoch {epoch}; vaekit run --resume {self.run_dir} --max-steps N "
+                                   "continues it")
+                return None
         seconds = before + time.perf_counter() - start
         return {k: v / count for k, v in sums.items()}, seconds
 
@@ -649,12 +702,15 @@ def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginMana
     return Trainer(config, pm, progress=progress, quiet=quiet, figures=figures, overwrite=overwrite).fit()
 
 
-def resume(run_dir: str | Path, epochs: int | None = None, **kwargs: Any) -> TrainResult:
+def resume(run_dir: str | Path, epochs: int | None = None, *, max_steps: int | None = None,
+           workers: int | None = None, **kwargs: Any) -> TrainResult:
     """Continue the run in ``run_dir`` from its last checkpoint; the Python API behind ``vaekit run --resume``.
 
     ``epochs``: a new target, recorded in ``config.json`` (a later resume continues to it); fewer than
     the epochs already done raises ConfigError.  Without it, the recorded target; a run that has done
-    every epoch trains nothing and says so.  A run that never checkpointed (it failed in its first
+    every epoch trains nothing and says so.  ``max_steps``: likewise a new limit on the optimizer
+    steps of the whole run (0: none), recorded; fewer than the steps taken raises ConfigError.
+    ``workers``: data-loading processes for this session (results do not depend on it).  A run that never checkpointed (it failed in its first
     epoch: ``config.json`` alone) starts again from epoch 1 with its recorded config.  ``kwargs``:
     ``pm``, ``progress``, ``quiet``, ``figures`` as for :func:`train`.  Raises CheckpointError if
     ``run_dir`` is not a run, holds weights but no checkpoint, or needs a plugin not installed here;
@@ -663,15 +719,16 @@ def resume(run_dir: str | Path, epochs: int | None = None, **kwargs: Any) -> Tra
     run_dir = Path(run_dir)
     info = checkpoint.read_run_config(run_dir)
     values = dict(info["config"], out=str(run_dir))
-    if epochs is not None:
-        values["epochs"] = epochs
+    for key, value in (("epochs", epochs), ("max_steps", max_steps), ("workers", workers)):
+        if value is not None:
+            values[key] = value
     has_checkpoint = checkpoint.has_checkpoint(run_dir)
     if not has_checkpoint and rundir.holds_weights(run_dir):
         raise CheckpointError(f"{str(run_dir)!r} holds trained weights but no checkpoint to resume from; start a new "
                               f"run from its weights with --init {run_dir}, or retrain it with --overwrite")
     try:
         trainer = Trainer(RunConfig.from_dict(values), resume=has_checkpoint, **kwargs)
-        trainer.epochs_given = epochs is not None
+        trainer.epochs_given, trainer.max_steps_given = epochs is not None, max_steps is not None
         if not has_checkpoint:  # printed once the run directory is locked (Trainer.setup)
             trainer.restart_note = f"no epoch of {run_dir} had finished: starting it again from epoch 1"
         return trainer.fit()

@@ -32,22 +32,25 @@ def digits(*, test_fraction: float = 0.2, classes: tuple[int, ...] = ()) -> Data
 
 
 def file(*, path: str = "", test_fraction: float = 0.1, shape: tuple[int, ...] = (),
-         classes: tuple[int, ...] = ()) -> DataBundle:
+         classes: tuple[int, ...] = (), lazy: str = "auto", image_size: int = 0) -> DataBundle:
     """Data from disk: .npy/.npz arrays, MNIST IDX files, or a folder of images (``--data PATH``).
 
     Values are scaled by their type: uint8 and 8-bit images / 255, uint16 and 16-bit images
     / 65535, integers already 0/1 and floats unchanged (all rules: ``vaekit.data.load_path``).
+    Integer pixels stay in their dtype in memory (uint8) and become floats batch by batch.
 
     :param path: file or folder to read.
     :param test_fraction: fraction held out when the data has no train/test split.
     :param shape: reshape each sample, e.g. ``1,28,28``.
     :param classes: keep only these labels in both splits, e.g. ``1,2`` (the data needs labels; not renumbered; default: all).
+    :param lazy: read the training split from disk batch by batch (a .npy file's rows; a folder's images, decoded by ``--workers`` processes): auto (when it exceeds 1 GiB in memory), true or false.
+    :param image_size: resize every image of a folder to H x H pixels (0: keep their size; ``--image-size``).
     """
     from ..errors import DataError
 
     if not path:
         raise DataError("the file dataset needs a path: --data PATH or --data file:path=PATH")
-    return load_path(path, test_fraction, tuple(shape)).keep_classes(classes)
+    return load_path(path, test_fraction, tuple(shape), lazy, image_size).keep_classes(classes)
 
 
 @hookimpl
