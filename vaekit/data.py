@@ -517,10 +517,10 @@ def _image_pixels(im) -> np.ndarray:
     """An opened image's pixels ``[H, W]`` (grey modes; ``1`` and ``P`` become ``L``) or ``[H, W, 3]`` (RGB)."""
     mode = im.mode
     if mode in ("1", "L", "P"):
-        return np.asarray(im.convert("L"))
+        return np.array(im.convert("L"))
     if _is_grey(mode):
-        return np.asarray(im)
-    return np.asarray(im.convert("RGB"))
+        return np.array(im)
+    return np.array(im.convert("RGB"))
 
 
 def _open_image(f: Path):

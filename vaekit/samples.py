@@ -296,8 +296,10 @@ def load_batches(samples: Samples, index_batches: Iterable[torch.Tensor], worker
         for index in index_batches:
             yield samples.batch(index)
         return
+    # a generator of its own: the loader draws its workers' base seed from it, not from torch's global
+    # stream (the model's noise), so the run's results do not depend on ``workers``
     loader = torch.utils.data.DataLoader(_BatchReader(samples), sampler=list(index_batches), batch_size=None,
-                                         num_workers=workers)
+                                         num_workers=workers, generator=torch.Generator().manual_seed(0))
     yield from loader
 
 
