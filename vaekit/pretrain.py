@@ -189,7 +189,7 @@ class Layerwise:
                               f"mask {self.mask:g}: {what}")
         lr = self.lr if self.lr is not None else cfg.lr
         amp = MixedPrecision(cfg.precision, trainer.device)  # a scaler of its own: the run's stays untouched
-        steps = math.ceil(len(trainer.train_x) / cfg.batch_size)
+        steps = math.ceil(len(trainer.train) / cfg.batch_size)
         model.train()
         for i, stage in enumerate(self.stages):
             optimizer = torch.optim.Adam(stage.params + list(stage.decoder_layer.parameters()), lr=lr)
@@ -199,7 +199,7 @@ class Layerwise:
                     record = {"stage": "pretrain", "layer": i + 1, "layers": n_layers, "epoch": epoch,
                               "train_loss": loss, "epoch_seconds": seconds}
                     trainer.log_stage(record, f"pretrain layer {i + 1}/{n_layers} epoch {epoch}/{self.epochs}  "
-                                              f"loss {loss:.2f}  |  {len(trainer.train_x) / max(seconds, 1e-9):,.0f} samples/s")
+                                              f"loss {loss:.2f}  |  {len(trainer.train) / max(seconds, 1e-9):,.0f} samples/s")
         if self.mirror is not None:
             with torch.no_grad():
                 for target, stage in zip(self.mirror, reversed(self.stages)):

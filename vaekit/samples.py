@@ -289,10 +289,11 @@ class _BatchReader(torch.utils.data.Dataset):
 def load_batches(samples: Samples, index_batches: Iterable[torch.Tensor], workers: int = 0) -> Iterator[torch.Tensor]:
     """``samples.batch(index)`` for each ``index`` of ``index_batches``, in their order.
 
-    ``workers`` 0 reads in this process; N > 0 reads through a :class:`torch.utils.data.DataLoader`
-    with N worker processes that prefetch the next batches (the order, and so every result, is the
-    same for any N: the index batches decide it)."""
-    if workers <= 0:
+    ``workers`` 0 reads in this process; N > 0 reads samples read from disk (``in_memory`` False)
+    through a :class:`torch.utils.data.DataLoader` with N worker processes that prefetch the next
+    batches (the order, and so every result, is the same for any N: the index batches decide it).
+    Samples in memory (perhaps on a GPU) are always read in this process."""
+    if workers <= 0 or samples.in_memory:
         for index in index_batches:
             yield samples.batch(index)
         return
