@@ -107,9 +107,10 @@ def test_a_1_5_gb_uint8_npy_trains_100_steps_with_peak_rss_below_800_mb(tmp_path
 # --- (ii) read from disk == held in memory --------------------------------------------------------------
 
 def test_a_npy_read_from_disk_trains_the_weights_of_the_same_npy_in_memory(digits_npy, tmp_path):
-    """lazy=true (rows read by positioned reads, per-batch conversion) and lazy=false (the array in
-    memory) give equal weights and metrics after 2 epochs with dynamic binarization; a batch read
-    from disk equals numpy's float conversion of those rows of the file."""
+    """lazy=true (rows read by positioned reads, per-batch conversion; in this process or in two
+    DataLoader workers) and lazy=false (the array in memory) give equal weights and metrics after 2
+    epochs with dynamic binarization; a batch read from disk equals numpy's float conversion of those
+    rows of the file."""
     lazy = load_path(str(digits_npy), lazy="true")
     held = load_path(str(digits_npy), lazy="false")
     assert isinstance(lazy.train, NpyRows) and isinstance(held.train, ArraySamples)
@@ -125,6 +126,8 @@ def test_a_npy_read_from_disk_trains_the_weights_of_the_same_npy_in_memory(digit
     a = vaekit.train(data=f"file:path={digits_npy},lazy=true", epochs=2, out=str(tmp_path / "a"), **FAST)
     b = vaekit.train(data=f"file:path={digits_npy},lazy=false", epochs=2, out=str(tmp_path / "b"), **FAST)
     assert _weights_equal(a, b) and _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    c = vaekit.train(data=f"file:path={digits_npy},lazy=true", epochs=2, workers=2, out=str(tmp_path / "c"), **FAST)
+    assert _weights_equal(a, c)  # the file read by two DataLoader workers (each opens it itself)
 
 
 def test_static_binarization_of_data_read_from_disk_is_one_line(digits_npy, tmp_path):
