@@ -181,6 +181,23 @@ def test_two_dataloader_workers_train_the_weights_of_none(digit_folder, tmp_path
     assert _weights_equal(a, b) and _metrics(tmp_path / "w2") == _metrics(tmp_path / "w0")
 
 
+def test_an_image_that_breaks_in_a_worker_is_a_one_line_error(digit_folder, tmp_path):
+    """A truncated PNG (its header reads, its pixels do not): decoded in a DataLoader worker, its
+    error reaches the command line as the worker's own one line, not the loader's traceback."""
+    folder = tmp_path / "pngs"
+    shutil.copytree(digit_folder, folder)
+    data = f"file:path={folder},lazy=true"
+    broken = load_path(str(folder), lazy="true").train.files[3]
+    broken.write_bytes(broken.read_bytes()[:60])
+    with Image.open(broken) as im:
+        assert im.size == (28, 28)  # the header is intact: loading the folder succeeds
+    result = runner.invoke(APP, ["run", "--data", data, "--workers", "2", "--encoder", "mlp:hidden=8", "--epochs", "1",
+                                 "--out", str(tmp_path / "r"), "--no-figures", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "cannot read image" in error[0] and "Traceback" not in result.output, result.output
+
+
 # --- (iv) in-memory pixels stay uint8 -----------------------------------------------------------------
 
 def test_in_memory_pixels_are_held_as_uint8_and_batches_equal_numpys_floats(tmp_path):

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import DataError, VaekitError
 
 CHUNK_BYTES = 16 << 20
 """How much of a file a scan reads at once (ordinary reads, never through a mapping): 16 MiB."""
@@ -301,7 +301,22 @@ def load_batches(samples: Samples, index_batches: Iterable[torch.Tensor], worker
     # stream (the model's noise), so the run's results do not depend on ``workers``
     loader = torch.utils.data.DataLoader(_BatchReader(samples), sampler=list(index_batches), batch_size=None,
                                          num_workers=workers, generator=torch.Generator().manual_seed(0))
-    yield from loader
+    try:
+        yield from loader
+    except VaekitError as e:  # re-raised by the loader as "Caught DataError in DataLoader worker…" + a traceback
+        raise type(e)(worker_error_line(e)) from None
 
 
-__all__ = ["ArraySamples", "ImageFiles", "NpyRows", "Samples", "load_batches", "scan_npy", "to_float"]
+def worker_error_line(e: BaseException) -> str:
+    """The original one-line message of an error a DataLoader worker raised (the loader re-raises it
+    with its traceback in the message): the traceback's last line, less the exception's name."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    for name in (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__qualname__}: "):
+        if last.startswith(name):
+            return last[len(name):]
+    return last
+
+
+__all__ = ["ArraySamples", "ImageFiles", "NpyRows", "Samples", "load_batches", "scan_npy", "to_float",
+           "torch_dtype_ready", "worker_error_line"]
