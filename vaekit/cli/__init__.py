@@ -24,12 +24,20 @@ def _debug_requested(ctx: typer.Context | None) -> bool:
 
 
 def report_error(e: BaseException) -> None:
-    """Print one readable line for ``e`` on stderr."""
+    """Print one readable line for ``e`` on stderr.  Under torchrun a VaekitError is printed by rank 0 alone
+    (every rank meets the same one, or learns of another rank's: :func:`vaekit.distributed.Distributed.agree`)."""
+    from ..distributed import env_rank, launched
+
+    rank = env_rank() if launched() else 0
+    if isinstance(e, VaekitError) and rank:
+        return
     if isinstance(e, VaekitError):
         msg = str(e)
     else:
         first = first_line(e, limit=10_000, empty="")
         msg = f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)"
+        if rank:
+            msg = f"rank {rank}: {msg}"
     typer.echo(f"error: {msg}", err=True)
 
 
