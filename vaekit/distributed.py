@@ -42,8 +42,25 @@ DEFAULT_TIMEOUT = 300.0
 """Seconds a rank waits for the rendezvous and for any collective before it gives up."""
 
 
+PEER_GRACE = 1.0
+"""Seconds a rank other than 0 waits before it exits on an error rank 0 reports too (``torchrun`` stops
+the other processes as soon as one exits with an error: rank 0 must have printed it by then)."""
+
+_connected = False  # this process joined a process group (connect)
+
+
 class PeerError(VaekitError):
     """Another rank failed: this rank stops too.  The CLI prints it on rank 0 only."""
+
+
+def reported_by_main(error: BaseException) -> bool:
+    """True if ``error``, raised on a rank other than 0 once the process group is up, is printed by rank 0,
+    so this rank prints nothing: every VaekitError of a connected rank is met by rank 0 too (the same
+    configuration, the same global loss) or shared with it (:meth:`Distributed.agree`), as is any error
+    inside ``agree``.  Errors of a rank before the process group is up (a rendezvous that times out) are
+    its own, and so is an unexpected error outside ``agree``."""
+    return (_connected and env_rank() != 0
+            and (isinstance(error, VaekitError) or getattr(error, "vaekit_shared", False)))
 
 
 def env_rank() -> int:
@@ -267,6 +284,10 @@ class Distributed(Single):
         dist.all_gather_object(failures, None if error is None else str(error).splitlines()[0] if str(error)
                                else type(error).__name__)
         if error is not None:
+            try:
+                error.vaekit_shared = True  # every rank knows of it: rank 0 reports it (reported_by_main)
+            except AttributeError:
+                pass
             raise error
         for rank, message in enumerate(failures):
             if message is not None:
@@ -418,8 +439,10 @@ def connect(device: torch.device) -> Single:
         raise ConfigError(f"no rendezvous of the {world_size} processes at {where} within {seconds:g} s "
                           f"({TIMEOUT_ENV}): a process did not start or cannot reach it "
                           f"({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
+    global _connected
+    _connected = True
     return Distributed(device, rank, world_size, local_rank, backend)
 
 
-__all__ = ["DEFAULT_TIMEOUT", "Distributed", "PeerError", "Single", "TIMEOUT_ENV", "connect", "env_rank",
-           "launched", "rank_seed", "timeout"]
+__all__ = ["DEFAULT_TIMEOUT", "Distributed", "PEER_GRACE", "PeerError", "Single", "TIMEOUT_ENV", "connect", "env_rank",
+           "launched", "rank_seed", "reported_by_main", "timeout"]

@@ -147,10 +147,24 @@ class Trainer:
 
     def setup(self) -> None:
         cfg = self.config
-        self.data = load_data(cfg.data, self.pm)
         self.device = resolve_device(cfg.device)
-        self.dist = distributed.connect(self.device)  # one process, or a rank under torchrun
+        self.dist = distributed.connect(self.device)  # one process, or a rank under torchrun (vaekit.distributed)
         self.device = self.dist.device  # cuda:LOCAL_RANK under torchrun
+        self.dist.agree(self._build)  # every rank builds the same; an error on one stops all, rank 0 reports it
+        self.dist.seed_streams(cfg.seed)  # each rank's own noise stream (rank 0's is the one-process one)
+        self.run_dir = self.dist.on_main(self._open_run_dir)  # under torchrun rank 0 alone writes the run directory
+        self.config = self.config.replace(out=str(self.run_dir))
+        self.start_epoch = 1
+        if self.resume:
+            self.dist.agree(self._restore)  # every rank loads the checkpoint; a failure on one stops all
+            self.dist.agree(self._record_epochs)
+        own = {id(p) for name, opt in self.optimizers.items() if name != "model" for g in opt.param_groups for p in g["params"]}
+        self.forward_step = self.dist.wrap_step(self.model, self._forward_step, own)  # DistributedDataParallel
+
+    def _build(self) -> None:
+        """Load the data, build the model, objective and optimizers (every rank alike, nothing written)."""
+        cfg = self.config
+        self.data = load_data(cfg.data, self.pm)
         self.dist.check_batches(len(self.data.train_x), cfg.batch_size)
         if cfg.pretrain is not None and self.dist.world_size > 1 and not self.resume:
             raise ConfigError("--pretrain runs in one process: pretrain with vaekit run --pretrain ..., then train under "
@@ -178,15 +192,6 @@ class Trainer:
             self._starting_weights()
         self._warm_up()
         self.optimizers = self._make_optimizers()
-        self.dist.seed_streams(cfg.seed)  # each rank's own noise stream (rank 0's is the one-process one)
-        self.run_dir = self.dist.on_main(self._open_run_dir)  # under torchrun rank 0 alone writes the run directory
-        self.config = self.config.replace(out=str(self.run_dir))
-        self.start_epoch = 1
-        if self.resume:
-            self.dist.agree(self._restore)  # every rank loads the checkpoint; a failure on one stops all
-            self.dist.agree(self._record_epochs)
-        own = {id(p) for name, opt in self.optimizers.items() if name != "model" for g in opt.param_groups for p in g["params"]}
-        self.forward_step = self.dist.wrap_step(self.model, self._forward_step, own)  # DistributedDataParallel
 
     def _open_run_dir(self) -> Path:
         """Create and lock the run directory (:meth:`_prepare_run_dir`), delete a killed write's temporaries and,
