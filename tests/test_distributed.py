@@ -89,7 +89,7 @@ def test_two_processes_train_the_one_process_update(tmp_path):
     m1, m2 = _metrics(one)[-1], _metrics(two)[-1]
     # the test set sharded over the ranks, the sample-weighted mean of their means
     # seen: |Δ test_log_px| 1.9e-06, 1.2e-06, 6.6e-07 nats; |Δ train_loss| 2.0e-06, 1.3e-06, 2.1e-06 (seeds 0, 1, 2)
-    assert m1["test_log_px"] == pytest.approx(m2["test_log_px"], abs=0.1)
+    assert m1["test_log_px"] == pytest.approx(m2["test_log_px"], abs=1e-3)  # the issue asks 0.1 nats
     assert m1["train_loss"] == pytest.approx(m2["train_loss"], abs=1e-3)
     assert m1["step"] == m2["step"] == 8
     # rank 0 alone prints and writes; what it records about the processes

@@ -173,8 +173,8 @@ class Single:
     def check_same(self, model: torch.nn.Module, where: str) -> None:
         """Raise if the ranks' parameters differ (they must be identical after every step)."""
 
-    def close(self) -> None:
-        """Leave the process group."""
+    def close(self, finished: bool = True) -> None:
+        """Leave the process group (``finished``: every rank got here, meet them first)."""
 
 
 class Distributed(Single):
@@ -343,10 +343,15 @@ class Distributed(Single):
             raise TrainingError(f"the {self.world_size} processes' parameters differ in {where}: a plugin changed them "
                                 "outside the optimizer on one rank; nothing was written")
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         import torch.distributed as dist
 
-        if dist.is_initialized():
+        if not dist.is_initialized():
+            return
+        try:
+            if finished:  # no rank leaves while another still reads its last message
+                dist.barrier()
+        finally:
             dist.destroy_process_group()
 
     def _comm_device(self) -> torch.device:

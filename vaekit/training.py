@@ -385,12 +385,15 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Set up, train and write the figures; the run directory stays locked throughout (:mod:`vaekit.rundir`)."""
+        finished = False
         try:
-            return self._fit()
+            result = self._fit()
+            finished = True
+            return result
         finally:
             self._unlock()
             if self.dist is not None:
-                self.dist.close()
+                self.dist.close(finished)  # under torchrun: leave the process group
 
     def _fit(self) -> TrainResult:
         self.setup()
