@@ -153,7 +153,8 @@ class Trainer:
         self.dist.agree(self._build)  # every rank builds the same; an error on one stops all, rank 0 reports it
         self.dist.seed_streams(cfg.seed)  # each rank's own noise stream (rank 0's is the one-process one)
         self.run_dir = self.dist.on_main(self._open_run_dir)  # under torchrun rank 0 alone writes the run directory
-        self.config = self.config.replace(out=str(self.run_dir))
+        if not self.dist.is_main:
+            self.config = self.config.replace(out=str(self.run_dir))  # the name rank 0 chose
         self.start_epoch = 1
         if self.resume:
             self.dist.agree(self._restore)  # every rank loads the checkpoint; a failure on one stops all
@@ -414,7 +415,8 @@ class Trainer:
                 reg.on_fit_start(self)
             self._epochs(n, steps_per_epoch)
         except KeyboardInterrupt:
-            print(f"interrupted: {self._kept()}", file=sys.stderr, flush=True)  # also under -q
+            if self.dist.is_main:
+                print(f"interrupted: {self._kept()}", file=sys.stderr, flush=True)  # also under -q
             raise
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
             if not is_out_of_memory(e):
