@@ -78,6 +78,7 @@ def _no_vaekit_traceback(done: subprocess.CompletedProcess) -> bool:
     return not re.search(r'File ".*[/\\]vaekit[/\\]', done.stdout + done.stderr)
 
 
+@pytest.mark.slow  # launches torchrun: 2 processes import torch
 def test_two_processes_train_the_one_process_update(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _ok(one_process(*AE, "-q", "--out", str(one)))
@@ -110,6 +111,7 @@ def vae_runs(tmp_path_factory):
     return base
 
 
+@pytest.mark.slow  # launches torchrun: 2 processes import torch
 def test_a_vae_under_torchrun_reaches_the_one_process_test_elbo(vae_runs):
     import vaekit
 
@@ -128,6 +130,7 @@ def test_a_vae_under_torchrun_reaches_the_one_process_test_elbo(vae_runs):
     assert one[-1]["test_elbo"] == pytest.approx(e1, abs=1e-5)
 
 
+@pytest.mark.slow  # launches torchrun: 2 processes import torch
 def test_resume_under_torchrun_continues_the_uninterrupted_run(vae_runs, tmp_path):
     part = tmp_path / "part"
     # both ranks are killed (SIGKILL) at their 6th step; the committed checkpoint is step 4's, mid-epoch 1
@@ -152,6 +155,7 @@ torch.save(result.model.state_dict(), os.path.join(sys.argv[2], "rank%s.pt" % os
 """
 
 
+@pytest.mark.slow  # launches torchrun: 2 processes import torch
 def test_the_adversarial_discriminator_stays_the_same_on_every_rank(tmp_path):
     script = tmp_path / "aae.py"
     script.write_text(ADVERSARIAL)
@@ -171,6 +175,41 @@ def test_the_adversarial_discriminator_stays_the_same_on_every_rank(tmp_path):
 
 # --- bad input: one line, every rank exits -------------------------------------------------------
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+RANK_WRITES = r"""
+import sys, torch
+from vaekit import distributed
+group = distributed.connect(torch.device("cpu"))
+
+def write():
+    raise OSError(28, "No space left on device")  # rank 0's write fails
+
+try:
+    group.on_main(write)
+except Exception as e:
+    print(type(e).__name__, e, flush=True)
+group.close(finished=False)
+"""
+
+
+def test_a_failed_write_on_rank_0_stops_the_other_ranks(tmp_path):
+    # two ranks started by hand (what torchrun does): rank 0 fails inside on_main, rank 1 learns of it
+    env = _env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), VAEKIT_DIST_TIMEOUT="60")
+    start = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_WRITES], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outs = [p.communicate(timeout=60)[0].strip().splitlines()[-1] for p in procs]
+    assert time.monotonic() - start < 50  # nobody waited for the timeout
+    assert outs[0] == "OSError [Errno 28] No space left on device"
+    assert outs[1] == "PeerError rank 0 of 2 failed: [Errno 28] No space left on device"
+
+
+@pytest.mark.slow  # launches torchrun: 2 processes import torch
 def test_a_world_larger_than_the_batch_is_one_line(tmp_path):
     done = torchrun(*AE, "--batch-size", "1", "--out", str(tmp_path / "run"), timeout=90)
     assert done.returncode != 0
@@ -179,6 +218,7 @@ def test_a_world_larger_than_the_batch_is_one_line(tmp_path):
     assert _no_vaekit_traceback(done) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # launches torchrun: 2 processes import torch
 def test_a_damaged_checkpoint_under_torchrun_stops_every_rank(vae_runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(vae_runs / "two", run)
@@ -192,10 +232,6 @@ def test_a_damaged_checkpoint_under_torchrun_stops_every_rank(vae_runs, tmp_path
     assert _no_vaekit_traceback(done)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_missing_rendezvous_is_one_line(tmp_path):
