@@ -264,6 +264,17 @@ def test_fewer_gpus_than_processes_is_a_config_error(monkeypatch):
         distributed.connect(torch.device("cuda"))
 
 
+def test_a_last_batch_smaller_than_the_world_names_a_batch_size_that_works():
+    group = distributed.Distributed(torch.device("cpu"), 0, 4, 0, "gloo")  # no process group needed
+    # 1438 = 7 * 205 + 3: a last batch of 3 leaves one of 4 ranks without samples
+    with pytest.raises(ConfigError, match=r"last batch of each epoch holds 3 of the 1438 .* fewer than the 4 "
+                                          r"processes .* \(e\.g\. 206\)"):
+        group.check_batches(1438, 205)
+    with pytest.raises(ConfigError, match="holds 3 samples, fewer than the 4 processes"):
+        group.check_batches(3, 128)
+    group.check_batches(1438, 206)  # 1438 = 6 * 206 + 202: every rank gets samples
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "soon"])
 def test_a_bad_timeout_is_a_config_error(monkeypatch, value):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, value)

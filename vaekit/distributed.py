@@ -195,11 +195,15 @@ class Distributed(Single):
         if batch_size < w:
             raise ConfigError(f"--batch-size {batch_size} is the global batch, shared by {w} processes: give "
                               f"--batch-size >= {w} or start fewer processes (torchrun --nproc_per_node)")
+        if n < w:
+            raise ConfigError(f"the training set holds {n} samples, fewer than the {w} processes: start fewer "
+                              "processes (torchrun --nproc_per_node)")
         last = n % batch_size
         if 0 < last < w:
+            fits = next(b for b in range(batch_size + 1, n + w + 1) if not 0 < n % b < w)
             raise ConfigError(f"the last batch of each epoch holds {last} of the {n} training samples, fewer than the "
                               f"{w} processes that share it: choose a --batch-size that leaves 0 or >= {w} samples "
-                              f"over (e.g. {batch_size + 1})")
+                              f"over (e.g. {fits})")
 
     def seed_streams(self, seed: int) -> None:
         self.seeds = [rank_seed(seed, r) for r in range(self.world_size)]
