@@ -520,7 +520,7 @@ class Trainer:
             for k, v in extra.items():
                 step_sums[k] = step_sums.get(k, 0.0) + float(v) * n
             step_sums, bs = self.dist.batch_sums(step_sums, n)  # under torchrun: summed over the ranks' shares
-            value = step_sums["loss"] / bs
+            value = step_sums["loss"] / bs if "loss" in step_sums else value  # the global batch's loss
             self.step += 1
             if not math.isfinite(value):
                 raise TrainingError(self._nan_message(value, epoch))
