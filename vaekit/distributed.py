@@ -28,6 +28,7 @@ Collectives and the rendezvous wait at most ``VAEKIT_DIST_TIMEOUT`` seconds (def
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 from typing import Any, Callable
@@ -187,6 +188,7 @@ class Distributed(Single):
         self.rank, self.world_size, self.local_rank, self.backend = rank, world_size, local_rank, backend
         self.is_main = rank == 0
         self.seeds: list[int] = []
+        self._ddp = None  # the DistributedDataParallel step (wrap_step)
 
     # --- set-up -------------------------------------------------------------------------------
 
@@ -247,7 +249,11 @@ class Distributed(Single):
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(step, ignored)
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         # find_unused_parameters: a plugin's parameter that some steps do not use (a conditional head) is fine
-        return DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
+        self._ddp = DistributedDataParallel(step, device_ids=device_ids, find_unused_parameters=True)
+        return self._step
+
+    def _step(self, *args):
+        return self._ddp(*args)
 
     def sync_optimizer(self, optimizer):
         return _SyncedOptimizer(optimizer, self)
@@ -356,6 +362,10 @@ class Distributed(Single):
             if finished:  # no rank leaves while another still reads its last message
                 dist.barrier()
         finally:
+            # DDP's reducer holds the process group: drop it first, so that the group (and gloo's threads)
+            # is destroyed now, not while the interpreter shuts down (a SIGABRT there: pytorch/pytorch#179291)
+            self._ddp = None
+            gc.collect()
             dist.destroy_process_group()
 
     def _comm_device(self) -> torch.device:
