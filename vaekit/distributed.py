@@ -131,6 +131,7 @@ class Single:
         return t
 
     def eval_seed(self, seed: int) -> int:
+        """The seed of this rank's test-ELBO noise: :func:`rank_seed` ``(seed, rank)`` (``seed`` on rank 0)."""
         return seed
 
     def wrap_step(self, model: torch.nn.Module, fn: Callable, ignore: set[int]) -> Callable:
@@ -146,6 +147,9 @@ class Single:
         return sums, n
 
     def loss_scale(self, n_local: int, n_global: int) -> float:
+        """The factor ``W · B_r / B`` of a rank's mean loss over its ``n_local`` = B_r samples of the global
+        batch of ``n_global`` = B, so that DDP's mean over the W ranks' gradients is the global batch
+        mean's gradient (1 in one process)."""
         return 1.0
 
     def agree_stop(self, reason: str | None) -> str | None:
