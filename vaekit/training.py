@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, checkpoint, rundir
+from . import __version__, checkpoint, distributed, rundir
 from .config import RunConfig
 from .data import DataBundle, binarize, binarize_with, looks_like_path
 from .errors import (CheckpointError, ConfigError, DataError, OutputError, TrainingError, UnknownPluginError,
@@ -126,10 +126,11 @@ class Trainer:
         self.config = config
         self.pm = pm or get_plugin_manager()
         self.resume = resume
-        self.show_progress = progress and not quiet
+        main_rank = distributed.env_rank() == 0  # under torchrun, rank 0 alone prints (vaekit.distributed)
+        self.show_progress = progress and not quiet and main_rank
         self.quiet = quiet
         self.figures = figures
-        self.console = Console(stderr=True, quiet=quiet)
+        self.console = Console(stderr=True, quiet=quiet or not main_rank)
         self.history: list[dict[str, Any]] = []
         self.step = 0
         self.checkpointed: int | None = None  # the epoch of the last checkpoint written or restored
@@ -142,13 +143,35 @@ class Trainer:
         self.epochs_given = False  # resume(epochs=N): N is a new target, refused if below the epochs done
         self.max_steps_given = False  # resume(max_steps=N): likewise, against the steps done
         self.lock: rundir.RunDirLock | None = None  # held from _prepare_run_dir to the end of fit
+        self.dist: distributed.Single | None = None  # the processes this run trains on (set up in setup)
 
     # --- set-up -------------------------------------------------------------------------------
 
     def setup(self) -> None:
         cfg = self.config
-        self.data = load_data(cfg.data, self.pm)
         self.device = resolve_device(cfg.device)
+        self.dist = distributed.connect(self.device)  # one process, or a rank under torchrun (vaekit.distributed)
+        self.device = self.dist.device  # cuda:LOCAL_RANK under torchrun
+        self.dist.agree(self._build)  # every rank builds the same; an error on one stops all, rank 0 reports it
+        self.dist.seed_streams(cfg.seed)  # each rank's own noise stream (rank 0's is the one-process one)
+        self.run_dir = self.dist.on_main(self._open_run_dir)  # under torchrun rank 0 alone writes the run directory
+        if not self.dist.is_main:
+            self.config = self.config.replace(out=str(self.run_dir))  # the name rank 0 chose
+        self.start_epoch = 1
+        if self.resume:
+            self.dist.agree(self._restore)  # every rank loads the checkpoint; a failure on one stops all
+            self.dist.agree(self._record_epochs)
+        own = {id(p) for name, opt in self.optimizers.items() if name != "model" for g in opt.param_groups for p in g["params"]}
+        self.forward_step = self.dist.wrap_step(self.model, self._forward_step, own)  # DistributedDataParallel
+
+    def _build(self) -> None:
+        """Load the data, build the model, objective and optimizers (every rank alike, nothing written)."""
+        cfg = self.config
+        self.data = load_data(cfg.data, self.pm)
+        self.dist.check_batches(len(self.data.train), cfg.batch_size)
+        if cfg.pretrain is not None and self.dist.world_size > 1 and not self.resume:
+            raise ConfigError("--pretrain runs in one process: pretrain with vaekit run --pretrain ..., then train under "
+                              "torchrun with --init RUN")
         self.amp = MixedPrecision(cfg.precision, self.device)
         torch.manual_seed(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -176,16 +199,17 @@ class Trainer:
             self._starting_weights()
         self._warm_up()
         self.optimizers = self._make_optimizers()
-        self.run_dir = self._prepare_run_dir()
+
+    def _open_run_dir(self) -> Path:
+        """Create and lock the run directory (:meth:`_prepare_run_dir`), delete a killed write's temporaries and,
+        for a new run, write ``config.json``.  Under torchrun on rank 0 alone."""
+        run_dir = self.run_dir = self._prepare_run_dir()
         if self.restart_note:
             self.console.print(self.restart_note)
-        checkpoint.remove_temporaries(self.run_dir)  # left by a kill during a write
-        self.start_epoch = 1
-        if self.resume:
-            self._restore()
-            self._record_epochs()
-        else:
-            checkpoint.write_json(self.run_dir / checkpoint.CONFIG, self._run_info())
+        checkpoint.remove_temporaries(run_dir)  # left by a kill during a write
+        if not self.resume:
+            checkpoint.write_json(run_dir / checkpoint.CONFIG, {**self._run_info(), **self.dist.describe()})
+        return run_dir
 
     def _starting_weights(self) -> None:
         """``--init RUN``: load RUN's weights matched by name (the likelihood's buffers, its fixed
@@ -341,7 +365,9 @@ class Trainer:
         self.metrics_log = ckpt.metrics
         self.history = history
         self._resume_at = ckpt if ckpt.position else None
-        checkpoint.sync_run_files(self.run_dir, ckpt, ckpt.weights, data_shape=self.model.data_shape)
+        self.dist.restore_rng(ckpt.extra, self.config.seed, ckpt.step)  # each rank's own noise stream
+        if self.dist.is_main:
+            checkpoint.sync_run_files(self.run_dir, ckpt, ckpt.weights, data_shape=self.model.data_shape)
         if stopped:  # a run a plugin stopped early has converged: resuming it trains nothing
             self.stop_reason = stopped
             self.start_epoch = self.config.epochs + 1
@@ -363,7 +389,8 @@ class Trainer:
         if self.stop_reason is not None:
             return  # a run a plugin stopped early: nothing to record (_restore said so)
         info = checkpoint.read_run_config(self.run_dir)
-        if info["config"].get("epochs") != epochs or info["config"].get("max_steps", 0) != max_steps:
+        changed = info["config"].get("epochs") != epochs or info["config"].get("max_steps", 0) != max_steps
+        if changed and self.dist.is_main:
             info["config"]["epochs"], info["config"]["max_steps"] = epochs, max_steps
             checkpoint.write_json(self.run_dir / checkpoint.CONFIG, info)
         if done >= epochs:
@@ -386,10 +413,15 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         """Set up, train and write the figures; the run directory stays locked throughout (:mod:`vaekit.rundir`)."""
+        finished = False
         try:
-            return self._fit()
+            result = self._fit()
+            finished = True
+            return result
         finally:
             self._unlock()
+            if self.dist is not None:
+                self.dist.close(finished)  # under torchrun: leave the process group
 
     def _fit(self) -> TrainResult:
         self.setup()
@@ -410,7 +442,8 @@ class Trainer:
                 reg.on_fit_start(self)
             self._epochs(n, steps_per_epoch)
         except KeyboardInterrupt:
-            print(f"interrupted: {self._kept()}", file=sys.stderr, flush=True)  # also under -q
+            if self.dist.is_main:
+                print(f"interrupted: {self._kept()}", file=sys.stderr, flush=True)  # also under -q
             raise
         except RuntimeError as e:  # torch.OutOfMemoryError is a RuntimeError too
             if not is_out_of_memory(e):
@@ -424,7 +457,7 @@ class Trainer:
                 raise
             what = str(e) if isinstance(e, OutputError) else f"cannot write in {str(self.run_dir)!r}: {e.strerror}"
             raise OutputError(f"{what}; {self._kept()}") from None
-        if self.figures:
+        if self.figures and self.dist.is_main:
             from . import viz
 
             viz.write_run_figures(self.run_dir, self.model, self.data, self.test_x.cpu(), self.history,
@@ -495,11 +528,18 @@ class Trainer:
         return self._read_batches(index_batches)
 
     def _read_batches(self, index_batches: list[torch.Tensor]):
-        loaded = load_batches(self.train, index_batches, self.config.workers)
-        for index, x in zip(index_batches, loaded):
-            if self.binarize == "dynamic":  # the batch's uniforms, drawn right after its indices
-                x = binarize_with(x, torch.rand((len(index), *self.train.shape), generator=self.generator))
-            index = index.to(self.device)
+        """The batches of ``index_batches`` (global batches of positions), read and binarized.  Under torchrun
+        each rank reads only its contiguous share of every global batch (:meth:`Distributed.share
+        <vaekit.distributed.Distributed.share>`) and binarizes it with its rows of the uniforms drawn for
+        the whole global batch, so N processes see exactly the batches one process would."""
+        shares = [self.dist.share(len(index)) for index in index_batches]  # RANK SLICE: (0, B) in one process
+        local = [index[lo:hi] for index, (lo, hi) in zip(index_batches, shares)]
+        loaded = load_batches(self.train, local, self.config.workers)
+        for index, (lo, hi), x in zip(index_batches, shares, loaded):
+            self.dist.begin_batch(len(index), hi - lo)
+            if self.binarize == "dynamic":  # the global batch's uniforms, drawn right after its indices
+                x = binarize_with(x, torch.rand((len(index), *self.train.shape), generator=self.generator)[lo:hi])
+            index = index[lo:hi].to(self.device)
             yield index, x.to(self.device), None if self.train_y is None else self.train_y[index]
 
     def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float] | None:
@@ -508,8 +548,9 @@ class Trainer:
         generator's state at the epoch's start, the batches done and the running sums; a run resumed
         from such a checkpoint draws the epoch's shuffle again and continues at the next batch.  When
         the run reaches ``max_steps`` before the epoch's last batch it is checkpointed there the same
-        way and None is returned (the epoch is not over)."""
-        model, objective = self.model, self.objective
+        way and None is returned (the epoch is not over).  Under torchrun each rank trains on its share
+        of every global batch (:meth:`_read_batches`)."""
+        model = self.model
         model.train()
         resume, self._resume_at = self._resume_at, None
         now = self.generator.get_state()
@@ -526,37 +567,33 @@ class Trainer:
         steps_per_epoch = math.ceil(len(self.train) / self.config.batch_size)
         every, limit = self.config.checkpoint_every, self.config.max_steps
         main_opt = self.optimizers["model"]
-        reg_opts = [(reg, self.optimizers.get(f"regularizer{i}")) for i, reg in enumerate(model.regularizers)]
         start = time.perf_counter()
         for index, x, c in batches:
-            with self.amp.autocast():
-                record = objective.forward(model, x, c)
-            record.index = index
-            extra: dict[str, float] = {}
-            for reg, opt in reg_opts:
-                if opt is not None:
-                    extra.update(reg.update(record, opt))
-            with self.amp.autocast():
-                loss, terms = objective.loss(model, record)
+            record, loss, terms, extra = self.forward_step(x, c, index)
             value = loss.item()
+            n = x.shape[0]
+            step_sums = {k: (value if k == "loss" else v.item()) * n for k, v in terms.items()}
+            for k, v in extra.items():
+                step_sums[k] = step_sums.get(k, 0.0) + float(v) * n
+            step_sums, bs = self.dist.batch_sums(step_sums, n)  # under torchrun: summed over the ranks' shares
+            value = step_sums["loss"] / bs if "loss" in step_sums else value  # the global batch's loss
             self.step += 1
             if not math.isfinite(value):
                 raise TrainingError(self._nan_message(value, epoch))
             main_opt.zero_grad(set_to_none=True)
-            self.amp.step(loss, main_opt)
+            scale = self.dist.loss_scale(n, bs)  # DDP averages the ranks' gradients: this makes it the global batch's
+            self.amp.step(loss if scale == 1 else loss * scale, main_opt)
             for reg in model.regularizers:
                 reg.on_step_end(self, record)
-            bs = x.shape[0]
             count += bs
             position += 1
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + (value if k == "loss" else v.item()) * bs
-            for k, v in extra.items():
-                sums[k] = sums.get(k, 0.0) + float(v) * bs
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
             if bar is not None:
                 elapsed = time.perf_counter() - start
                 bar.update(epoch, count, elapsed, sums)
             checkpoint.kill_point("step")
+            self.stop_reason = self.dist.agree_stop(self.stop_reason)
             if self.stop_reason is not None:
                 break
             at_limit = bool(limit) and self.step >= limit
@@ -572,10 +609,30 @@ class Trainer:
         seconds = before + time.perf_counter() - start
         return {k: v / count for k, v in sums.items()}, seconds
 
+    def _forward_step(self, x: torch.Tensor, c: torch.Tensor | None, index: torch.Tensor):
+        """One step's forward on the batch ``x [B, *S]`` (labels ``c [B]``, positions ``index [B]``): the
+        objective's forward, the regularizers' own updates (the AAE discriminator's step), the loss.
+        Returns ``(record, loss, terms, extra)``; under torchrun it runs inside DistributedDataParallel."""
+        model, objective = self.model, self.objective
+        with self.amp.autocast():
+            record = objective.forward(model, x, c)
+        record.index = index
+        extra: dict[str, float] = {}
+        for i, reg in enumerate(model.regularizers):
+            opt = self.optimizers.get(f"regularizer{i}")
+            if opt is not None:
+                extra.update(reg.update(record, self.dist.sync_optimizer(opt)))
+        with self.amp.autocast():
+            loss, terms = objective.loss(model, record)
+        return record, loss, terms, extra
+
     def _test_metrics(self) -> dict[str, float]:
         """Test-set ELBO terms, nats: the seeded estimate (:data:`~vaekit.evaluation.EVAL_SEED`) that
-        ``vaekit eval`` reports too, drawn without touching the training RNG streams."""
-        return {f"test_{k}": v for k, v in elbo_summary(self.model, self.test_x, seed=EVAL_SEED, c=self.test_y).items()}
+        ``vaekit eval`` reports too, drawn without touching the training RNG streams.  Under torchrun each
+        rank evaluates its share of the test set (its own seed) and the means are sample-weighted."""
+        x = self.dist.rows(self.test_x)
+        summary = elbo_summary(self.model, x, seed=self.dist.eval_seed(EVAL_SEED), c=self.dist.rows(self.test_y))
+        return {f"test_{k}": v for k, v in self.dist.weighted_mean(summary, len(x)).items()}
 
     def _checkpoint(self, epoch: int, record: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> None:
         """Commit a checkpoint (:func:`~vaekit.checkpoint.save_checkpoint`) after ``epoch`` completed epochs:
@@ -586,11 +643,14 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():
                 raise TrainingError(f"parameter {name} became NaN/inf in {where}; " + self._kept())
+        self.dist.check_same(self.model, where)
         metrics = self.metrics_log + ([record] if record is not None else [])
         extra = {f"regularizer{i}.{k}": v for i, reg in enumerate(self.model.regularizers)
                  for k, v in reg.training_state().items()}
+        extra.update(self.dist.rng_extra())  # under torchrun: every rank's noise stream
         ckpt = checkpoint.Checkpoint(epoch, self.step, metrics=metrics, extra=extra, **(partial or {}))
-        checkpoint.save_checkpoint(self.run_dir, ckpt, self.model, self.optimizers, self.generator, self.amp)
+        self.dist.on_main(lambda: checkpoint.save_checkpoint(self.run_dir, ckpt, self.model, self.optimizers,
+                                                             self.generator, self.amp))  # rank 0 writes
         self.metrics_log = metrics
         if record is not None:
             self.history.append(record)

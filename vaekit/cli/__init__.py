@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Annotated
 
 import typer
@@ -24,12 +25,21 @@ def _debug_requested(ctx: typer.Context | None) -> bool:
 
 
 def report_error(e: BaseException) -> None:
-    """Print one readable line for ``e`` on stderr."""
+    """Print one readable line for ``e`` on stderr.  Under torchrun an error every rank knows of is printed by
+    rank 0 alone (:func:`vaekit.distributed.reported_by_main`); a rank's own error is prefixed ``rank N:``."""
+    from ..distributed import PEER_GRACE, env_rank, launched, reported_by_main
+
+    if reported_by_main(e):
+        time.sleep(PEER_GRACE)  # torchrun stops the other ranks when this one exits: let rank 0 print first
+        return
+    rank = env_rank() if launched() else 0
     if isinstance(e, VaekitError):
-        msg = str(e)
+        msg = str(e) if not rank else f"rank {rank}: {e}"
     else:
         first = first_line(e, limit=10_000, empty="")
         msg = f"unexpected {type(e).__name__}: {first} (run with --debug for the traceback)"
+        if rank:
+            msg = f"rank {rank}: {msg}"
     typer.echo(f"error: {msg}", err=True)
 
 

@@ -80,5 +80,7 @@ def run(
             cfg = cfg.replace(prior=PluginSpec(cfg.prior.name, {**cfg.prior.options, "fused": False}))
         cfg = RunConfig.from_dict(cfg.to_dict())  # re-validate the flags
         result = train(cfg, quiet=quiet, progress=not no_progress, figures=not no_figures, overwrite=overwrite)
-    if not quiet:
+    from ..distributed import env_rank
+
+    if not quiet and env_rank() == 0:  # under torchrun: rank 0 alone
         typer.echo(f"run written to {result.run_dir}")
