@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import gc
 import os
+import zlib
 from datetime import timedelta
 from typing import Any, Callable
 
@@ -55,19 +56,44 @@ class PeerError(VaekitError):
 
 
 def reported_by_main(error: BaseException) -> bool:
-    """True if ``error``, raised on a rank other than 0 once the process group is up, is printed by rank 0,
-    so this rank prints nothing: every VaekitError of a connected rank is met by rank 0 too (the same
-    configuration, the same global loss) or shared with it (:meth:`Distributed.agree`), as is any error
-    inside ``agree``.  Errors of a rank before the process group is up (a rendezvous that times out) are
-    its own, and so is an unexpected error outside ``agree``."""
-    return (_connected and env_rank() != 0
-            and (isinstance(error, VaekitError) or getattr(error, "vaekit_shared", False)))
+    """True if ``error``, raised on a rank other than 0, is printed by another rank, so this rank prints nothing.
+
+    Once the process group is up that holds only for errors every rank knows of: a :class:`PeerError`
+    and errors marked :func:`mark_shared` (any error inside :meth:`Distributed.agree` or
+    :meth:`Distributed.settle`, and errors global by construction: a NaN in the global batch's loss,
+    parameters that differ, loss terms that differ).  A rank's own error (a batch share it cannot read
+    outside ``settle``, an out-of-memory on its GPU) is printed by that rank, prefixed ``rank N:``.
+    Before the process group is up every rank runs the same command line on the same files, so a
+    VaekitError (a configuration error, ``--resume`` of a missing run) is printed by each node's
+    ``LOCAL_RANK`` 0 alone: once on one machine."""
+    if not launched() or env_rank() == 0:
+        return False
+    if not _connected:
+        return isinstance(error, VaekitError) and env_local_rank() != 0
+    return isinstance(error, PeerError) or getattr(error, "vaekit_shared", False)
+
+
+def mark_shared(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised on every rank alike (rank 0 prints it: :func:`reported_by_main`); returns it."""
+    try:
+        error.vaekit_shared = True
+    except AttributeError:
+        pass
+    return error
 
 
 def env_rank() -> int:
     """This process's rank under ``torchrun`` (``RANK``), 0 otherwise."""
     try:
         return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def env_local_rank() -> int:
+    """This process's rank on its machine under ``torchrun`` (``LOCAL_RANK``, else ``RANK``), 0 otherwise."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", env_rank()))
     except ValueError:
         return 0
 
@@ -114,6 +140,10 @@ class Single:
 
     def check_batches(self, n: int, batch_size: int) -> None:
         """Raise ConfigError if a batch of ``n`` samples in batches of ``batch_size`` leaves a rank without data."""
+
+    def check_regularizers(self, regularizers) -> None:
+        """Raise ConfigError if a regularizer cannot train on several processes
+        (:attr:`Regularizer.supports_distributed <vaekit.interfaces.Regularizer.supports_distributed>` False)."""
 
     def seed_streams(self, seed: int) -> None:
         """Give this rank's global RNG its own stream (:func:`rank_seed`); rank 0 keeps its stream."""
@@ -162,6 +192,12 @@ class Single:
     def agree(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on every rank; if it raised on any, every rank raises (PeerError where it did not)."""
         return fn()
+
+    def settle(self, error: BaseException | None) -> None:
+        """Raise ``error`` (collective: if any rank passes an error, every rank raises, PeerError
+        ``"rank R of W failed: ..."`` where it passed None); return if no rank failed."""
+        if error is not None:
+            raise error
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 alone and return its result on every rank (its error too, as PeerError elsewhere)."""
@@ -214,6 +250,12 @@ class Distributed(Single):
                               f"{w} processes that share it: choose a --batch-size that leaves 0 or >= {w} samples "
                               f"over (e.g. {fits})")
 
+    def check_regularizers(self, regularizers) -> None:
+        refused = [reg.name for reg in regularizers if not getattr(reg, "supports_distributed", True)]
+        if refused:
+            raise ConfigError(f"{', '.join(refused)} cannot train on {self.world_size} processes (it keeps per-sample "
+                              "state: supports_distributed is False): train it in one process, without torchrun")
+
     def seed_streams(self, seed: int) -> None:
         self.seeds = [rank_seed(seed, r) for r in range(self.world_size)]
         if self.rank:
@@ -262,9 +304,23 @@ class Distributed(Single):
         return _SyncedOptimizer(optimizer, self)
 
     def batch_sums(self, sums: dict[str, float], n: int) -> tuple[dict[str, float], int]:
+        """Raises TrainingError (on every rank) if the ranks' ``sums`` do not hold the same names: a plugin
+        that returns a term on some ranks only (a penalty of None)."""
         import torch.distributed as dist
 
-        keys = list(sums)
+        keys = sorted(sums)
+        code = float(zlib.crc32("\0".join(keys).encode()))  # the names agree: MAX(code) == MIN(code)
+        check = torch.tensor([code, -code], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(check, op=dist.ReduceOp.MAX)
+        if check[0].item() != -check[1].item():
+            names: list[Any] = [None] * self.world_size
+            dist.all_gather_object(names, keys)
+            from .errors import TrainingError
+
+            raise mark_shared(TrainingError(
+                f"the {self.world_size} processes' loss terms (or metrics) differ: "
+                + "; ".join(f"rank {r} has {', '.join(k) or 'none'}" for r, k in enumerate(names))
+                + ": a plugin returned a term (a penalty) on some ranks only; it must return a tensor on every rank"))
         t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t)
         values = t.tolist()
@@ -287,25 +343,28 @@ class Distributed(Single):
     # --- agreement ----------------------------------------------------------------------------
 
     def agree(self, fn: Callable[[], Any]) -> Any:
-        import torch.distributed as dist
-
         try:
             result, error = fn(), None
         except Exception as e:  # noqa: BLE001 - shared with the other ranks, then raised
             result, error = None, e
+        self.settle(error)
+        return result
+
+    def settle(self, error: BaseException | None) -> None:
+        import torch.distributed as dist
+
+        # one small all-reduce when no rank failed; the messages are gathered only when one did
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=self._comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return
         failures: list[Any] = [None] * self.world_size
         dist.all_gather_object(failures, None if error is None else str(error).splitlines()[0] if str(error)
                                else type(error).__name__)
         if error is not None:
-            try:
-                error.vaekit_shared = True  # every rank knows of it: rank 0 reports it (reported_by_main)
-            except AttributeError:
-                pass
-            raise error
-        for rank, message in enumerate(failures):
-            if message is not None:
-                raise PeerError(f"rank {rank} of {self.world_size} failed: {message}")
-        return result
+            raise mark_shared(error)  # every rank knows of it: rank 0 reports it (reported_by_main)
+        rank, message = next((r, m) for r, m in enumerate(failures) if m is not None)
+        raise PeerError(f"rank {rank} of {self.world_size} failed: {message}")
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
         import torch.distributed as dist
@@ -353,8 +412,8 @@ class Distributed(Single):
         differ = torch.tensor([int(not torch.equal(mine, first))], device=self._comm_device())
         dist.all_reduce(differ, op=dist.ReduceOp.MAX)
         if differ.item():
-            raise TrainingError(f"the {self.world_size} processes' parameters differ in {where}: a plugin changed them "
-                                "outside the optimizer on one rank; nothing was written")
+            raise mark_shared(TrainingError(f"the {self.world_size} processes' parameters differ in {where}: a plugin "
+                                            "changed them outside the optimizer on one rank; nothing was written"))
 
     def close(self, finished: bool = True) -> None:
         import torch.distributed as dist
@@ -466,5 +525,5 @@ def connect(device: torch.device) -> Single:
     return Distributed(device, rank, world_size, local_rank, backend)
 
 
-__all__ = ["DEFAULT_TIMEOUT", "Distributed", "PEER_GRACE", "PeerError", "Single", "TIMEOUT_ENV", "connect", "env_rank",
-           "launched", "rank_seed", "reported_by_main", "timeout"]
+__all__ = ["DEFAULT_TIMEOUT", "Distributed", "PEER_GRACE", "PeerError", "Single", "TIMEOUT_ENV", "connect",
+           "env_local_rank", "env_rank", "launched", "mark_shared", "rank_seed", "reported_by_main", "timeout"]

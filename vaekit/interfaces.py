@@ -294,6 +294,12 @@ class Regularizer(Plugin):
     prior's KL) is the whole loss — pure DEC (Xie et al. 2016) trains the encoder on KL(P‖Q) alone.
     An instance attribute may set it from an option.  Objectives that cannot drop it (``iwae``, a
     bound on log p(x)) refuse such a regularizer with a ConfigError."""
+    supports_distributed: bool = True
+    """False if this regularizer cannot train on several ``torchrun`` processes: it keeps per-sample
+    state indexed by ``record.index`` (DEC's target distribution, DCN's assignments), which each rank
+    would update for its own share of the batch only, so the ranks' states part.  ``vaekit run`` under
+    torchrun refuses such a regularizer with a ConfigError (docs/scaling.md).  Penalties that are a
+    mean of per-sample terms are exact under torchrun; batch statistics (MMD) are each rank's own."""
 
     def __init__(self, latent_dim: int, data_shape: tuple[int, ...], weight: float = 1.0) -> None:
         """Raises ConfigError, naming :attr:`name`, for a ``weight`` that is not a finite number ≥ 0
@@ -331,7 +337,9 @@ class Regularizer(Plugin):
         return self.transform_latent(z)
 
     def penalty(self, record: StepOutput) -> torch.Tensor | None:
-        """A scalar penalty (already averaged over the batch), or None."""
+        """A scalar penalty (already averaged over the batch), or None for no penalty.  Return None for
+        every training batch or for none: under torchrun the ranks' loss terms must have the same names
+        at every step (a rank's share may hold a single sample), else the run stops with a TrainingError."""
         return None
 
     def configure_optimizer(self) -> torch.optim.Optimizer | None:

@@ -198,6 +198,7 @@ def check_regularizer(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[i
     """The regularizer inside a small composed VAE: bound, its own optimizer stepped, its penalty in the loss."""
     reg = _build(info, latent_dim=latent_dim, data_shape=data_shape)
     assert isinstance(reg, Regularizer), f"regularizer {info.name!r} must subclass vaekit.Regularizer"
+    assert isinstance(reg.supports_distributed, bool), f"regularizer {info.name!r}: supports_distributed must be a bool"
     x = torch.rand((BATCH,) + tuple(data_shape))
     assert reg.corrupt(x).shape == x.shape, f"regularizer {info.name!r}: corrupt changed the shape"
     z = torch.randn(BATCH, latent_dim, requires_grad=True)
@@ -208,6 +209,11 @@ def check_regularizer(info: PluginInfo, latent_dim: int = 4, data_shape: tuple[i
     penalty = reg.penalty(record)
     if penalty is not None:
         assert penalty.dim() == 0 and torch.isfinite(penalty), f"regularizer {info.name!r}: penalty must be a finite scalar"
+    # under torchrun a rank's share of a batch may be one sample: its loss terms must have the same names
+    one = reg.penalty(model(torch.rand((1,) + tuple(data_shape)).round()))
+    assert (one is None) == (penalty is None), (
+        f"regularizer {info.name!r}: penalty is {'None' if one is None else 'a tensor'} for a batch of one sample but "
+        f"{'None' if penalty is None else 'a tensor'} for {BATCH}: return a tensor (or None) for every batch")
     _export_or_refuse(model, info, "regularizer")
     return reg
 

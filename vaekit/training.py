@@ -177,6 +177,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.shape, self.pm, num_classes=self.data.num_classes).to(self.device)
         self.objective = build_objective(cfg, self.model, self.pm)
+        self.dist.check_regularizers(self.model.regularizers)  # under torchrun: refuses supports_distributed False
         lik = self.model.likelihood
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
         check_inputs(lik, self.data.train.extremes(), self.binarize, "the training data")  # per-pixel min and max
@@ -486,6 +487,7 @@ class Trainer:
                 self.pm.hook.vaekit_epoch_end(trainer=self, epoch=epoch, metrics=record)
                 for reg in self.model.regularizers:
                     reg.on_epoch_end(self, epoch)
+                self.stop_reason = self.dist.agree_stop(self.stop_reason)  # a hook's stop on one rank stops every rank
                 if self.stop_reason is not None:  # after the hooks: a stop they request is committed too
                     record["stopped"] = self.stop_reason
                 self._checkpoint(epoch, record)  # the record is committed with the epoch's checkpoint
@@ -568,7 +570,16 @@ class Trainer:
         every, limit = self.config.checkpoint_every, self.config.max_steps
         main_opt = self.optimizers["model"]
         start = time.perf_counter()
-        for index, x, c in batches:
+        batches = iter(batches)
+        while True:
+            try:  # a rank's own read failure (a file it cannot decode) stops every rank before the step
+                index, x, c = next(batches)
+                failure = None
+            except StopIteration:  # every rank has as many batches
+                break
+            except Exception as e:  # noqa: BLE001 - settled with the other ranks, then raised
+                failure = e
+            self.dist.settle(failure)  # under torchrun: PeerError "rank R of W failed: ..." on the others
             record, loss, terms, extra = self.forward_step(x, c, index)
             value = loss.item()
             n = x.shape[0]
@@ -579,7 +590,7 @@ class Trainer:
             value = step_sums["loss"] / bs if "loss" in step_sums else value  # the global batch's loss
             self.step += 1
             if not math.isfinite(value):
-                raise TrainingError(self._nan_message(value, epoch))
+                raise distributed.mark_shared(TrainingError(self._nan_message(value, epoch)))  # the global loss
             main_opt.zero_grad(set_to_none=True)
             scale = self.dist.loss_scale(n, bs)  # DDP averages the ranks' gradients: this makes it the global batch's
             self.amp.step(loss if scale == 1 else loss * scale, main_opt)

@@ -25,8 +25,9 @@ def _debug_requested(ctx: typer.Context | None) -> bool:
 
 
 def report_error(e: BaseException) -> None:
-    """Print one readable line for ``e`` on stderr.  Under torchrun an error every rank knows of is printed by
-    rank 0 alone (:func:`vaekit.distributed.reported_by_main`); a rank's own error is prefixed ``rank N:``."""
+    """Print one readable line for ``e`` on stderr.  Under torchrun an error every rank knows of (an error shared
+    through the process group; before it is up, a configuration error) is printed by rank 0 alone
+    (:func:`vaekit.distributed.reported_by_main`); a rank's own error is prefixed ``rank N:``."""
     from ..distributed import PEER_GRACE, env_rank, launched, reported_by_main
 
     if reported_by_main(e):
@@ -52,7 +53,10 @@ class VaekitGroup(TyperGroup):
         except (typer.Exit, typer.Abort, typer.TyperException):  # usage errors and exits: Typer's own handling
             raise
         except KeyboardInterrupt:
-            typer.echo("error: interrupted", err=True)
+            from ..distributed import env_rank, launched
+
+            if not launched() or env_rank() == 0:  # torchrun passes Ctrl-C to every rank: rank 0 says it
+                typer.echo("error: interrupted", err=True)
             raise typer.Exit(130)
         except Exception as e:  # noqa: BLE001 - the CLI's one place that reports every failure
             if _debug_requested(ctx):

@@ -188,10 +188,13 @@ class MMD(_LatentMatching):
         self.kernel = kernel
         self.scales = tuple(2.0 * self.latent_dim * float(s) for s in scales)
 
-    def penalty(self, record: StepOutput) -> torch.Tensor | None:
+    def penalty(self, record: StepOutput) -> torch.Tensor:
+        """The unbiased MMD² of the batch's codes ``z [B, d]`` against ``B`` prior draws; 0 for ``B < 2``
+        (a last batch of one sample, or a torchrun rank's share of one: no unbiased estimate; a tensor
+        all the same, so every rank logs the term)."""
         z = record.z
-        if z.shape[0] < 2:  # a last batch of one sample has no unbiased estimate
-            return None
+        if z.shape[0] < 2:
+            return z.sum() * 0.0  # counts as 0 in the epoch's mean, as the missing term did before
         z_p = self.latent_target(z).sample((z.shape[0],))
         return mmd2_unbiased(z, z_p, self.kernel, self.scales)
 

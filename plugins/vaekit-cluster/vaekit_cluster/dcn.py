@@ -44,6 +44,7 @@ class DCN(Regularizer):
     """
 
     name = "dcn"
+    supports_distributed = False  # per-sample state indexed by record.index
 
     def __init__(self, latent_dim, data_shape, *, k: int = 10, weight: float = 1.0) -> None:
         super().__init__(latent_dim, data_shape, weight)

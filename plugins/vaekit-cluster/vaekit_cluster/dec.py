@@ -88,6 +88,7 @@ class DEC(Regularizer):
     """
 
     name = "dec"
+    supports_distributed = False  # per-sample state indexed by record.index
 
     def __init__(self, latent_dim, data_shape, *, k: int = 10, alpha: float = 1.0, update_interval: int = 140,
                  tol: float = 0.001, recon: bool = True, weight: float = 0.1) -> None:
