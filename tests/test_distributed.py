@@ -287,3 +287,140 @@ def test_rank_streams_are_distinct_and_rank_0_keeps_the_seed():
     assert distributed.rank_seed(7, 0) == 7
     seeds = {distributed.rank_seed(s, r) for s in range(3) for r in range(1, 5)}
     assert len(seeds) == 12 and all(0 <= s < 2**62 for s in seeds)
+
+
+# --- the collectives at unit level: two ranks started by hand ------------------------------------
+
+COLLECTIVES = r"""
+import json, torch
+from vaekit import distributed
+from vaekit.errors import DataError
+torch.set_num_threads(1)
+group = distributed.connect(torch.device("cpu"))
+r = group.rank
+out = {}
+# a regularizer's own optimizer: uneven shares 3 + 2 of a global batch of 5, each rank its own gradient
+w = torch.nn.Parameter(torch.arange(6, dtype=torch.float64).reshape(2, 3))
+w.grad = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
+group.begin_batch(5, group.share(5)[1] - group.share(5)[0])
+group.sync_optimizer(torch.optim.SGD([w], lr=1.0)).step()
+out["w"] = w.detach().tolist()
+# loss terms: the same names in another order are summed by name
+sums, n = group.batch_sums({"loss": 1.0 + r, "mmd": 10.0 * (r + 1)} if r else {"mmd": 10.0, "loss": 1.0}, 3 - r)
+out["sums"], out["n"] = sums, n
+# names that differ (a penalty missing on rank 1): one line on every rank, nothing summed by mistake
+try:
+    group.batch_sums({"loss": 1.0, "mmd": 1.0} if r == 0 else {"loss": 1.0}, 1)
+except Exception as e:
+    out["names"] = [type(e).__name__, str(e), distributed.reported_by_main(e)]
+# a failure on rank 1 alone (its share of a batch it cannot read), settled before the step
+try:
+    group.settle(DataError("cannot read image 'x.png': image file is truncated") if r == 1 else None)
+except Exception as e:
+    out["failure"] = [type(e).__name__, str(e), distributed.reported_by_main(e)]
+out["own"] = distributed.reported_by_main(DataError("rank's own"))  # not shared: the rank prints it itself
+group.close()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_collectives_of_two_ranks(tmp_path):
+    env = _env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), VAEKIT_DIST_TIMEOUT="60")
+    procs = [subprocess.Popen([sys.executable, "-c", COLLECTIVES], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    got = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    # _SyncedOptimizer: SGD(lr=1) steps by the gradient of the global batch's mean loss, Σ_r (B_r / B) g_r
+    g = [torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    expected = torch.arange(6, dtype=torch.float64).reshape(2, 3) - (3 / 5 * g[0] + 2 / 5 * g[1])
+    for r in range(2):  # seen: max |Δ| 0.0 (a plain mean (g0 + g1) / 2 is off by ~0.1)
+        assert torch.allclose(torch.tensor(got[r]["w"], dtype=torch.float64), expected, atol=1e-12, rtol=0)
+    assert got[0]["sums"] == got[1]["sums"] == {"loss": 3.0, "mmd": 30.0} and got[0]["n"] == 5
+    message = ("the 2 processes' loss terms (or metrics) differ: rank 0 has loss, mmd; rank 1 has loss: a plugin "
+               "returned a term (a penalty) on some ranks only; it must return a tensor on every rank")
+    assert got[0]["names"] == ["TrainingError", message, False] and got[1]["names"] == ["TrainingError", message, True]
+    # rank 0 prints the failure of rank 1 (named), rank 1 stays silent
+    assert got[0]["failure"] == ["PeerError", "rank 1 of 2 failed: cannot read image 'x.png': image file is truncated",
+                                 False]
+    assert got[1]["failure"] == ["DataError", "cannot read image 'x.png': image file is truncated", True]
+    assert got[1]["own"] is False
+
+
+@pytest.mark.parametrize("connected", [False, True])
+def test_what_a_rank_other_than_0_prints(monkeypatch, capsys, connected):
+    from vaekit.cli import report_error
+    from vaekit.errors import DataError
+
+    monkeypatch.setattr(distributed, "PEER_GRACE", 0.0)
+    monkeypatch.setattr(distributed, "_connected", connected)
+    for name, value in dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    report_error(ConfigError("run directory /x does not exist"))  # every rank reads the same command line
+    report_error(distributed.mark_shared(DataError("shared")))
+    report_error(distributed.PeerError("rank 0 of 2 failed: disk full"))
+    report_error(DataError("cannot read image 'a.png'"))  # this rank's own
+    report_error(RuntimeError("boom"))  # not vaekit's: every rank says it
+    lines = capsys.readouterr().err.splitlines()
+    boom = "error: rank 1: unexpected RuntimeError: boom (run with --debug for the traceback)"
+    if connected:  # the process group is up: only errors shared through it are left to rank 0
+        assert lines == ["error: rank 1: run directory /x does not exist", "error: rank 1: cannot read image 'a.png'",
+                         boom]
+    else:  # before it every rank runs the same command line on the same files: LOCAL_RANK 0 prints (once a machine)
+        assert lines == [boom]
+
+
+def test_ctrl_c_is_reported_by_rank_0_alone(monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from vaekit.cli import VaekitGroup
+
+    app = typer.Typer(cls=VaekitGroup)
+
+    @app.command()
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    for rank, shown in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        done = CliRunner().invoke(app, ["stop"])
+        assert done.exit_code == 130 and ("error: interrupted" in done.output) is shown
+
+
+def test_regularizers_with_per_sample_state_are_refused_under_torchrun():
+    from vaekit.plugins.regularizers import MMD, Sparsity
+
+    class PerSample(Sparsity):
+        name = "persample"
+        supports_distributed = False
+
+    group = distributed.Distributed(torch.device("cpu"), 0, 2, 0, "gloo")  # no process group needed
+    group.check_regularizers([Sparsity(4, (1, 8, 8)), MMD(4, (1, 8, 8))])
+    with pytest.raises(ConfigError, match=r"^persample cannot train on 2 processes \(it keeps per-sample state: "
+                                          r"supports_distributed is False\)"):
+        group.check_regularizers([Sparsity(4, (1, 8, 8)), PerSample(4, (1, 8, 8))])
+    distributed.Single(torch.device("cpu")).check_regularizers([PerSample(4, (1, 8, 8))])  # one process: fine
+
+
+def test_every_regularizer_that_keeps_per_sample_state_declares_it():
+    # meta-test over the sources: a Regularizer subclass reading record.index (state per training sample) must set
+    # supports_distributed = False (the DEC/DCN of plugins/vaekit-cluster do)
+    import ast
+
+    files = [*(ROOT / "vaekit").rglob("*.py"), *(ROOT / "plugins").rglob("*.py")]
+    flagged = {}
+    for path in files:
+        tree = ast.parse(path.read_text())
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            if "record.index" in ast.unparse(cls) and any("Regularizer" in ast.unparse(b) for b in cls.bases):
+                flags = [n for n in cls.body if isinstance(n, ast.Assign)
+                         and any(getattr(t, "id", "") == "supports_distributed" for t in n.targets)]
+                flagged[cls.name] = bool(flags) and ast.literal_eval(flags[0].value) is False
+    assert {"DEC", "DCN"} <= set(flagged)
+    assert all(flagged.values()), flagged
