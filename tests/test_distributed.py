@@ -459,3 +459,32 @@ def test_lazy_npy_with_workers_max_steps_and_a_penalty_under_torchrun_and_resume
     assert m1[0]["train_loss"] == pytest.approx(m2[0]["train_loss"], abs=1e-4)
     assert m1[0]["train_contractive"] == pytest.approx(m2[0]["train_contractive"], rel=1e-5)
     assert "train_mmd" in m1[0] and "train_mmd" in m2[0]
+
+
+@pytest.mark.slow  # launches torchrun: 2 processes import torch
+def test_an_image_only_rank_1_cannot_read_stops_every_rank_in_one_line(tmp_path):
+    # review 14's repro: truncated PNGs only in rank 1's share of the first global batch of a lazy folder
+    from PIL import Image
+
+    from vaekit.data import load_mnist5k, load_path
+
+    folder = tmp_path / "pngs"
+    d = load_mnist5k(20, 1).keep_classes([0, 1, 2])
+    for i, (x, y) in enumerate(zip(d.train.values.squeeze(1).numpy(), d.train_y.tolist())):
+        (folder / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x, mode="L").save(folder / str(y) / f"{i:03d}.png")
+    files = load_path(str(folder), lazy="true").train.files
+    perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))  # the first epoch's shuffle
+    broken = [int(i) for i in perm[8:16] if int(i) > 1]  # rank 1's share of batch 1 (B = 16); 0, 1: the warm-up's
+    for i in broken:
+        files[i].write_bytes(files[i].read_bytes()[:60])  # the header intact: the folder still loads
+    start = time.monotonic()
+    done = torchrun("--data", f"file:path={folder},lazy=true", "--encoder", "mlp:hidden=8", "--epochs", "1",
+                    "--batch-size", "16", "--out", str(tmp_path / "run"), "--no-figures", "--no-progress", timeout=120,
+                    VAEKIT_DIST_TIMEOUT="60")
+    assert done.returncode != 0 and time.monotonic() - start < 60  # no rank waits for the timeout
+    # before: only rank 0's "unexpected RuntimeError: ... Connection closed by peer"
+    errors = _errors(done)
+    assert len(errors) == 1 and re.fullmatch(r"error: rank 1 of 2 failed: cannot read image '.*\.png': image file "
+                                             r"is truncated.*", errors[0]), done.stderr[-2000:]
+    assert _no_vaekit_traceback(done)
