@@ -151,8 +151,19 @@ ADVERSARIAL = r"""
 import os, sys, torch
 torch.set_num_threads(1)
 import vaekit
-result = vaekit.train(data="digits", encoder="mlp:hidden=32", prior="none", latent_dim=2, epochs=1, batch_size=205,
-                      regularizers=["adversarial:width=16,depth=1"], out=sys.argv[1], quiet=True, figures=False)
+from vaekit.manager import PluginManager
+
+
+class StopOnRank1:  # a convergence test that decides differently on one rank: every rank must stop with it
+    @vaekit.hookimpl
+    def vaekit_epoch_end(self, trainer, epoch, metrics):
+        if os.environ.get("RANK") == "1":
+            trainer.request_stop("converged on rank 1")
+
+
+result = vaekit.train(data="digits", encoder="mlp:hidden=32", prior="none", latent_dim=2, epochs=3, batch_size=205,
+                      regularizers=["adversarial:width=16,depth=1"], out=sys.argv[1], quiet=True, figures=False,
+                      pm=PluginManager([StopOnRank1()]))
 torch.save(result.model.state_dict(), os.path.join(sys.argv[2], "rank%s.pt" % os.environ.get("RANK", "0")))
 """
 
@@ -172,7 +183,11 @@ def test_the_adversarial_discriminator_stays_the_same_on_every_rank(tmp_path):
     # the two stay identical (seen: every tensor equal; without the averaging they differ by ~1e-3 after
     # one step and the run stops at its checkpoint with "parameters differ")
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
-    assert "train_adversarial_d_loss" in _metrics(tmp_path / "run")[-1]  # the discriminator did train
+    metrics = _metrics(tmp_path / "run")
+    assert "train_adversarial_d_loss" in metrics[-1]  # the discriminator did train
+    # the stop one rank's epoch-end hook asked for is agreed: both ranks stop after epoch 1 (before: rank 0 went on
+    # to epoch 2 alone and the collectives no longer matched)
+    assert [m["epoch"] for m in metrics] == [1] and metrics[0]["stopped"] == "converged on rank 1"
 
 
 # --- bad input: one line, every rank exits -------------------------------------------------------
