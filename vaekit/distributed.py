@@ -15,10 +15,17 @@ What :class:`Distributed` does (docs/scaling.md):
   so the average is the gradient of the global batch's mean loss, an uneven last batch too.
 * Regularizers with their own optimizer (the AAE discriminator) get their gradients averaged the
   same way before each of their steps (:class:`_SyncedOptimizer`), so they stay identical on every rank.
-* Each step's loss terms are summed over the ranks (sample-weighted means), so every rank sees the
+* Each step's loss terms are summed over the ranks (sample-weighted means), by name: the ranks
+  check first that they have the same names (:meth:`Distributed.batch_sums`).  Every rank sees the
   global batch's loss (a NaN on one rank stops them all) and the metrics are the global ones.
-* Rank 0 alone writes the run directory (:meth:`Distributed.on_main`); an error on any rank is
-  shared with the others (:meth:`Distributed.agree`), so none waits for a peer that failed.
+* Rank 0 alone writes the run directory (:meth:`Distributed.on_main`); an error on any rank while
+  setting up, loading or writing is shared with the others (:meth:`Distributed.agree`), and so is a
+  failure to read a rank's share of a batch (the trainer :meth:`Distributed.settle`\ s each batch's
+  reading before the step), so none waits for a peer that failed and rank 0 prints ``rank R of W
+  failed: ...`` once (:func:`reported_by_main`).
+* Regularizers with ``supports_distributed = False`` (per-sample state) are refused
+  (:meth:`Distributed.check_regularizers`); a stop requested on any rank is agreed after each step
+  and after the epoch-end hooks (:meth:`Distributed.agree_stop`).
 * Each rank draws its noise (the VAE's ε) from its own global RNG stream, seeded from ``(seed,
   rank)`` (:func:`rank_seed`; rank 0 keeps the one-process stream) and saved with every checkpoint.
 
