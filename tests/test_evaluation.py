@@ -380,3 +380,85 @@ def test_notebook_evaluate_takes_a_train_result_and_leaves_the_rng_alone(tmp_pat
     result = vaekit.evaluate(run, nll_samples=5)
     assert torch.equal(before, torch.get_rng_state())
     assert result["elbo"] == pytest.approx(run.metrics["test_elbo"], abs=1e-5)
+
+
+# --- the test set evaluated by several processes (torchrun) -----------------------------------------
+
+def _trainer(tmp_path, **config):
+    """A set-up Trainer (nothing trained) of ``config``, in one process."""
+    from vaekit.config import RunConfig
+    from vaekit.training import Trainer
+
+    t = Trainer(RunConfig(encoder="mlp:hidden=16", latent_dim=2, out=str(tmp_path / "run"), **config), quiet=True)
+    t.setup()
+    t._unlock()
+    return t
+
+
+def _on_ranks(trainer, world: int) -> tuple[list[dict], list[int]]:
+    """``trainer._test_metrics()`` as each of ``world`` ranks computes it under torchrun, without processes, and
+    the rows each rank evaluated.  Rank r is a :class:`vaekit.distributed.Distributed` (its own ``share`` of the
+    batches) whose ``batch_sums`` is an all-reduce of what every rank sends: gloo sums the values by position,
+    so the ranks must send the same terms in the same order (asserted)."""
+    from functools import partial
+
+    from vaekit.distributed import Distributed, Single
+
+    sent, rows = {}, []
+    hook = trainer.model.encoder.register_forward_hook(lambda mod, args, out: rows[-1].append(args[0].shape[0]))
+
+    def run(reduce):
+        results = []
+        rows.clear()
+        for r in range(world):
+            rank = Distributed(torch.device("cpu"), r, world, r, "gloo")  # share() needs no process group
+            rank.batch_sums = partial(reduce, r)
+            trainer.dist = rank
+            rows.append([])
+            results.append(trainer._test_metrics())
+        trainer.dist = Single(torch.device("cpu"))
+        return results
+
+    def record(r, sums, n):
+        sent[r] = (list(sums), list(sums.values()), n)
+        return sums, n
+
+    def all_reduce(r, sums, n):
+        return ({k: sum(sent[q][1][i] for q in range(world)) for i, k in enumerate(sent[0][0])},
+                sum(sent[q][2] for q in range(world)))
+
+    try:
+        run(record)
+        assert all(sent[r][0] == sent[0][0] for r in range(world)), [sent[r][0][:3] for r in range(world)]
+        results = run(all_reduce)
+    finally:
+        hook.remove()
+    return results, [sum(r) for r in rows]
+
+
+def test_sharded_evaluation_names_the_terms_as_the_whole_test_set_does(tmp_path):
+    """Review P1-c: with --binarize none a Bernoulli likelihood is a density only on binary data.  A test set
+    whose first 500 digits are binary (rank 0's evaluation batch under torchrun) and last 500 grey (rank 1's)
+    is reported as a loss by one process, and by each of 2 ranks alike: the decision is taken once, on the
+    whole test set, not on each rank's rows (before: rank 0 summed its log-likelihood and rank 1's loss
+    under one name)."""
+    import numpy as np
+
+    from vaekit.data import load_mnist5k
+
+    d = load_mnist5k(10, 100)
+    test = d.test_x.clone()
+    test[:500] = test[:500].round()
+    np.savez(tmp_path / "half.npz", x_train=d.train_x.numpy(), x_test=test.numpy())
+    t = _trainer(tmp_path, data=str(tmp_path / "half.npz"), prior="none", binarize="none")
+    one = t._test_metrics()
+    assert list(one) == ["test_loss_recon"]
+    # the loss is the Bernoulli cross-entropy of the reconstructions, summed over the pixels (torch's BCE)
+    with torch.no_grad():
+        bce = torch.nn.functional.binary_cross_entropy(t.model.reconstruct(test), test, reduction="sum") / len(test)
+    # seen: 550.51708 and 550.51709 (relative difference 2e-8; prior none: deterministic)
+    assert one["test_loss_recon"] == pytest.approx(float(bce), rel=1e-4)
+    ranks, rows = _on_ranks(t, 2)
+    assert rows == [500, 500] and [list(r) for r in ranks] == [list(one), list(one)]
+    for r in ranks:  # the sample-weighted mean of the two halves' means
+        assert r["test_loss_recon"] == pytest.approx(one["test_loss_recon"], rel=1e-6)

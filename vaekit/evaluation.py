@@ -18,6 +18,14 @@ ELBO_BATCH_SIZE = 500
 """Data points per forward pass of the test-set ELBO (training and :func:`evaluate` alike: the batches lay out the noise)."""
 
 
+def density_for(likelihood, x, batch_size: int = ELBO_BATCH_SIZE) -> bool:
+    """Whether ``likelihood`` is a normalised density for every data point of ``x [N, *S]``:
+    :meth:`~vaekit.interfaces.Likelihood.normalized_for` of each batch of ``batch_size`` rows, all of them
+    (the property is one of each data point).  What names the ELBO terms (:func:`elbo_summary`): decided
+    once for a whole test set, never per shard."""
+    return all(likelihood.normalized_for(x[i : i + batch_size]) for i in range(0, len(x), batch_size))
+
+
 @torch.no_grad()
 def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = ELBO_BATCH_SIZE,
                seed: int | None = None, c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -86,7 +94,7 @@ def importance_sampled_log_likelihood(
     """
     if not model.prior.stochastic:
         raise ConfigError("the importance-sampled NLL needs a prior and posterior; this is a deterministic autoencoder (prior 'none')")
-    if not model.likelihood.normalized_for(x):
+    if not density_for(model.likelihood, x):
         raise ConfigError(f"the NLL is undefined for the {type(model.likelihood).__name__} on this data: "
                           "it is a loss, not a normalised density (grey-level data under a Bernoulli likelihood: binarize it)")
     if num_samples < 1:
@@ -234,19 +242,22 @@ def evaluate_run(run, split: str = "test", nll_samples: int = 1000, batch_size: 
 
 
 def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED,
-                 c: torch.Tensor | None = None) -> dict[str, float]:
+                 c: torch.Tensor | None = None, normalized: bool | None = None) -> dict[str, float]:
     """Means over ``x`` of the seeded :func:`elbo_terms`, named by what they are (nats):
 
     ``elbo``, ``log_px``, ``kl`` for a VAE whose likelihood is a density for ``x``; ``log_px`` for
     a deterministic autoencoder; ``loss_recon`` (= −log_prob, a loss) and, for a VAE, ``kl`` where
-    the likelihood is not a normalised density for ``x``
-    (:meth:`~vaekit.interfaces.Likelihood.normalized_for`).  Training logs it each epoch with a
-    ``test_`` prefix; :func:`evaluate` reports it as is.
+    the likelihood is not a normalised density for ``x`` (``normalized``; None: decided here on
+    ``x`` by :func:`density_for`; a shard of a test set is given the decision taken on the whole
+    set, so that every rank names the terms alike).  Training logs it each epoch with a ``test_``
+    prefix; :func:`evaluate` reports it as is.
     """
     terms = elbo_terms(model, x, seed=seed, c=c)
     mean = {k: float(v.mean()) for k, v in terms.items()}
     stochastic = model.prior.stochastic
-    if not model.likelihood.normalized_for(x):
+    if normalized is None:
+        normalized = density_for(model.likelihood, x)
+    if not normalized:
         return {"loss_recon": -mean["log_px"], **({"kl": mean["kl"]} if stochastic else {})}
     if not stochastic:
         return {"log_px": mean["log_px"]}

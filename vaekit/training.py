@@ -20,7 +20,7 @@ from .config import RunConfig
 from .data import DataBundle, binarize, binarize_with, looks_like_path
 from .errors import (CheckpointError, ConfigError, DataError, OutputError, TrainingError, UnknownPluginError,
                      first_line, is_out_of_memory)
-from .evaluation import EVAL_SEED, elbo_summary
+from .evaluation import EVAL_SEED, density_for, elbo_summary
 from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model, decoder_spec
@@ -183,6 +183,7 @@ class Trainer:
         test_x = self.data.test_x  # the test split is held as floats (evaluation reads it whole)
         check_inputs(lik, test_x, self.binarize, "the test data")
         self.test_x = eval_inputs(test_x, self.binarize).to(self.device)
+        self.test_normalized = density_for(lik, self.test_x)  # names the test metrics: once, on the whole split
         self.train: Samples = self.data.train  # read batch by batch (indexed_batches)
         if self.binarize == "static":
             if not self.train.in_memory:
@@ -629,9 +630,11 @@ class Trainer:
     def _test_metrics(self) -> dict[str, float]:
         """Test-set ELBO terms, nats: the seeded estimate (:data:`~vaekit.evaluation.EVAL_SEED`) that
         ``vaekit eval`` reports too, drawn without touching the training RNG streams.  Under torchrun each
-        rank evaluates its share of the test set (its own seed) and the means are sample-weighted."""
+        rank evaluates its share of the test set (its own seed) and the means are sample-weighted; the terms
+        are named as decided on the whole test set (``test_normalized``), alike on every rank."""
         x = self.dist.rows(self.test_x)
-        summary = elbo_summary(self.model, x, seed=self.dist.eval_seed(EVAL_SEED), c=self.dist.rows(self.test_y))
+        summary = elbo_summary(self.model, x, seed=self.dist.eval_seed(EVAL_SEED), c=self.dist.rows(self.test_y),
+                               normalized=self.test_normalized)
         return {f"test_{k}": v for k, v in self.dist.weighted_mean(summary, len(x)).items()}
 
     def _checkpoint(self, epoch: int, record: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> None:
