@@ -33,10 +33,10 @@ import os
 from datetime import timedelta
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .errors import ConfigError, VaekitError
+from .rng import derived_seed
 
 TIMEOUT_ENV = "VAEKIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -83,9 +83,7 @@ def launched() -> bool:
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of ``rank``'s global RNG stream: ``seed`` itself for rank 0 (as in one process), else a
     62-bit seed drawn from ``numpy.random.SeedSequence([seed, rank])`` (distinct streams per rank)."""
-    if rank == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+    return derived_seed(seed, rank)
 
 
 def timeout() -> float:

@@ -20,7 +20,7 @@ from .config import RunConfig
 from .data import DataBundle, binarize, binarize_with, looks_like_path
 from .errors import (CheckpointError, ConfigError, DataError, OutputError, TrainingError, UnknownPluginError,
                      first_line, is_out_of_memory)
-from .evaluation import EVAL_SEED, density_for, elbo_summary
+from .evaluation import density_for, elbo_summary
 from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model, decoder_spec
@@ -629,13 +629,12 @@ class Trainer:
 
     def _test_metrics(self) -> dict[str, float]:
         """Test-set ELBO terms, nats: the seeded estimate (:data:`~vaekit.evaluation.EVAL_SEED`) that
-        ``vaekit eval`` reports too, drawn without touching the training RNG streams.  Under torchrun each
-        rank evaluates its share of the test set (its own seed) and the means are sample-weighted; the terms
-        are named as decided on the whole test set (``test_normalized``), alike on every rank."""
-        x = self.dist.rows(self.test_x)
-        summary = elbo_summary(self.model, x, seed=self.dist.eval_seed(EVAL_SEED), c=self.dist.rows(self.test_y),
-                               normalized=self.test_normalized)
-        return {f"test_{k}": v for k, v in self.dist.weighted_mean(summary, len(x)).items()}
+        ``vaekit eval`` reports too, drawn without touching the training RNG streams, named as decided on
+        the whole test set (``test_normalized``).  Under torchrun each rank evaluates its share of the
+        evaluation batches, each batch seeded on its own, and the sums are reduced: the figures are the
+        one-process ones for any number of ranks (:func:`~vaekit.evaluation.elbo_summary`)."""
+        summary = elbo_summary(self.model, self.test_x, c=self.test_y, normalized=self.test_normalized, shard=self.dist)
+        return {f"test_{k}": v for k, v in summary.items()}
 
     def _checkpoint(self, epoch: int, record: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> None:
         """Commit a checkpoint (:func:`~vaekit.checkpoint.save_checkpoint`) after ``epoch`` completed epochs:
