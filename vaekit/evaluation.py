@@ -32,10 +32,11 @@ def num_batches(n: int, batch_size: int = ELBO_BATCH_SIZE) -> int:
 
 
 def density_for(likelihood, x, batch_size: int = ELBO_BATCH_SIZE) -> bool:
-    """Whether ``likelihood`` is a normalised density for every data point of ``x [N, *S]``:
-    :meth:`~vaekit.interfaces.Likelihood.normalized_for` of each batch of ``batch_size`` rows, all of them
-    (the property is one of each data point).  What names the ELBO terms (:func:`elbo_summary`): decided
-    once for a whole test set, never per shard."""
+    """Whether ``likelihood`` is a normalised density for every data point of ``x [N, *S]`` (a tensor or
+    :class:`~vaekit.samples.Samples`): :meth:`~vaekit.interfaces.Likelihood.normalized_for` of each batch
+    of ``batch_size`` rows, all of them (the property is one of each data point; the batches keep the
+    float32 rows read at a time few).  What names the ELBO terms (:func:`elbo_summary`): decided once
+    for a whole test set, never per shard."""
     return all(likelihood.normalized_for(x[i : i + batch_size]) for i in range(0, len(x), batch_size))
 
 
@@ -45,7 +46,8 @@ def elbo_terms(model: VAEModel, x, batch_size: int = ELBO_BATCH_SIZE,
                batches: range | None = None) -> dict[str, torch.Tensor]:
     """Per-sample ``log_px`` (log p(x|z), one z ~ q(z|x)), ``kl`` and ``elbo = log_px − kl``, each ``[N]`` nats.
 
-    ``x [N, *S]`` is evaluated in batches of ``batch_size``; ``batches`` (default: all of them) selects
+    ``x [N, *S]`` (a float tensor, or :class:`~vaekit.samples.Samples` read as float32 a batch at a
+    time) is evaluated in batches of ``batch_size``; ``batches`` (default: all of them) selects
     which, by number (batch b is rows ``b·batch_size`` onwards), and the terms are those of their
     rows (``[0]`` for none).  With a ``seed`` the noise of batch b is drawn from the global RNG
     seeded with :func:`batch_seed` ``(seed, b)`` inside :func:`seeded_noise`, so the estimate is
@@ -266,7 +268,8 @@ def elbo_summary(model: VAEModel, x, seed: int | None = EVAL_SEED, c: torch.Tens
     a deterministic autoencoder; ``loss_recon`` (= −log_prob, a loss) and, for a VAE, ``kl`` where
     the likelihood is not a normalised density for ``x`` (``normalized``; None: decided here on the
     whole of ``x`` by :func:`density_for`).  Training logs it each epoch with a ``test_`` prefix;
-    :func:`evaluate` reports it as is.
+    :func:`evaluate` reports it as is.  ``x [N, *S]``: a float tensor or
+    :class:`~vaekit.samples.Samples`.
 
     ``shard``: the processes under torchrun (:class:`vaekit.distributed.Single` or
     :class:`~vaekit.distributed.Distributed`, from ``connect``), each holding the whole ``x``.  The
