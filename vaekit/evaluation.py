@@ -65,8 +65,8 @@ def elbo_terms(model: VAEModel, x, batch_size: int = ELBO_BATCH_SIZE,
         i = b * batch_size
         with seeded_noise(None if seed is None else batch_seed(seed, b), device):
             rec = model(x[i : i + batch_size].to(device), _rows(c, i, batch_size, device))
-        log_px.append(rec.log_px.float().cpu())
-        kl.append(rec.kl.float().cpu())
+        log_px.append(rec.log_px.cpu())
+        kl.append(rec.kl.cpu())
     model.train(was_training)
     lp, k = torch.cat(log_px), torch.cat(kl)
     return {"log_px": lp, "kl": k, "elbo": lp - k}
