@@ -288,12 +288,11 @@ def elbo_summary(model: VAEModel, x, seed: int | None = EVAL_SEED, c: torch.Tens
     names = (("elbo", "log_px", "kl") if stochastic else ("log_px",)) if normalized else \
         (("loss_recon", "kl") if stochastic else ("loss_recon",))
     per_batch = {f"{name}@{b}": 0.0 for name in names for b in range(total)}  # sums, float64
-    terms = elbo_terms(model, x, seed=seed, c=c, batches=range(lo, hi))
-    terms["loss_recon"] = -terms["log_px"]
-    for j, b in enumerate(range(lo, hi)):
-        rows = slice(j * ELBO_BATCH_SIZE, (j + 1) * ELBO_BATCH_SIZE)
+    for b in range(lo, hi):  # each batch reduced to its sums at once: no per-sample tensors kept between batches
+        terms = elbo_terms(model, x, seed=seed, c=c, batches=range(b, b + 1))
+        terms["loss_recon"] = -terms["log_px"]
         for name in names:
-            per_batch[f"{name}@{b}"] = float(terms[name][rows].double().sum())
+            per_batch[f"{name}@{b}"] = float(terms[name].double().sum())
     if shard is not None:
         per_batch = shard.batch_sums(per_batch, hi - lo)[0]
     n = max(len(x), 1)
