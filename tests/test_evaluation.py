@@ -380,3 +380,155 @@ def test_notebook_evaluate_takes_a_train_result_and_leaves_the_rng_alone(tmp_pat
     result = vaekit.evaluate(run, nll_samples=5)
     assert torch.equal(before, torch.get_rng_state())
     assert result["elbo"] == pytest.approx(run.metrics["test_elbo"], abs=1e-5)
+
+
+# --- the test set evaluated by several processes (torchrun) -----------------------------------------
+
+def _trainer(tmp_path, **config):
+    """A set-up Trainer (nothing trained) of ``config``, in one process."""
+    from vaekit.config import RunConfig
+    from vaekit.training import Trainer
+
+    t = Trainer(RunConfig(encoder="mlp:hidden=16", latent_dim=2, out=str(tmp_path / "run"), **config), quiet=True)
+    t.setup()
+    t._unlock()
+    return t
+
+
+def _on_ranks(trainer, world: int) -> tuple[list[dict], list[int]]:
+    """``trainer._test_metrics()`` as each of ``world`` ranks computes it under torchrun, without processes, and
+    the rows each rank evaluated.  Rank r is a :class:`vaekit.distributed.Distributed` (its own ``share`` of the
+    batches) whose ``batch_sums`` is an all-reduce of what every rank sends: gloo sums the values by position,
+    so the ranks must send the same terms in the same order (asserted)."""
+    from functools import partial
+
+    from vaekit.distributed import Distributed, Single
+
+    sent, rows = {}, []
+    hook = trainer.model.encoder.register_forward_hook(lambda mod, args, out: rows[-1].append(args[0].shape[0]))
+
+    def run(reduce):
+        results = []
+        rows.clear()
+        for r in range(world):
+            rank = Distributed(torch.device("cpu"), r, world, r, "gloo")  # share() needs no process group
+            rank.batch_sums = partial(reduce, r)
+            trainer.dist = rank
+            rows.append([])
+            results.append(trainer._test_metrics())
+        trainer.dist = Single(torch.device("cpu"))
+        return results
+
+    def record(r, sums, n):
+        sent[r] = (list(sums), list(sums.values()), n)
+        return sums, n
+
+    def all_reduce(r, sums, n):
+        return ({k: sum(sent[q][1][i] for q in range(world)) for i, k in enumerate(sent[0][0])},
+                sum(sent[q][2] for q in range(world)))
+
+    try:
+        run(record)
+        assert all(sent[r][0] == sent[0][0] for r in range(world)), [sent[r][0][:3] for r in range(world)]
+        results = run(all_reduce)
+    finally:
+        hook.remove()
+    return results, [sum(r) for r in rows]
+
+
+def test_sharded_evaluation_names_the_terms_as_the_whole_test_set_does(tmp_path):
+    """Review P1-c: with --binarize none a Bernoulli likelihood is a density only on binary data.  A test set
+    whose first 500 digits are binary (rank 0's evaluation batch under torchrun) and last 500 grey (rank 1's)
+    is reported as a loss by one process, and by each of 2 ranks alike: the decision is taken once, on the
+    whole test set, not on each rank's rows (before: rank 0 summed its log-likelihood and rank 1's loss
+    under one name)."""
+    import numpy as np
+
+    from vaekit.data import load_mnist5k
+
+    d = load_mnist5k(10, 100)
+    test = d.test_x.clone()
+    test[:500] = test[:500].round()
+    np.savez(tmp_path / "half.npz", x_train=d.train_x.numpy(), x_test=test.numpy())
+    t = _trainer(tmp_path, data=str(tmp_path / "half.npz"), prior="none", binarize="none")
+    one = t._test_metrics()
+    assert list(one) == ["test_loss_recon"]
+    # the loss is the Bernoulli cross-entropy of the reconstructions, summed over the pixels (torch's BCE)
+    with torch.no_grad():
+        bce = torch.nn.functional.binary_cross_entropy(t.model.reconstruct(test), test, reduction="sum") / len(test)
+    # seen: 550.51708 and 550.51709 (relative difference 2e-8; prior none: deterministic)
+    assert one["test_loss_recon"] == pytest.approx(float(bce), rel=1e-4)
+    ranks, rows = _on_ranks(t, 2)
+    assert rows == [500, 500] and ranks == [one, one]
+
+
+def test_sharded_evaluation_by_whole_batches_equals_the_one_process_one(tmp_path):
+    """Review P2-4 and P2-1: each evaluation batch of 500 has its own noise seed (EVAL_SEED for batch 0, one
+    derived from it and b for batch b), and the ranks evaluate whole batches: 2 and 3 ranks log exactly the
+    one-process test ELBO terms of 1,000 dynamically binarized digits, which is what vaekit eval's
+    evaluate() reports; a rank left without a batch (3 ranks, 2 batches) adds nothing and does not crash."""
+    from vaekit.data import load_mnist5k
+    from vaekit.evaluation import EVAL_SEED, elbo_terms, evaluate
+    from vaekit.rng import derived_seed
+    from vaekit.training import eval_inputs
+
+    t = _trainer(tmp_path, data="mnist:train_per_class=10,test_per_class=100")
+    one = t._test_metrics()
+    assert set(one) == {"test_elbo", "test_log_px", "test_kl"}
+    x = eval_inputs(load_mnist5k(10, 100).test_x, "dynamic")  # the float path vaekit eval takes
+    reported = evaluate(t.model, x, nll_samples=0)
+    for k in ("elbo", "log_px", "kl"):
+        assert reported[k] == one[f"test_{k}"], k
+    # batch 1's noise is its own: its terms alone are the model's forward pass on rows 500-999 with the
+    # global RNG seeded with the derived seed
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(derived_seed(EVAL_SEED, 1))
+        t.model.eval()
+        rec = t.model(x[500:1000])
+    alone = elbo_terms(t.model, x, seed=EVAL_SEED, batches=range(1, 2))
+    assert torch.equal(alone["log_px"], rec.log_px) and torch.equal(alone["kl"], rec.kl)
+    two, rows = _on_ranks(t, 2)
+    assert rows == [500, 500] and two == [one, one]
+    three, rows = _on_ranks(t, 3)
+    assert rows == [500, 500, 0] and three == [one, one, one]
+
+
+def test_a_test_split_smaller_than_the_world_is_evaluated_by_one_rank(tmp_path):
+    """Review P2-1: one test sample and 2 ranks: rank 1 has no evaluation batch, sends zeros and logs the
+    figures rank 0 computed, the one-process ones."""
+    import numpy as np
+
+    from vaekit.data import load_mnist5k
+
+    d = load_mnist5k(10, 1)
+    np.savez(tmp_path / "one.npz", x_train=d.train_x.numpy(), x_test=d.test_x[:1].numpy())
+    t = _trainer(tmp_path, data=str(tmp_path / "one.npz"))
+    one = t._test_metrics()
+    ranks, rows = _on_ranks(t, 2)
+    assert rows == [1, 0] and ranks == [one, one] and set(one) == {"test_elbo", "test_log_px", "test_kl"}
+
+
+@pytest.mark.slow  # launches torchrun: 2 processes import torch
+def test_torchrun_logs_the_test_metrics_vaekit_eval_reports(tmp_path):
+    """Review P1-c and P2-4 under torchrun (2 CPU processes, gloo): a VAE trained with --binarize none on
+    digits whose 1,000 test images are binary in the first evaluation batch (rank 0's) and grey in the
+    second (rank 1's) logs test_loss_recon and test_kl (not a density: decided on the whole test set),
+    and their values are what vaekit.evaluate reports for the saved model in one process."""
+    import numpy as np
+
+    from test_distributed import _metrics, _ok, torchrun
+    from vaekit.data import load_mnist5k
+
+    d = load_mnist5k(10, 100)
+    test = d.test_x.clone()
+    test[:500] = test[:500].round()
+    np.savez(tmp_path / "half.npz", x_train=d.train_x.numpy(), x_test=test.numpy())
+    run = tmp_path / "two"
+    _ok(torchrun("--data", str(tmp_path / "half.npz"), "--encoder", "mlp:hidden=16", "--latent-dim", "2",
+                 "--binarize", "none", "--epochs", "1", "--batch-size", "50", "--no-figures", "-q", "--out", str(run)))
+    logged = {k: v for k, v in _metrics(run)[-1].items() if k.startswith("test_")}
+    assert set(logged) == {"test_loss_recon", "test_kl"}
+    reported = vaekit.evaluate(run, nll_samples=0, device="cpu")
+    # seen: |Δ| 0.0 for both (the same per-batch sums, on one process or two)
+    for k in ("loss_recon", "kl"):
+        assert logged[f"test_{k}"] == pytest.approx(reported[k], abs=1e-5), k

@@ -69,11 +69,29 @@ finally:
     print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
 """
 
+_PEAK_EVAL = """
+import json, resource, sys
+from vaekit.config import RunConfig
+from vaekit.training import Trainer
+t = Trainer(RunConfig(data=sys.argv[1], encoder="mlp:hidden=32", latent_dim=2, device="cpu", out=sys.argv[2]), quiet=True)
+t.setup()
+t._unlock()
+print(json.dumps({"n_test": len(t.test), "dtype": str(t.test.values.dtype), **t._test_metrics()}))
+print("peak_rss_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
+def _peak_mb(proc) -> float:
+    return int(proc.stderr.split("peak_rss_kb")[-1].split()[0]) / 1024
+
 
 def test_a_1_5_gb_uint8_npy_trains_100_steps_with_peak_rss_below_800_mb(tmp_path):
     """1.9 M samples of 1x28x28 uint8 (1.49 GB) train 100 steps in a child process whose peak RSS is
     under 800 MB: the training rows are read from disk batch by batch, the whole-file scan (scaling
-    rule, per-pixel range) reads chunks, and only the test split (0.1 %) is loaded."""
+    rule, per-pixel range) reads chunks, and the test split (the default 10 %: 190,000 images) is held
+    as uint8, its fixed binarization as uint8 0/1 too.  The run stops mid-epoch, before any evaluation:
+    a second child sets the same run up and evaluates the whole test split (a batch of 500 converted
+    to float32 at a time), below 800 MB as well."""
     n = 1_900_000
     if shutil.disk_usage(tmp_path).free < 2.2e9:
         pytest.skip("needs ~2 GB free on the disk of pytest's tmp_path for a 1.5 GB .npy")
@@ -89,19 +107,30 @@ def test_a_1_5_gb_uint8_npy_trains_100_steps_with_peak_rss_below_800_mb(tmp_path
     assert path.stat().st_size > 1.48e9
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-c", _PEAK, "run", "--data", f"file:path={path},test_fraction=0.001",
+        [sys.executable, "-c", _PEAK, "run", "--data", str(path),
          "--encoder", "mlp:hidden=32", "--latent-dim", "2", "--max-steps", "100", "--device", "cpu",
          "--out", str(run), "--no-figures", "--no-progress"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "VAEKIT_DISABLE_CPP_KERNEL": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    peak_mb = int(proc.stderr.split("peak_rss_kb")[-1].split()[0]) / 1024
+    peak_mb = _peak_mb(proc)
     assert "stopped at step 100" in proc.stderr
     assert _state(run) == (0, 100, 100)  # checkpointed 100 batches into epoch 1
     info = checkpoint.read_run_config(run)
-    assert info["data"]["n_train"] + info["data"]["n_test"] == n and info["data"]["scaling"] == "uint8 / 255"
-    # seen: peak 459 MB in two runs (file 1,490 MB; the same run with lazy=false peaks at 3,091-3,165 MB)
+    assert info["data"]["n_test"] == 190_000 and info["data"]["n_train"] + info["data"]["n_test"] == n
+    assert info["data"]["scaling"] == "uint8 / 255"
+    # seen: peak 728 MB (file 1,490 MB; with test_fraction=0.001: 459 MB; before the test split was held as
+    # uint8, the default split peaked at 1,699 MB; with lazy=false the file peaks at 3,091-3,165 MB)
     assert peak_mb < 800, f"peak RSS {peak_mb:.0f} MB"
+    proc = subprocess.run([sys.executable, "-c", _PEAK_EVAL, str(path), str(tmp_path / "eval")], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "VAEKIT_DISABLE_CPP_KERNEL": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluated = json.loads(proc.stdout.splitlines()[-1])
+    assert evaluated["n_test"] == 190_000 and evaluated["dtype"] == "torch.uint8"
+    assert set(evaluated) >= {"test_elbo", "test_log_px", "test_kl"}  # binarized: a density
+    # seen: peak 692 MB
+    assert _peak_mb(proc) < 800, f"peak RSS {_peak_mb(proc):.0f} MB evaluating the test split"
 
 
 # --- (ii) read from disk == held in memory --------------------------------------------------------------
@@ -227,6 +256,37 @@ def test_in_memory_pixels_are_held_as_uint8_and_batches_equal_numpys_floats(tmp_
     for divisor in (255.0, 65535.0, 16.0, float(2**31 - 1)):
         assert torch.equal(to_float(torch.from_numpy(values), divisor),
                            torch.from_numpy(values.astype(np.float32) / np.float32(divisor)))
+
+
+def test_the_test_split_is_held_as_uint8_and_evaluates_as_its_float32_copy_did(tmp_path, monkeypatch):
+    """Review P1-d: a run holds its evaluation inputs in their source dtype and converts them a batch at
+    a time: mnist's test digits as uint8 (/ 255), their fixed binarization as uint8 0/1, which is the very
+    draw torch.bernoulli makes on the float32 test set with TEST_BINARIZE_SEED (what the run held as
+    float32 before, and what vaekit eval still draws); the test ELBO terms equal those of that float32
+    tensor exactly, and so does the loss on the grey digits of --binarize none."""
+    from vaekit.evaluation import elbo_summary
+    from vaekit.training import TEST_BINARIZE_SEED
+
+    data = "mnist:train_per_class=10,test_per_class=100"  # 1,000 test digits: two evaluation batches
+    floats = load_mnist5k(10, 100).test_x
+    old = torch.bernoulli(floats, generator=torch.Generator().manual_seed(TEST_BINARIZE_SEED))
+    for binarize, reference in (("dynamic", old), ("none", floats)):
+        t = Trainer(RunConfig(data=data, encoder="mlp:hidden=16", latent_dim=2, binarize=binarize,
+                              out=str(tmp_path / binarize)), quiet=True)
+        t.setup()
+        t._unlock()
+        assert isinstance(t.test, ArraySamples) and t.test.values.dtype == torch.uint8
+        assert t.data.test.values.dtype == torch.uint8
+        assert torch.equal(t.test.tensor(), reference) and torch.equal(t.test_x, reference)
+        assert t._test_metrics() == {f"test_{k}": v for k, v in elbo_summary(t.model, reference).items()}
+        if binarize == "none":
+            assert t.test.values.data_ptr() == t.data.test.values.data_ptr()  # the bundle's own uint8, no copy
+            assert set(t._test_metrics()) == {"test_loss_recon", "test_kl"}
+        else:
+            assert torch.equal(t.test.values, old.to(torch.uint8))
+    monkeypatch.setattr(vaekit.data, "CHUNK_BYTES", 4 * 784 * 7)  # chunks of 7 rows: one stream across them
+    chunked = vaekit.data.binarize_samples(load_mnist5k(10, 100).test, torch.Generator().manual_seed(TEST_BINARIZE_SEED))
+    assert torch.equal(chunked.values, old.to(torch.uint8))
 
 
 # --- (v) --max-steps --------------------------------------------------------------------------------------

@@ -41,10 +41,10 @@ import zlib
 from datetime import timedelta
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .errors import ConfigError, VaekitError
+from .rng import derived_seed
 
 TIMEOUT_ENV = "VAEKIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 300.0
@@ -116,9 +116,7 @@ def launched() -> bool:
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of ``rank``'s global RNG stream: ``seed`` itself for rank 0 (as in one process), else a
     62-bit seed drawn from ``numpy.random.SeedSequence([seed, rank])`` (distinct streams per rank)."""
-    if rank == 0:
-        return seed
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+    return derived_seed(seed, rank)
 
 
 def timeout() -> float:
@@ -166,14 +164,6 @@ class Single:
     def begin_batch(self, n_global: int, n_local: int) -> None:
         """The next step trains on ``n_local`` of a global batch of ``n_global`` samples."""
 
-    def rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        """This rank's contiguous share of the rows of ``t`` (the test set)."""
-        return t
-
-    def eval_seed(self, seed: int) -> int:
-        """The seed of this rank's test-ELBO noise: :func:`rank_seed` ``(seed, rank)`` (``seed`` on rank 0)."""
-        return seed
-
     def wrap_step(self, model: torch.nn.Module, fn: Callable, ignore: set[int]) -> Callable:
         """``fn(x, c, index)`` run through DistributedDataParallel (``ignore``: ids of parameters it leaves alone)."""
         return fn
@@ -209,10 +199,6 @@ class Single:
     def on_main(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 alone and return its result on every rank (its error too, as PeerError elsewhere)."""
         return fn()
-
-    def weighted_mean(self, means: dict[str, float], n: int) -> dict[str, float]:
-        """Per-rank ``means`` over ``n`` samples → the means over all the ranks' samples."""
-        return means
 
     def rng_extra(self) -> dict[str, torch.Tensor]:
         """Every rank's global RNG state, for the checkpoint (collective)."""
@@ -281,15 +267,6 @@ class Distributed(Single):
 
     def begin_batch(self, n_global: int, n_local: int) -> None:
         self.batch_size, self.local_size = n_global, n_local  # the regularizers' optimizers weight by them
-
-    def rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
-        lo, hi = self.share(len(t))
-        return t[lo:hi]
-
-    def eval_seed(self, seed: int) -> int:
-        return rank_seed(seed, self.rank)
 
     # --- the step -----------------------------------------------------------------------------
 
@@ -380,10 +357,6 @@ class Distributed(Single):
         box = [result]
         dist.broadcast_object_list(box, src=0, device=self._comm_device())
         return box[0]
-
-    def weighted_mean(self, means: dict[str, float], n: int) -> dict[str, float]:
-        sums, total = self.batch_sums({k: v * n for k, v in means.items()}, n)
-        return {k: v / total for k, v in sums.items()}
 
     # --- checkpoints --------------------------------------------------------------------------
 

@@ -9,37 +9,64 @@ import torch
 
 from .errors import ConfigError
 from .model import VAEModel
-from .rng import seeded_noise
+from .rng import derived_seed, seeded_noise
 
 EVAL_SEED = 0
 """Seed of the test-set ELBO's noise: training's per-epoch ``test_elbo`` and ``vaekit eval`` (``--seed``, default 0) both use it."""
 
 ELBO_BATCH_SIZE = 500
-"""Data points per forward pass of the test-set ELBO (training and :func:`evaluate` alike: the batches lay out the noise)."""
+"""Data points per forward pass of the test-set ELBO (training and :func:`evaluate` alike: the batches lay out the noise).
+Under torchrun the test set is sharded by whole batches of this size (:func:`elbo_summary`)."""
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of evaluation batch ``batch``'s noise in a seeded :func:`elbo_terms`: ``seed`` itself for
+    batch 0, else :func:`~vaekit.rng.derived_seed` ``(seed, batch)``.  Each batch has its own stream,
+    so a batch's estimate does not depend on which process evaluates it, or after which batches."""
+    return derived_seed(seed, batch)
+
+
+def num_batches(n: int, batch_size: int = ELBO_BATCH_SIZE) -> int:
+    """How many evaluation batches of ``batch_size`` hold ``n`` data points (the last may be short)."""
+    return -(-n // batch_size)
+
+
+def density_for(likelihood, x, batch_size: int = ELBO_BATCH_SIZE) -> bool:
+    """Whether ``likelihood`` is a normalised density for every data point of ``x [N, *S]`` (a tensor or
+    :class:`~vaekit.samples.Samples`): :meth:`~vaekit.interfaces.Likelihood.normalized_for` of each batch
+    of ``batch_size`` rows, all of them (the property is one of each data point; the batches keep the
+    float32 rows read at a time few).  What names the ELBO terms (:func:`elbo_summary`): decided once
+    for a whole test set, never per shard."""
+    return all(likelihood.normalized_for(x[i : i + batch_size]) for i in range(0, len(x), batch_size))
 
 
 @torch.no_grad()
-def elbo_terms(model: VAEModel, x: torch.Tensor, batch_size: int = ELBO_BATCH_SIZE,
-               seed: int | None = None, c: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def elbo_terms(model: VAEModel, x, batch_size: int = ELBO_BATCH_SIZE,
+               seed: int | None = None, c: torch.Tensor | None = None,
+               batches: range | None = None) -> dict[str, torch.Tensor]:
     """Per-sample ``log_px`` (log p(x|z), one z ~ q(z|x)), ``kl`` and ``elbo = log_px − kl``, each ``[N]`` nats.
 
-    ``x [N, *S]`` is evaluated in batches of ``batch_size``.  With a ``seed`` the noise of z is
-    drawn from the global RNG seeded with it inside :func:`seeded_noise`, so the estimate is
-    reproducible (for a given device, ``batch_size`` and model) and the caller's RNG streams are
-    left exactly as they were; ``seed=None`` draws from the caller's streams.  The estimate is
-    the one-sample SGVB estimator of Kingma & Welling 2014 (§2.3), with the prior's KL.  A conditional
-    model needs the labels ``c [N]`` and bounds log p(x|c) (Sohn et al. 2015, eq. 4, with the prior
-    p(z|c) = p(z)).
+    ``x [N, *S]`` (a float tensor, or :class:`~vaekit.samples.Samples` read as float32 a batch at a
+    time) is evaluated in batches of ``batch_size``; ``batches`` (default: all of them) selects
+    which, by number (batch b is rows ``b·batch_size`` onwards), and the terms are those of their
+    rows (``[0]`` for none).  With a ``seed`` the noise of batch b is drawn from the global RNG
+    seeded with :func:`batch_seed` ``(seed, b)`` inside :func:`seeded_noise`, so the estimate is
+    reproducible (for a given device, ``batch_size`` and model), each batch's the same whichever
+    batches are evaluated with it, and the caller's RNG streams are left exactly as they were;
+    ``seed=None`` draws from the caller's streams.  The estimate is the one-sample SGVB estimator
+    of Kingma & Welling 2014 (§2.3), with the prior's KL.  A conditional model needs the labels
+    ``c [N]`` and bounds log p(x|c) (Sohn et al. 2015, eq. 4, with the prior p(z|c) = p(z)).
     """
     was_training = model.training
     model.eval()
-    log_px, kl = [], []
+    log_px, kl = [torch.zeros(0)], [torch.zeros(0)]
     device = _device(model)
-    with seeded_noise(seed, device):
-        for i in range(0, len(x), batch_size):
+    for b in batches if batches is not None else range(num_batches(len(x), batch_size)):
+        i = b * batch_size
+        with seeded_noise(None if seed is None else batch_seed(seed, b), device):
             rec = model(x[i : i + batch_size].to(device), _rows(c, i, batch_size, device))
-            log_px.append(rec.log_px.cpu())
-            kl.append(rec.kl.cpu())
+        log_px.append(rec.log_px.cpu())
+        kl.append(rec.kl.cpu())
     model.train(was_training)
     lp, k = torch.cat(log_px), torch.cat(kl)
     return {"log_px": lp, "kl": k, "elbo": lp - k}
@@ -86,7 +113,7 @@ def importance_sampled_log_likelihood(
     """
     if not model.prior.stochastic:
         raise ConfigError("the importance-sampled NLL needs a prior and posterior; this is a deterministic autoencoder (prior 'none')")
-    if not model.likelihood.normalized_for(x):
+    if not density_for(model.likelihood, x):
         raise ConfigError(f"the NLL is undefined for the {type(model.likelihood).__name__} on this data: "
                           "it is a loss, not a normalised density (grey-level data under a Bernoulli likelihood: binarize it)")
     if num_samples < 1:
@@ -233,24 +260,43 @@ def evaluate_run(run, split: str = "test", nll_samples: int = 1000, batch_size: 
         return evaluate(model, x, nll_samples, batch_size, progress=progress, seed=seed, c=c)
 
 
-def elbo_summary(model: VAEModel, x: torch.Tensor, seed: int | None = EVAL_SEED,
-                 c: torch.Tensor | None = None) -> dict[str, float]:
+def elbo_summary(model: VAEModel, x, seed: int | None = EVAL_SEED, c: torch.Tensor | None = None,
+                 normalized: bool | None = None, shard=None) -> dict[str, float]:
     """Means over ``x`` of the seeded :func:`elbo_terms`, named by what they are (nats):
 
     ``elbo``, ``log_px``, ``kl`` for a VAE whose likelihood is a density for ``x``; ``log_px`` for
     a deterministic autoencoder; ``loss_recon`` (= −log_prob, a loss) and, for a VAE, ``kl`` where
-    the likelihood is not a normalised density for ``x``
-    (:meth:`~vaekit.interfaces.Likelihood.normalized_for`).  Training logs it each epoch with a
-    ``test_`` prefix; :func:`evaluate` reports it as is.
+    the likelihood is not a normalised density for ``x`` (``normalized``; None: decided here on the
+    whole of ``x`` by :func:`density_for`).  Training logs it each epoch with a ``test_`` prefix;
+    :func:`evaluate` reports it as is.  ``x [N, *S]``: a float tensor or
+    :class:`~vaekit.samples.Samples`.
+
+    ``shard``: the processes under torchrun (:class:`vaekit.distributed.Single` or
+    :class:`~vaekit.distributed.Distributed`, from ``connect``), each holding the whole ``x``.  The
+    rank evaluates its contiguous share (``shard.share``) of the :data:`ELBO_BATCH_SIZE` batches,
+    each seeded on its own (:func:`batch_seed`), and the per-batch sums are summed over the ranks
+    (``shard.batch_sums``, every other rank adding 0.0 to a batch) and then over the batches in
+    order: the result equals the one-process one exactly, for any number of ranks; a rank without a
+    batch (fewer batches than ranks) adds nothing.  Pass ``normalized`` (decided on the whole test
+    set) with it, so that every rank names the terms alike.
     """
-    terms = elbo_terms(model, x, seed=seed, c=c)
-    mean = {k: float(v.mean()) for k, v in terms.items()}
+    if normalized is None:
+        normalized = density_for(model.likelihood, x)
+    total = num_batches(len(x))
+    lo, hi = shard.share(total) if shard is not None else (0, total)
     stochastic = model.prior.stochastic
-    if not model.likelihood.normalized_for(x):
-        return {"loss_recon": -mean["log_px"], **({"kl": mean["kl"]} if stochastic else {})}
-    if not stochastic:
-        return {"log_px": mean["log_px"]}
-    return {"elbo": mean["elbo"], "log_px": mean["log_px"], "kl": mean["kl"]}
+    names = (("elbo", "log_px", "kl") if stochastic else ("log_px",)) if normalized else \
+        (("loss_recon", "kl") if stochastic else ("loss_recon",))
+    per_batch = {f"{name}@{b}": 0.0 for name in names for b in range(total)}  # sums, float64
+    for b in range(lo, hi):  # each batch reduced to its sums at once: no per-sample tensors kept between batches
+        terms = elbo_terms(model, x, seed=seed, c=c, batches=range(b, b + 1))
+        terms["loss_recon"] = -terms["log_px"]
+        for name in names:
+            per_batch[f"{name}@{b}"] = float(terms[name].double().sum())
+    if shard is not None:
+        per_batch = shard.batch_sums(per_batch, hi - lo)[0]
+    n = max(len(x), 1)
+    return {name: math.fsum(per_batch[f"{name}@{b}"] for b in range(total)) / n for name in names}
 
 
 def _rows(c: torch.Tensor | None, i: int, batch_size: int, device: torch.device) -> torch.Tensor | None:

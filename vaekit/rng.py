@@ -33,3 +33,15 @@ def seeded_noise(seed: int | None, device: torch.device) -> Iterator[None]:
 def seed_from(generator: torch.Generator) -> int:
     """A 62-bit seed drawn from ``generator`` (advancing it by one draw)."""
     return int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """Seed number ``index`` derived from ``seed``: ``seed`` itself for index 0, else a 62-bit seed drawn from
+    ``numpy.random.SeedSequence([seed, index])`` (distinct, well-mixed streams for distinct indices).
+    A rank's noise stream (:func:`vaekit.distributed.rank_seed`) and an evaluation batch's
+    (:func:`vaekit.evaluation.batch_seed`) are seeded with it."""
+    if index == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(2))

@@ -65,6 +65,16 @@ class Samples:
         """The samples at ``rows [M]`` (int64 positions), in that order, as Samples of the same kind."""
         raise NotImplementedError
 
+    def __getitem__(self, key) -> torch.Tensor:
+        """Samples as float32, indexed as the rows of a tensor: ``samples[i:j]`` ``[B, *S]`` (a slice; steps
+        too), ``samples[index]`` (int64 positions ``[B]``), ``samples[i]`` ``[*S]``.  So evaluation and
+        figures read a split held in its source dtype a batch at a time, as they read a float tensor."""
+        if isinstance(key, slice):
+            return self.batch(torch.arange(*key.indices(len(self))))
+        if isinstance(key, int):
+            return self.batch(torch.tensor([key]))[0]
+        return self.batch(torch.as_tensor(key, dtype=torch.int64))
+
     def extremes(self) -> torch.Tensor:
         """``[2, *S]`` float32: the per-pixel minimum (row 0) and maximum (row 1) over the samples, or
         bounds of them; what the support checks (:func:`vaekit.training.check_inputs`) look at."""
@@ -103,6 +113,11 @@ class ArraySamples(Samples):
 
     def subset(self, rows: torch.Tensor) -> "ArraySamples":
         return ArraySamples(self.values[rows.to(self.values.device)], self.divisor)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        if isinstance(key, slice):  # a view of the rows, converted: no index tensor
+            return to_float(self.values[key], self.divisor)
+        return super().__getitem__(key)
 
     def to(self, device: torch.device) -> "ArraySamples":
         return ArraySamples(self.values.to(device), self.divisor)

@@ -17,10 +17,10 @@ import torch
 
 from . import __version__, checkpoint, distributed, rundir
 from .config import RunConfig
-from .data import DataBundle, binarize, binarize_with, looks_like_path
+from .data import DataBundle, binarize, binarize_samples, binarize_with, looks_like_path
 from .errors import (CheckpointError, ConfigError, DataError, OutputError, TrainingError, UnknownPluginError,
                      first_line, is_out_of_memory)
-from .evaluation import EVAL_SEED, elbo_summary
+from .evaluation import density_for, elbo_summary
 from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model, decoder_spec
@@ -33,12 +33,19 @@ _WRITE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", 
                  if hasattr(errno, name)}  # a run directory that cannot be written: full, read-only
 
 
-def eval_inputs(test_x: torch.Tensor, binarize_mode: str) -> torch.Tensor:
+def eval_inputs(test_x: torch.Tensor | Samples, binarize_mode: str) -> torch.Tensor | Samples:
     """The test set a run is evaluated on: ``test_x``, binarized with the fixed
-    :data:`TEST_BINARIZE_SEED` unless ``binarize_mode`` is ``none`` (training and ``vaekit eval`` alike)."""
+    :data:`TEST_BINARIZE_SEED` unless ``binarize_mode`` is ``none`` (training and ``vaekit eval`` alike).
+
+    ``test_x``: float32 ``[N, *S]`` (binarized as float32 0/1) or :class:`~vaekit.samples.Samples`
+    (binarized in chunks and held as uint8 0/1, :func:`~vaekit.data.binarize_samples`: the same draws,
+    so the same test set, without a float32 copy of it)."""
     if binarize_mode == "none":
         return test_x
-    return binarize(test_x, torch.Generator().manual_seed(TEST_BINARIZE_SEED))
+    generator = torch.Generator().manual_seed(TEST_BINARIZE_SEED)
+    if isinstance(test_x, Samples):
+        return binarize_samples(test_x, generator)
+    return binarize(test_x, generator)
 
 
 def check_inputs(likelihood, x: torch.Tensor, binarize_mode: str, what: str) -> None:
@@ -181,16 +188,18 @@ class Trainer:
         lik = self.model.likelihood
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
         check_inputs(lik, self.data.train.extremes(), self.binarize, "the training data")  # per-pixel min and max
-        test_x = self.data.test_x  # the test split is held as floats (evaluation reads it whole)
-        check_inputs(lik, test_x, self.binarize, "the test data")
-        self.test_x = eval_inputs(test_x, self.binarize).to(self.device)
+        check_inputs(lik, self.data.test.extremes(), self.binarize, "the test data")  # per-pixel min and max
+        # the evaluation inputs, held in their source dtype (binarized: uint8 0/1) and read as float32 a batch at a time
+        self.test: Samples = eval_inputs(self.data.test, self.binarize)
+        if isinstance(self.test, ArraySamples):
+            self.test = self.test.to(self.device)
+        self.test_normalized = density_for(lik, self.test)  # names the test metrics: once, on the whole split
         self.train: Samples = self.data.train  # read batch by batch (indexed_batches)
         if self.binarize == "static":
             if not self.train.in_memory:
                 raise ConfigError(f"--binarize static draws the whole training set once, but {self.data.name} is "
                                   f"{self.train.describe()}; use --binarize dynamic, or load it with lazy=false")
-            fixed = binarize(self.train.tensor(), torch.Generator().manual_seed(cfg.seed))
-            self.train = ArraySamples(fixed.to(torch.uint8))  # 0/1, held as uint8
+            self.train = binarize_samples(self.train, torch.Generator().manual_seed(cfg.seed))  # 0/1, held as uint8
         if isinstance(self.train, ArraySamples):
             self.train = self.train.to(self.device)
         self.train_y = None if self.data.train_y is None else self.data.train_y.to(self.device)
@@ -238,6 +247,13 @@ class Trainer:
             self.model.eval()
             self.model(self.first_samples(2), None if self.train_y is None else self.train_y[:2])
             self.model.train()
+
+    @property
+    def test_x(self) -> torch.Tensor:
+        """The evaluation inputs (the test split, binarized with :data:`TEST_BINARIZE_SEED` if the run
+        binarizes), float32 ``[N, *S]`` on the device, converted on each access; the run holds them as
+        ``trainer.test`` (:class:`~vaekit.samples.Samples`, read by rows: ``trainer.test[i:j]``)."""
+        return self.test.tensor().to(self.device)
 
     @property
     def train_x(self) -> torch.Tensor:
@@ -431,7 +447,7 @@ class Trainer:
         steps_per_epoch = math.ceil(n / cfg.batch_size)
         self.console.print(
             f"[bold]vaekit[/] {cfg.encoder.name}/{cfg.prior.name}/{cfg.likelihood.name} on {self.data.name} "
-            f"{list(self.data.shape)} ({n} train, {len(self.test_x)} test), latent {cfg.latent_dim}, "
+            f"{list(self.data.shape)} ({n} train, {len(self.test)} test), latent {cfg.latent_dim}, "
             f"{self.device}, run dir {self.run_dir}, pixels {self.data.scaling}, training data {self.train.describe()}"
         )
         try:
@@ -461,7 +477,7 @@ class Trainer:
         if self.figures and self.dist.is_main:
             from . import viz
 
-            viz.write_run_figures(self.run_dir, self.model, self.data, self.test_x.cpu(), self.history,
+            viz.write_run_figures(self.run_dir, self.model, self.data, self.test, self.history,
                                   warn=lambda message: print(message, file=sys.stderr, flush=True))  # also under -q
         last = self.history[-1] if self.history else {}
         self.pm.hook.vaekit_fit_end(trainer=self, metrics=last)
@@ -639,11 +655,12 @@ class Trainer:
 
     def _test_metrics(self) -> dict[str, float]:
         """Test-set ELBO terms, nats: the seeded estimate (:data:`~vaekit.evaluation.EVAL_SEED`) that
-        ``vaekit eval`` reports too, drawn without touching the training RNG streams.  Under torchrun each
-        rank evaluates its share of the test set (its own seed) and the means are sample-weighted."""
-        x = self.dist.rows(self.test_x)
-        summary = elbo_summary(self.model, x, seed=self.dist.eval_seed(EVAL_SEED), c=self.dist.rows(self.test_y))
-        return {f"test_{k}": v for k, v in self.dist.weighted_mean(summary, len(x)).items()}
+        ``vaekit eval`` reports too, drawn without touching the training RNG streams, named as decided on
+        the whole test set (``test_normalized``).  Under torchrun each rank evaluates its share of the
+        evaluation batches, each batch seeded on its own, and the sums are reduced: the figures are the
+        one-process ones for any number of ranks (:func:`~vaekit.evaluation.elbo_summary`)."""
+        summary = elbo_summary(self.model, self.test, c=self.test_y, normalized=self.test_normalized, shard=self.dist)
+        return {f"test_{k}": v for k, v in summary.items()}
 
     def _checkpoint(self, epoch: int, record: dict[str, Any] | None = None, partial: dict[str, Any] | None = None) -> None:
         """Commit a checkpoint (:func:`~vaekit.checkpoint.save_checkpoint`) after ``epoch`` completed epochs:

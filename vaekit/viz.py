@@ -367,14 +367,15 @@ FIGURES: dict[str, tuple[Callable[..., bool], str]] = {
               "a regularizer that makes the codes sparse"),
 }
 """Every figure of a run: name -> (draw(model, ctx, path) -> written?, what it needs).  ``ctx`` has
-``test_x [N, *S]`` (the evaluation inputs), ``test_y [N]`` or None and ``history`` (metrics records);
+``test_x [N, *S]`` (the evaluation inputs: a float tensor, or :class:`~vaekit.samples.Samples` whose rows
+read as float32 the few at a time a figure shows), ``test_y [N]`` or None and ``history`` (metrics records);
 the file is ``<name>.png``.  ``vaekit plot --kind NAME`` draws one."""
 
 
 class FigureContext(NamedTuple):
     """What the figures read besides the model: test inputs, their labels and the run's metrics history."""
 
-    test_x: torch.Tensor
+    test_x: Any  # torch.Tensor or vaekit.samples.Samples (read by rows: test_x[i:j], test_x[index])
     test_y: torch.Tensor | None
     history: list[dict[str, Any]]
 
@@ -394,9 +395,10 @@ def _check_figure(name: str) -> None:
         raise ConfigError(f"unknown figure {name!r}; figures: {', '.join(FIGURES)}")
 
 
-def write_run_figures(run_dir: Path, model, data, test_x: torch.Tensor, history: list[dict[str, Any]],
+def write_run_figures(run_dir: Path, model, data, test_x, history: list[dict[str, Any]],
                       warn: Callable[[str], None] | None = None) -> list[str]:
-    """Write every figure that applies to this run; returns the file names written.
+    """Write every figure that applies to this run; returns the file names written.  ``test_x``: the
+    evaluation inputs ``[N, *S]``, a float tensor or :class:`~vaekit.samples.Samples` (as :class:`FigureContext`).
 
     A figure that fails (a plugin that cannot sample, a full disk, …) is skipped with one line
     through ``warn`` (default: stderr); the run and the other figures are never lost to it.
