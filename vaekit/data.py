@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .samples import CHUNK_BYTES, ArraySamples, ImageFiles, NpyRows, Samples, scan_npy, to_float, torch_dtype_ready
+from .samples import CHUNK_BYTES, ArraySamples, BitSamples, ImageFiles, NpyRows, Samples, scan_npy, to_float, torch_dtype_ready
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -643,17 +643,19 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.bernoulli(x, generator=generator)
 
 
-def binarize_samples(samples: Samples, generator: torch.Generator) -> ArraySamples:
-    """:func:`binarize` of every sample of ``samples`` (read as float32 on the CPU), held as uint8 0/1
-    ``[N, *S]``: the draws of ``binarize(samples.tensor(), generator)`` exactly, without that float32
-    copy (the rows are drawn in chunks of about :data:`~vaekit.samples.CHUNK_BYTES` of floats, and
-    torch's CPU Bernoulli sampler draws element after element from the generator, so the chunks
-    continue one stream).  ``generator``: a CPU generator, advanced as by the whole draw."""
+def binarize_samples(samples: Samples, generator: torch.Generator) -> BitSamples:
+    """:func:`binarize` of every sample of ``samples`` (read as float32 on the CPU), held as packed bits
+    (:class:`~vaekit.samples.BitSamples`, one bit a value): the draws of ``binarize(samples.tensor(),
+    generator)`` exactly, without that float32 copy (the rows are drawn in chunks of about
+    :data:`~vaekit.samples.CHUNK_BYTES` of floats, and torch's CPU Bernoulli sampler draws element after
+    element from the generator, so the chunks continue one stream).  ``generator``: a CPU generator,
+    advanced as by the whole draw."""
     rows = max(1, CHUNK_BYTES // (4 * max(1, math.prod(samples.shape))))
-    out = torch.empty(samples.full_shape, dtype=torch.uint8)
+    d = math.prod(samples.shape)
+    out = np.empty((len(samples), (d + 7) // 8), dtype=np.uint8)
     for i in range(0, len(samples), rows):
-        out[i : i + rows] = binarize(samples[i : i + rows].cpu(), generator).to(torch.uint8)
-    return ArraySamples(out)
+        out[i : i + rows] = BitSamples.from_binary(binarize(samples[i : i + rows].cpu(), generator)).packed
+    return BitSamples(out, samples.shape)
 
 
 def binarize_with(x: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,46 @@ class ArraySamples(Samples):
         return f"in memory as {str(self.values.dtype).replace('torch.', '')} ({mb:,.0f} MB)"
 
 
+class BitSamples(Samples):
+    """0/1 samples held as packed bits: one bit a value (:func:`numpy.packbits` of each flattened sample,
+    an eighth of uint8), unpacked to float32 per batch.  What a binarized test split is held as
+    (:func:`vaekit.data.binarize_samples`): 190,000 28x28 digits take 19 MB instead of 149 MB.
+
+    :param packed: uint8 ``[N, ceil(D / 8)]``, ``D = prod(shape)``.  :param shape: one sample's shape ``S``.
+    """
+
+    def __init__(self, packed: np.ndarray, shape: tuple[int, ...]) -> None:
+        self.packed, self.shape = packed, tuple(shape)
+
+    @classmethod
+    def from_binary(cls, values: torch.Tensor) -> "BitSamples":
+        """Pack ``values [N, *S]`` (0/1, any dtype)."""
+        flat = values.reshape(len(values), -1).to(torch.bool).cpu().numpy()
+        return cls(np.packbits(flat, axis=1), tuple(values.shape[1:]))
+
+    def __len__(self) -> int:
+        return len(self.packed)
+
+    def batch(self, index: torch.Tensor) -> torch.Tensor:
+        rows = self.packed[index.cpu().numpy()]
+        bits = np.unpackbits(rows, axis=1, count=int(np.prod(self.shape, dtype=np.int64)))
+        return torch.from_numpy(bits).to(torch.float32).reshape(len(rows), *self.shape)
+
+    def subset(self, rows: torch.Tensor) -> "BitSamples":
+        return BitSamples(self.packed[rows.cpu().numpy()], self.shape)
+
+    def extremes(self) -> torch.Tensor:
+        if not len(self):
+            return torch.zeros((2, *self.shape))
+        lo = np.bitwise_and.reduce(self.packed, axis=0)  # a bit set in every sample
+        hi = np.bitwise_or.reduce(self.packed, axis=0)  # a bit set in some sample
+        d = int(np.prod(self.shape, dtype=np.int64))
+        return torch.from_numpy(np.unpackbits(np.stack([lo, hi]), axis=1, count=d)).to(torch.float32).reshape(2, *self.shape)
+
+    def describe(self) -> str:
+        return f"in memory as packed bits ({self.packed.nbytes / 1e6:,.0f} MB)"
+
+
 class NpyRows(Samples):
     """Rows of a C-ordered ``.npy`` file read from disk batch by batch (``--data big.npy``).
 

@@ -38,7 +38,7 @@ def eval_inputs(test_x: torch.Tensor | Samples, binarize_mode: str) -> torch.Ten
     :data:`TEST_BINARIZE_SEED` unless ``binarize_mode`` is ``none`` (training and ``vaekit eval`` alike).
 
     ``test_x``: float32 ``[N, *S]`` (binarized as float32 0/1) or :class:`~vaekit.samples.Samples`
-    (binarized in chunks and held as uint8 0/1, :func:`~vaekit.data.binarize_samples`: the same draws,
+    (binarized in chunks and held as packed bits, :func:`~vaekit.data.binarize_samples`: the same draws,
     so the same test set, without a float32 copy of it)."""
     if binarize_mode == "none":
         return test_x
@@ -189,7 +189,7 @@ class Trainer:
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
         check_inputs(lik, self.data.train.extremes(), self.binarize, "the training data")  # per-pixel min and max
         check_inputs(lik, self.data.test.extremes(), self.binarize, "the test data")  # per-pixel min and max
-        # the evaluation inputs, held in their source dtype (binarized: uint8 0/1) and read as float32 a batch at a time
+        # the evaluation inputs, held in their source dtype (binarized: packed bits, 1 bit a value) and read as float32 a batch at a time
         self.test: Samples = eval_inputs(self.data.test, self.binarize)
         if isinstance(self.test, ArraySamples):
             self.test = self.test.to(self.device)
@@ -199,7 +199,7 @@ class Trainer:
             if not self.train.in_memory:
                 raise ConfigError(f"--binarize static draws the whole training set once, but {self.data.name} is "
                                   f"{self.train.describe()}; use --binarize dynamic, or load it with lazy=false")
-            self.train = binarize_samples(self.train, torch.Generator().manual_seed(cfg.seed))  # 0/1, held as uint8
+            self.train = binarize_samples(self.train, torch.Generator().manual_seed(cfg.seed))  # 0/1, held as packed bits
         if isinstance(self.train, ArraySamples):
             self.train = self.train.to(self.device)
         self.train_y = None if self.data.train_y is None else self.data.train_y.to(self.device)
