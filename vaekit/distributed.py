@@ -20,7 +20,7 @@ What :class:`Distributed` does (docs/scaling.md):
   global batch's loss (a NaN on one rank stops them all) and the metrics are the global ones.
 * Rank 0 alone writes the run directory (:meth:`Distributed.on_main`); an error on any rank while
   setting up, loading or writing is shared with the others (:meth:`Distributed.agree`), and so is a
-  failure to read a rank's share of a batch (the trainer :meth:`Distributed.settle`\ s each batch's
+  failure to read a rank's share of a batch (the trainer :meth:`Distributed.settle` checks each batch's
   reading before the step), so none waits for a peer that failed and rank 0 prints ``rank R of W
   failed: ...`` once (:func:`reported_by_main`).
 * Regularizers with ``supports_distributed = False`` (per-sample state) are refused
