@@ -60,14 +60,16 @@ def digits_npy(tmp_path_factory):
 
 # --- (i) a file larger than the memory it may use ------------------------------------------------------
 
+_PRINT_PEAK = 'print("peak_rss_kb", int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))), file=sys.stderr)'  # the child's own high-water mark (see _peak_mb)
+
 _PEAK = """
 import runpy, sys
 sys.argv = ["vaekit"] + sys.argv[1:]
 try:
     runpy.run_module("vaekit", run_name="__main__")
 finally:
-    print("peak_rss_kb", int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))), file=sys.stderr)
-"""
+    {peak}
+""".replace("{peak}", _PRINT_PEAK)
 
 _PEAK_EVAL = """
 import json, sys
@@ -77,8 +79,8 @@ t = Trainer(RunConfig(data=sys.argv[1], encoder="mlp:hidden=32", latent_dim=2, d
 t.setup()
 t._unlock()
 print(json.dumps({"n_test": len(t.test), "held": t.test.describe(), **t._test_metrics()}))
-print("peak_rss_kb", int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:"))), file=sys.stderr)
-"""
+{peak}
+""".replace("{peak}", _PRINT_PEAK)
 
 
 # The child's own peak RSS is VmHWM of its process image: ru_maxrss would not do, since Linux keeps the
