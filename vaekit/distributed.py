@@ -176,10 +176,10 @@ class Single:
         """``sums`` (terms × samples) and the sample count ``n``, summed over the ranks."""
         return sums, n
 
-    def loss_scale(self, n_local: int, n_global: int) -> float:
-        """The factor ``W · B_r / B`` of a rank's mean loss over its ``n_local`` = B_r samples of the global
-        batch of ``n_global`` = B, so that DDP's mean over the W ranks' gradients is the global batch
-        mean's gradient (1 in one process)."""
+    def loss_scale(self) -> float:
+        """The factor ``W · B_r / B`` of a rank's mean loss over its B_r samples of the global batch of B
+        (the sizes given to :meth:`begin_batch`), so that DDP's mean over the W ranks' gradients is the
+        global batch mean's gradient (1 in one process)."""
         return 1.0
 
     def agree_stop(self, reason: str | None) -> str | None:
@@ -301,17 +301,18 @@ class Distributed(Single):
             dist.all_gather_object(names, keys)
             from .errors import TrainingError
 
+            shown = [sorted({k.split("\0")[0] for k in ks if not k.startswith("\0")}) for ks in names]  # per-step keys: "name\0i"
             raise mark_shared(TrainingError(
                 f"the {self.world_size} processes' loss terms (or metrics) differ: "
-                + "; ".join(f"rank {r} has {', '.join(k) or 'none'}" for r, k in enumerate(names))
+                + "; ".join(f"rank {r} has {', '.join(k) or 'none'}" for r, k in enumerate(shown))
                 + ": a plugin returned a term (a penalty) on some ranks only; it must return a tensor on every rank"))
         t = torch.tensor([sums[k] for k in keys] + [float(n)], dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t)
         values = t.tolist()
         return dict(zip(keys, values[:-1])), int(round(values[-1]))
 
-    def loss_scale(self, n_local: int, n_global: int) -> float:
-        return self.world_size * n_local / n_global
+    def loss_scale(self) -> float:
+        return self.world_size * self.local_size / self.batch_size
 
     def agree_stop(self, reason: str | None) -> str | None:
         import torch.distributed as dist

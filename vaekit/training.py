@@ -10,12 +10,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__, checkpoint, distributed, rundir
+from .compiling import StepFunctions
 from .config import RunConfig
 from .data import DataBundle, binarize, binarize_samples, binarize_with, looks_like_path
 from .errors import (CheckpointError, ConfigError, DataError, OutputError, TrainingError, UnknownPluginError,
@@ -26,7 +28,8 @@ from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model, decoder_spec
 from .precision import MixedPrecision
 from .registry import PluginSpec
-from .samples import ArraySamples, Samples, load_batches
+from .running import SYNC_EVERY, RunningTerms
+from .samples import ArraySamples, Samples, load_batches, to_device
 
 TEST_BINARIZE_SEED = 1234  # the test set is binarized once, identically for every run
 _WRITE_ERRNOS = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG")
@@ -90,6 +93,14 @@ def build_objective(config: RunConfig, model: VAEModel, pm: PluginManager) -> Ob
         raise ConfigError(f"objective {spec.name!r} built a {type(objective).__name__}, not a vaekit Objective")
     objective.bind(model)
     return objective
+
+
+def adam(params: list[torch.nn.Parameter], lr: float, device: torch.device) -> torch.optim.Adam:
+    """The run's Adam (Kingma & Ba 2015) over ``params``: the fused kernel on the CPU and CUDA (one pass over
+    all parameters a step, instead of one op per tensor and formula term; the same update up to float
+    rounding), the default implementation elsewhere."""
+    fused = device.type in ("cpu", "cuda") and all(p.dtype in (torch.float32, torch.float64) for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -184,6 +195,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.shape, self.pm, num_classes=self.data.num_classes).to(self.device)
         self.objective = build_objective(cfg, self.model, self.pm)
+        self.steps = StepFunctions(self.objective, self.model, cfg.compile)  # --compile: torch.compile'd
         self.dist.check_regularizers(self.model.regularizers)  # under torchrun: refuses supports_distributed False
         lik = self.model.likelihood
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
@@ -278,7 +290,7 @@ class Trainer:
                 own[f"regularizer{i}"] = opt
                 own_params |= {id(p) for g in opt.param_groups for p in g["params"]}
         main = [p for p in self.model.parameters() if id(p) not in own_params and p.requires_grad]
-        return {"model": torch.optim.Adam(main, lr=self.config.lr), **own}
+        return {"model": adam(main, self.config.lr, self.device), **own}
 
     def _prepare_run_dir(self) -> Path:
         """Create the run directory and lock it (:mod:`vaekit.rundir`) before anything is written there.
@@ -492,6 +504,7 @@ class Trainer:
                 if cfg.max_steps and self.step >= cfg.max_steps:
                     break  # a resumed run already at its --max-steps (_record_epochs said so)
                 schedule = self.objective.set_epoch(epoch)  # e.g. the β in effect: a function of the epoch alone
+                compiled_before = self.steps.seconds
                 trained = self._train_epoch(epoch, bar)
                 if trained is None:  # --max-steps reached mid-epoch: checkpointed there
                     break
@@ -500,6 +513,8 @@ class Trainer:
                 record.update(self._test_metrics())
                 record["samples_per_s"] = n / seconds if seconds > 0 else float("nan")
                 record["epoch_seconds"] = seconds
+                if self.steps.seconds > compiled_before:  # part of epoch_seconds: the first steps compiled
+                    record["compile_seconds"] = self.steps.seconds - compiled_before
                 self.pm.hook.vaekit_epoch_end(trainer=self, epoch=epoch, metrics=record)
                 for reg in self.model.regularizers:
                     reg.on_epoch_end(self, epoch)
@@ -552,13 +567,15 @@ class Trainer:
         the whole global batch, so N processes see exactly the batches one process would."""
         shares = [self.dist.share(len(index)) for index in index_batches]  # RANK SLICE: (0, B) in one process
         local = [index[lo:hi] for index, (lo, hi) in zip(index_batches, shares)]
-        loaded = load_batches(self.train, local, self.config.workers)
+        loaded = load_batches(self.train, local, self.config.workers, pin_memory=self.device.type == "cuda")
+        device = self.device  # to a GPU: pinned, non-blocking copies (samples.to_device)
         for index, (lo, hi), x in zip(index_batches, shares, loaded):
             self.dist.begin_batch(len(index), hi - lo)
+            x = to_device(x, device)
             if self.binarize == "dynamic":  # the global batch's uniforms, drawn right after its indices
-                x = binarize_with(x, torch.rand((len(index), *self.train.shape), generator=self.generator)[lo:hi])
-            index = index[lo:hi].to(self.device)
-            yield index, x.to(self.device), None if self.train_y is None else self.train_y[index]
+                x = binarize_with(x, to_device(torch.rand((len(index), *self.train.shape), generator=self.generator)[lo:hi], device))
+            index = to_device(index[lo:hi], device)
+            yield index, x, None if self.train_y is None else self.train_y[index]
 
     def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float] | None:
         """Train one epoch; return its train means (each term averaged over the samples) and seconds.
@@ -576,15 +593,17 @@ class Trainer:
             self.generator.set_state(resume.epoch_generator)
         epoch_generator = self.generator.get_state()
         batches = self.indexed_batches(start=0 if resume is None else resume.position)  # draws the epoch's shuffle
-        sums: dict[str, float] = {}
-        count = position = 0
+        running = RunningTerms(self.dist)
+        position = 0
         before = 0.0
         if resume is not None:
             self.generator.set_state(now)
-            sums, count, position, before = dict(resume.sums), resume.count, resume.position, resume.seconds
+            running = RunningTerms(self.dist, resume.sums, resume.count)
+            position, before = resume.position, resume.seconds
         steps_per_epoch = math.ceil(len(self.train) / self.config.batch_size)
         every, limit = self.config.checkpoint_every, self.config.max_steps
         main_opt = self.optimizers["model"]
+        failed = partial(self._loss_failed, epoch)
         start = time.perf_counter()
         batches = iter(batches)
         while True:
@@ -596,36 +615,31 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - settled with the other ranks, then raised
                 failure = e
             self.dist.settle(failure)  # under torchrun: PeerError "rank R of W failed: ..." on the others
+            compiling = self.steps.timing(x)  # the first step on a new batch shape compiles (--compile)
             record, loss, terms, extra = self.forward_step(x, c, index)
-            value = loss.item()
-            n = x.shape[0]
-            step_sums = {k: (value if k == "loss" else v.item()) * n for k, v in terms.items()}
-            for k, v in extra.items():
-                step_sums[k] = step_sums.get(k, 0.0) + float(v) * n
-            step_sums, bs = self.dist.batch_sums(step_sums, n)  # under torchrun: summed over the ranks' shares
-            value = step_sums["loss"] / bs if "loss" in step_sums else value  # the global batch's loss
             self.step += 1
-            if not math.isfinite(value):
-                raise distributed.mark_shared(TrainingError(self._nan_message(value, epoch)))  # the global loss
+            running.add(self.step, loss, terms, extra, x.shape[0])  # no host sync: read every SYNC_EVERY steps
             main_opt.zero_grad(set_to_none=True)
-            scale = self.dist.loss_scale(n, bs)  # DDP averages the ranks' gradients: this makes it the global batch's
+            scale = self.dist.loss_scale()  # DDP averages the ranks' gradients: this makes it the global batch's
             self.amp.step(loss if scale == 1 else loss * scale, main_opt)
+            if compiling is not None:
+                self.console.print(f"torch.compile ({self.config.compile}): the first step on batches of "
+                                   f"{list(x.shape)} took {self.steps.compiled_in(compiling, self.device):.1f} s (compiling)")
             for reg in model.regularizers:
                 reg.on_step_end(self, record)
-            count += bs
             position += 1
-            for k, v in step_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if bar is not None:
-                elapsed = time.perf_counter() - start
-                bar.update(epoch, count, elapsed, sums)
             checkpoint.kill_point("step")
             self.stop_reason = self.dist.agree_stop(self.stop_reason)
+            at_limit = bool(limit) and self.step >= limit
+            mid_checkpoint = (at_limit or (every and self.step % every == 0)) and position < steps_per_epoch
+            if running.pending >= SYNC_EVERY or mid_checkpoint or self.stop_reason is not None:
+                running.flush(failed)  # a NaN/inf loss of these steps raises here, before any checkpoint
+                if bar is not None:
+                    bar.update(epoch, running.count, time.perf_counter() - start, running.sums)
             if self.stop_reason is not None:
                 break
-            at_limit = bool(limit) and self.step >= limit
-            if (at_limit or (every and self.step % every == 0)) and position < steps_per_epoch:
-                self._checkpoint(epoch - 1, partial=dict(position=position, sums=dict(sums), count=count,
+            if mid_checkpoint:
+                self._checkpoint(epoch - 1, partial=dict(position=position, sums=dict(running.sums), count=running.count,
                                                          seconds=before + time.perf_counter() - start,
                                                          epoch_generator=epoch_generator))
             if at_limit and position < steps_per_epoch:
@@ -633,16 +647,22 @@ class Trainer:
                                    f"batches into epoch {epoch}; vaekit run --resume {self.run_dir} --max-steps N "
                                    "continues it")
                 return None
+        running.flush(failed)
         seconds = before + time.perf_counter() - start
-        return {k: v / count for k, v in sums.items()}, seconds
+        if bar is not None:
+            bar.update(epoch, running.count, seconds - before, running.sums)
+        return {k: v / running.count for k, v in running.sums.items()}, seconds
+
+    def _loss_failed(self, epoch: int, value: float, step: int) -> BaseException:
+        return distributed.mark_shared(TrainingError(self._nan_message(value, epoch, step)))
 
     def _forward_step(self, x: torch.Tensor, c: torch.Tensor | None, index: torch.Tensor):
         """One step's forward on the batch ``x [B, *S]`` (labels ``c [B]``, positions ``index [B]``): the
         objective's forward, the regularizers' own updates (the AAE discriminator's step), the loss.
         Returns ``(record, loss, terms, extra)``; under torchrun it runs inside DistributedDataParallel."""
-        model, objective = self.model, self.objective
+        model, steps = self.model, self.steps
         with self.amp.autocast():
-            record = objective.forward(model, x, c)
+            record = steps.forward(x, c)
         record.index = index
         extra: dict[str, float] = {}
         for i, reg in enumerate(model.regularizers):
@@ -650,7 +670,7 @@ class Trainer:
             if opt is not None:
                 extra.update(reg.update(record, self.dist.sync_optimizer(opt)))
         with self.amp.autocast():
-            loss, terms = objective.loss(model, record)
+            loss, terms = steps.loss(record)
         return record, loss, terms, extra
 
     def _test_metrics(self) -> dict[str, float]:
@@ -696,8 +716,8 @@ class Trainer:
                     f"({again} continues from it)")
         return f"no epoch had finished, so {self.run_dir} holds no checkpoint ({again} starts it again from epoch 1)"
 
-    def _nan_message(self, value: float, epoch: int) -> str:
-        return (f"the loss became {value} at step {self.step} (epoch {epoch}); training stopped and "
+    def _nan_message(self, value: float, epoch: int, step: int) -> str:
+        return (f"the loss became {value} at step {step} (epoch {epoch}); training stopped and "
                 f"{self._kept()}. Try a lower --lr (vaekit run ... --out {self.run_dir} --overwrite replaces the run) "
                 "or check the data")
 
@@ -791,14 +811,15 @@ def train(config: RunConfig | dict | str | Path | None = None, *, pm: PluginMana
 
 
 def resume(run_dir: str | Path, epochs: int | None = None, *, max_steps: int | None = None,
-           workers: int | None = None, **kwargs: Any) -> TrainResult:
+           workers: int | None = None, compile: str | None = None, **kwargs: Any) -> TrainResult:
     """Continue the run in ``run_dir`` from its last checkpoint; the Python API behind ``vaekit run --resume``.
 
     ``epochs``: a new target, recorded in ``config.json`` (a later resume continues to it); fewer than
     the epochs already done raises ConfigError.  Without it, the recorded target; a run that has done
     every epoch trains nothing and says so.  ``max_steps``: likewise a new limit on the optimizer
     steps of the whole run (0: none), recorded; fewer than the steps taken raises ConfigError.
-    ``workers``: data-loading processes for this session (results do not depend on it).  A run that never checkpointed (it failed in its first
+    ``workers``: data-loading processes for this session (results do not depend on it); ``compile``: the
+    :func:`torch.compile` mode for this session (:mod:`vaekit.compiling`; results change by float rounding).  A run that never checkpointed (it failed in its first
     epoch: ``config.json`` alone) starts again from epoch 1 with its recorded config.  ``kwargs``:
     ``pm``, ``progress``, ``quiet``, ``figures`` as for :func:`train`.  Raises CheckpointError if
     ``run_dir`` is not a run, holds weights but no checkpoint, or needs a plugin not installed here;
@@ -807,7 +828,7 @@ def resume(run_dir: str | Path, epochs: int | None = None, *, max_steps: int | N
     run_dir = Path(run_dir)
     info = checkpoint.read_run_config(run_dir)
     values = dict(info["config"], out=str(run_dir))
-    for key, value in (("epochs", epochs), ("max_steps", max_steps), ("workers", workers)):
+    for key, value in (("epochs", epochs), ("max_steps", max_steps), ("workers", workers), ("compile", compile)):
         if value is not None:
             values[key] = value
     has_checkpoint = checkpoint.has_checkpoint(run_dir)
