@@ -209,6 +209,11 @@ def _run_dir(run_dir) -> Path:
 
 # --- trainer state (to resume) ------------------------------------------------------------------
 
+IMPLEMENTATION_SETTINGS = ("fused", "foreach", "capturable", "differentiable")
+"""Optimizer settings that choose how the update is computed, not what it is: a checkpoint's values are
+neither checked nor restored (a run saved with the per-tensor Adam resumes with the fused one)."""
+
+
 def flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
     """Put an optimizer's state into ``tensors`` (per-parameter tensors) and ``meta`` (JSON)."""
     sd = optimizer.state_dict()
@@ -233,9 +238,11 @@ def unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: 
     for name, value in info["scalars"].items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
-    # JSON turns tuples (Adam's betas) into lists; give them back their type
+    # JSON turns tuples (Adam's betas) into lists; give them back their type.  How the update is computed
+    # (fused, foreach...) is this run's choice, not the checkpoint's: the same update, another kernel
     groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-              for g in info["param_groups"]]
+              | {k: own[k] for k in IMPLEMENTATION_SETTINGS if k in own}
+              for g, own in zip(info["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -500,7 +507,7 @@ def check_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict
         if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
             raise ValueError(f"{prefix}: a parameter group of another size than this run's")
         for key, value in group.items():
-            if key != "params" and key in saved and not _same_kind(saved[key], value):
+            if key != "params" and key not in IMPLEMENTATION_SETTINGS and key in saved and not _same_kind(saved[key], value):
                 raise TypeError(f"{prefix} setting {key} is {saved[key]!r}, not a {type(value).__name__} like "
                                 f"this run's {value!r}")
         params.update(zip(saved["params"], group["params"]))
