@@ -21,11 +21,25 @@ CHUNK_BYTES = 16 << 20
 """How much of a file a scan reads at once (ordinary reads, never through a mapping): 16 MiB."""
 
 
-def to_float(values: torch.Tensor, divisor: float = 1.0) -> torch.Tensor:
+def to_float(values: torch.Tensor, divisor: float | torch.Tensor = 1.0) -> torch.Tensor:
     """``values`` (any dtype) as float32 divided by ``divisor`` in float32, as numpy's
-    ``a.astype(np.float32) / np.float32(divisor)`` computes it (bit for bit)."""
+    ``a.astype(np.float32) / np.float32(divisor)`` computes it (bit for bit).  ``divisor``: a number,
+    or a float32 0-d tensor on ``values``' device (no host-to-device copy per call)."""
     x = values.to(torch.float32)
+    if isinstance(divisor, torch.Tensor):
+        return x / divisor
     return x if divisor == 1.0 else x / torch.tensor(divisor, dtype=torch.float32, device=x.device)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``.  From the CPU to CUDA the copy goes through pinned (page-locked) memory and
+    does not block the host (``non_blocking``; it is ordered on the current stream before the kernels
+    that read it), so reading the next batch overlaps the device's work."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+    return t.to(device)
 
 
 def torch_dtype_ready(a: np.ndarray) -> np.ndarray:
@@ -100,6 +114,7 @@ class ArraySamples(Samples):
         self.values = values
         self.divisor = float(divisor)
         self.shape = tuple(values.shape[1:])
+        self._divisor = torch.tensor(self.divisor, dtype=torch.float32, device=values.device)  # made once
 
     def __len__(self) -> int:
         return int(self.values.shape[0]) if self.values.dim() else 0
@@ -109,10 +124,10 @@ class ArraySamples(Samples):
         return tuple(self.values.shape)
 
     def batch(self, index: torch.Tensor) -> torch.Tensor:
-        return to_float(self.values[index.to(self.values.device)], self.divisor)
+        return to_float(self.values[to_device(index, self.values.device)], self._divisor)
 
     def subset(self, rows: torch.Tensor) -> "ArraySamples":
-        return ArraySamples(self.values[rows.to(self.values.device)], self.divisor)
+        return ArraySamples(self.values[to_device(rows, self.values.device)], self.divisor)
 
     def __getitem__(self, key) -> torch.Tensor:
         if isinstance(key, slice):  # a view of the rows, converted: no index tensor
@@ -341,13 +356,15 @@ class _BatchReader(torch.utils.data.Dataset):
         return self.samples.batch(index)
 
 
-def load_batches(samples: Samples, index_batches: Iterable[torch.Tensor], workers: int = 0) -> Iterator[torch.Tensor]:
+def load_batches(samples: Samples, index_batches: Iterable[torch.Tensor], workers: int = 0,
+                 pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """``samples.batch(index)`` for each ``index`` of ``index_batches``, in their order.
 
     ``workers`` 0 reads in this process; N > 0 reads samples read from disk (``in_memory`` False)
     through a :class:`torch.utils.data.DataLoader` with N worker processes that prefetch the next
     batches (the order, and so every result, is the same for any N: the index batches decide it).
-    Samples in memory (perhaps on a GPU) are always read in this process."""
+    Samples in memory (perhaps on a GPU) are always read in this process.  ``pin_memory``: the
+    loader's batches come in pinned memory (for :func:`to_device` to a GPU)."""
     if workers <= 0 or samples.in_memory:
         for index in index_batches:
             yield samples.batch(index)
@@ -355,7 +372,8 @@ def load_batches(samples: Samples, index_batches: Iterable[torch.Tensor], worker
     # a generator of its own: the loader draws its workers' base seed from it, not from torch's global
     # stream (the model's noise), so the run's results do not depend on ``workers``
     loader = torch.utils.data.DataLoader(_BatchReader(samples), sampler=list(index_batches), batch_size=None,
-                                         num_workers=workers, generator=torch.Generator().manual_seed(0))
+                                         num_workers=workers, generator=torch.Generator().manual_seed(0),
+                                         pin_memory=pin_memory)
     try:
         yield from loader
     except VaekitError as e:  # re-raised by the loader as "Caught DataError in DataLoader worker…" + a traceback
@@ -373,5 +391,5 @@ def worker_error_line(e: BaseException) -> str:
     return last
 
 
-__all__ = ["ArraySamples", "ImageFiles", "NpyRows", "Samples", "load_batches", "scan_npy", "to_float",
+__all__ = ["ArraySamples", "ImageFiles", "NpyRows", "Samples", "load_batches", "scan_npy", "to_device", "to_float",
            "torch_dtype_ready", "worker_error_line"]
