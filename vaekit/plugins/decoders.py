@@ -7,7 +7,8 @@ from torch import nn
 
 from .. import hookimpl
 from ..interfaces import Decoder
-from .layers import Activation, check_image_shape, check_positive, flat_size, make_activation, mlp
+from .layers import (Activation, channels_last, check_image_shape, check_positive, flat_size, make_activation,
+                     mlp)
 
 
 class MLPDecoder(Decoder):
@@ -68,6 +69,7 @@ class ConvDecoder(Decoder):
             if i + 1 < n:
                 layers.append(make_activation(activation))
         self.net = nn.Sequential(*layers)
+        channels_last(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)

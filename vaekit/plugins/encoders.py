@@ -7,7 +7,8 @@ from torch import nn
 
 from .. import hookimpl
 from ..interfaces import Encoder
-from .layers import Activation, check_image_shape, check_positive, flat_size, make_activation, mlp
+from .layers import (Activation, channels_last, check_image_shape, check_positive, flat_size, make_activation,
+                     mlp)
 
 
 class MLPEncoder(Encoder):
@@ -66,6 +67,7 @@ class ConvEncoder(Encoder):
             features = hidden
         self.net = nn.Sequential(*layers)
         self.out_features = features
+        channels_last(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
 from torch import nn
 
 from ..errors import ConfigError
@@ -24,6 +25,17 @@ _ACTIVATIONS = {
 
 def make_activation(name: str) -> nn.Module:
     return _ACTIVATIONS[name]()
+
+
+def channels_last(module: nn.Module) -> nn.Module:
+    """Store ``module``'s 4-D weights (convolution kernels) channels-last (NHWC); returns ``module``.
+
+    The convolutions then take oneDNN's blocked kernels on the CPU (the conv VAE's training step:
+    13 % faster at 1 thread, bench/README.md) and tensor cores on CUDA; their outputs are channels-last
+    too.  Values and ``state_dict`` are unchanged: only the strides differ (checkpoints save contiguous
+    copies, ``load_state_dict`` copies into these strides), and ``flatten`` reads a channels-last map
+    in NCHW order, so a linear layer after it sees the same features."""
+    return module.to(memory_format=torch.channels_last)
 
 
 def mlp(sizes: list[int], act: str, final_activation: bool) -> nn.Sequential:
