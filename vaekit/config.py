@@ -22,6 +22,7 @@ Binarize = Literal["auto", "dynamic", "static", "none"]
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["fp32", "bf16", "fp16"]
 Condition = Literal["none", "label"]
+Compile = Literal["off", "default", "reduce-overhead", "max-autotune"]
 
 MAX_LATENT_DIM = 1_000_000
 """The largest latent dimension d a config accepts (far beyond any model that fits in memory at d = 10⁶)."""
@@ -60,7 +61,10 @@ class RunConfig:
     ends training after N optimizer steps in all (counted over the whole run, resumes included),
     with a checkpoint, mid-epoch if it falls there; 0: no limit (``epochs`` still ends the run).
     ``workers`` N > 0 reads the training batches in N :class:`torch.utils.data.DataLoader` worker
-    processes (for data read from disk, docs/data.md); results do not depend on it.
+    processes (for data read from disk, docs/data.md); results do not depend on it.  ``compile``
+    (``off``, ``default``, ``reduce-overhead``, ``max-autotune``) runs the training step's forward pass and
+    loss through :func:`torch.compile` in that mode (:mod:`vaekit.compiling`); results change by float
+    rounding only, and a resumed run may change it.
 
     Raises ConfigError (one line) for a value of the wrong type, ``latent_dim``/``epochs``/``batch_size``
     below 1 or above :data:`MAX_LATENT_DIM`/:data:`MAX_EPOCHS`/:data:`MAX_BATCH_SIZE`, a ``max_steps``
@@ -90,6 +94,7 @@ class RunConfig:
     checkpoint_every: int = 0
     max_steps: int = 0
     workers: int = 0
+    compile: Compile = "off"
     init: str | None = None
     pretrain: PluginSpec | None = None
 
@@ -103,7 +108,7 @@ class RunConfig:
         self.regularizers = [_parse_spec(r, "regularizer") for r in self.regularizers]
         hints = {"latent_dim": int, "beta": float, "epochs": int, "batch_size": int, "lr": float, "seed": int,
                  "checkpoint_every": int, "max_steps": int, "workers": int, "device": Device, "binarize": Binarize, "precision": Precision,
-                 "condition": Condition}
+                 "condition": Condition, "compile": Compile}
         for name, typ in hints.items():
             setattr(self, name, coerce(getattr(self, name), typ, name.replace("_", "-")))
         if self.latent_dim < 1:

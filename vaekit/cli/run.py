@@ -42,6 +42,7 @@ def run(
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Also checkpoint every N optimizer steps mid-epoch (default 0: at each epoch's end only); --resume continues at the exact batch.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps in all, with a checkpoint (mid-epoch if it falls there); --resume --max-steps M continues to M (0: no limit).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Read training batches in N DataLoader worker processes (data read from disk; results do not depend on N). Default 0.")] = None,
+    compile: Annotated[Optional[str], typer.Option(help="torch.compile the training step: off (default), default, reduce-overhead (CUDA graphs on a GPU) or max-autotune; the first steps compile (time reported). May change on --resume.")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Resize every image of an image folder to H x H pixels (the file dataset's image_size option).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this directory from its last checkpoint (one that never checkpointed starts again from epoch 1); only --epochs and --max-steps (recorded) and --workers may change.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out: deletes vaekit's own files there (config.json, weights, trainer state, metrics.jsonl, figures), nothing else.")] = False,
@@ -55,15 +56,15 @@ def run(
 
     if resume is not None:
         # any flag given on the command line, whatever its value (--beta 0, --seed 0, --no-fused-op)
-        allowed = {"resume", "epochs", "max_steps", "workers", "quiet", "no_progress", "no_figures"}
+        allowed = {"resume", "epochs", "max_steps", "workers", "compile", "quiet", "no_progress", "no_figures"}
         given = [p.opts[0] for p in ctx.command.params if p.name not in allowed
                  and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
         if given:
             from ..errors import ConfigError
 
             raise ConfigError(f"--resume continues a run as configured; only --epochs may change (got {given[0]}), "
-                              "with --max-steps and --workers")
-        result = resume_run(resume, epochs=epochs, max_steps=max_steps, workers=workers, quiet=quiet,
+                              "with --max-steps, --workers and --compile")
+        result = resume_run(resume, epochs=epochs, max_steps=max_steps, workers=workers, compile=compile, quiet=quiet,
                             progress=not no_progress, figures=not no_figures)
     else:
         base = RunConfig.from_toml(config) if config is not None else RunConfig()
@@ -72,7 +73,7 @@ def run(
             regularizers=regularizer, objective=objective, latent_dim=latent_dim, beta=beta, epochs=epochs, batch_size=batch_size,
             lr=lr, seed=seed, device=device, binarize=binarize, precision=precision, condition=condition, out=None if out is None else str(out),
             init=None if init is None else str(init), pretrain=pretrain, checkpoint_every=checkpoint_every,
-            max_steps=max_steps, workers=workers,
+            max_steps=max_steps, workers=workers, compile=compile,
         )
         if image_size is not None:  # an option of the dataset (file:image_size=H); another dataset says it has none
             cfg = cfg.replace(data=PluginSpec(cfg.data.name, {**cfg.data.options, "image_size": image_size}))
