@@ -12,6 +12,9 @@ hidden in the throughput of later epochs.
 Modes are :func:`torch.compile`'s: ``default``; ``reduce-overhead`` (CUDA graphs on a GPU: the
 launch overhead of small models' many kernels goes; on the CPU the same as ``default``);
 ``max-autotune`` (also searches matmul/convolution kernels; longer compile).  ``off`` runs eagerly.
+Random ops (the reparameterization noise) draw from torch's generators as in the eager step
+(inductor's ``fallback_random``), so a compiled run draws the same noise as an eager one and differs
+from it by float rounding only.
 Whether compiling pays depends on the model and the machine: bench/README.md has the figures
 (on 2 CPU cores it is not the default).
 """
@@ -44,8 +47,12 @@ class StepFunctions:
         self.forward, self.loss = self._compile(fullgraph=True) if mode != "off" else self._eager
 
     def _compile(self, fullgraph: bool) -> tuple[Callable, Callable]:
-        options = {} if self.mode == "default" else {"mode": self.mode}
-        compiled = [torch.compile(fn, fullgraph=fullgraph, dynamic=False, **options) for fn in self._eager]
+        import torch._inductor
+
+        # the mode's settings, and random ops that draw from torch's generators as the eager step does (the
+        # same noise for the same seed; inductor's own generator would give other draws)
+        options = {**torch._inductor.list_mode_options(self.mode), "fallback_random": True}
+        compiled = [torch.compile(fn, fullgraph=fullgraph, dynamic=False, options=options) for fn in self._eager]
         if not fullgraph:
             return compiled[0], compiled[1]
         return self._whole_or_split(compiled[0], 0), self._whole_or_split(compiled[1], 1)

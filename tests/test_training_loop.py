@@ -1,0 +1,197 @@
+"""The training loop's speed-related properties, each checked against an independent reference.
+
+No host read-back per step (counted), NaN/inf still caught at its exact step and before any checkpoint,
+the fused Adam against torch's per-tensor Adam, channels-last convolutions against contiguous ones,
+``--compile`` against the eager step.  Timings live in bench/ (bench_vs_plain.py), never here.
+"""
+
+import copy
+import json
+
+import plugin_for_tests
+import pytest
+import torch
+
+import vaekit
+from vaekit import running
+from vaekit.checkpoint import flatten_optimizer, unflatten_optimizer
+from vaekit.compiling import StepFunctions
+from vaekit.config import RunConfig
+from vaekit.errors import TrainingError
+from vaekit.manager import PluginManager
+from vaekit.plugins.decoders import ConvDecoder
+from vaekit.plugins.encoders import ConvEncoder
+from vaekit.samples import to_device
+from vaekit.training import Trainer, adam
+
+from conftest import SMALL_MNIST
+
+# 300 training digits in batches of 10: 30 steps an epoch, more than running.SYNC_EVERY (20)
+FAST = dict(data=SMALL_MNIST, encoder="mlp:hidden=64", latent_dim=4, batch_size=10, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def test_pm():
+    return PluginManager(extra_plugins=[plugin_for_tests], autoload=False)
+
+
+def _trainer(tmp_path, **options) -> Trainer:
+    trainer = Trainer(RunConfig.from_dict({**FAST, "out": str(tmp_path / "run"), **options}), quiet=True, figures=False)
+    trainer.setup()
+    return trainer
+
+
+def test_an_epoch_reads_the_device_once_per_window_not_once_per_step(tmp_path, monkeypatch):
+    """Every way a tensor's value reaches Python (item, tolist, bool, float, int) is counted during an
+    epoch of 30 steps: the loop reads the running terms at step 20 and at the end, nothing else."""
+    trainer = _trainer(tmp_path)
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            reads.append(_name)
+            return _original(self, *args)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    means, _ = trainer._train_epoch(1, None)
+    monkeypatch.undo()
+    # seen: ['tolist', 'tolist'] (the loop before: 30 loss.item() + 60 term .item(): 90 reads)
+    assert reads == ["tolist", "tolist"]
+    assert running.SYNC_EVERY == 20 and trainer.step == 30
+    # the means are those of the steps: recomputed by an eager pass is not possible after the updates, so
+    # check the bookkeeping instead: every term present, the loss the sum of recon and KL (β = 1)
+    assert means["loss"] == pytest.approx(means["recon"] + means["kl"], rel=1e-6)
+
+
+def test_a_nan_inside_a_window_is_named_at_its_step_and_never_checkpointed(tmp_path, test_pm):
+    """NaN at step 47 (epoch 2, batch 17); a checkpoint is due at step 48: the read before it finds the
+    NaN, so the last good checkpoint stays the end of epoch 1 and the message names step 47, not the
+    step at which the window was read."""
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"loss became nan at step 47 \(epoch 2\).*last good checkpoint \(epoch 1\) is kept"):
+        vaekit.train(epochs=3, out=str(out), likelihood="nan_after:step=47", checkpoint_every=48, pm=test_pm,
+                     quiet=True, figures=False, **FAST)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]
+    model = vaekit.load_run(out, pm=test_pm)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_runs_adam_is_fused_and_takes_torchs_adam_steps():
+    """Three updates of the run's Adam against torch.optim.Adam(foreach=False), the reference
+    implementation, from the same parameters and gradients."""
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(40, 30)), torch.nn.Parameter(torch.randn(30))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    ours, theirs = adam(params, 1e-2, torch.device("cpu")), torch.optim.Adam(ref, lr=1e-2, foreach=False)
+    assert ours.param_groups[0]["fused"] is True
+    for _ in range(3):
+        for p, q in zip(params, ref):
+            g = torch.randn_like(p)
+            p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)  # seen: max |Δ| 6e-8
+
+
+def test_a_checkpoint_of_the_per_tensor_adam_resumes_into_the_fused_one():
+    """A checkpoint written before Adam was fused records fused=None: its state loads, the run stays fused."""
+    torch.manual_seed(0)
+    old_params = [torch.nn.Parameter(torch.randn(5, 3))]
+    old = torch.optim.Adam(old_params, lr=1e-3)
+    old_params[0].grad = torch.randn(5, 3)
+    old.step()
+    tensors, meta = {}, {}
+    flatten_optimizer("optim.model", old, tensors, meta)
+    assert json.loads(meta["optim.model"])["param_groups"][0]["fused"] is None
+    new = adam([torch.nn.Parameter(old_params[0].detach().clone())], 1e-3, torch.device("cpu"))
+    unflatten_optimizer("optim.model", new, tensors, meta)
+    assert new.param_groups[0]["fused"] is True
+    state = next(iter(new.state.values()))
+    torch.testing.assert_close(state["exp_avg"], next(iter(old.state.values()))["exp_avg"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: ConvEncoder((1, 28, 28)), lambda: ConvDecoder(8, (1, 28, 28))])
+def test_conv_plugins_hold_channels_last_kernels_and_compute_what_contiguous_ones_do(make):
+    torch.manual_seed(0)
+    module = make()
+    kernels = [p for p in module.parameters() if p.dim() == 4]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    assert any(not p.is_contiguous() for p in kernels)  # a 1-channel kernel is both; the others are NHWC only
+    reference = copy.deepcopy(module).to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous() for p in reference.parameters())
+    x = torch.rand(6, 1, 28, 28) if isinstance(module, ConvEncoder) else torch.randn(6, 8)
+    torch.testing.assert_close(module(x), reference(x), rtol=1e-5, atol=1e-5)  # seen: max |Δ| 1e-7
+    # state_dict values are the same tensors whatever the strides; a loaded state keeps channels-last
+    fresh = make()
+    fresh.load_state_dict({k: v.contiguous() for k, v in module.state_dict().items()})
+    torch.testing.assert_close(fresh(x), module(x), rtol=0, atol=0)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fresh.parameters() if p.dim() == 4)
+
+
+class _BreakingObjective:
+    """An objective whose forward has Python the compiler cannot capture in one graph (a print)."""
+
+    def forward(self, model, x, c=None):
+        h = torch.tanh(model(x))
+        print("a graph break")
+        return h * 2
+
+    def loss(self, model, record):
+        loss = (record ** 2).mean()
+        return loss, {"loss": loss}
+
+
+def test_compile_falls_back_to_split_graphs_with_a_warning_and_computes_the_eager_values(capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    eager = StepFunctions(_BreakingObjective(), model, "off")
+    compiled = StepFunctions(_BreakingObjective(), model, "default")
+    x = torch.randn(4, 3)
+    assert compiled.timing(x) is not None and compiled.timing(x) is None  # the first step on a shape compiles
+    record = compiled.forward(x, None)
+    assert "cannot be compiled as one graph" in capsys.readouterr().err
+    torch.testing.assert_close(record, eager.forward(x, None))
+    torch.testing.assert_close(compiled.loss(record)[0], eager.loss(record)[0])
+
+
+def test_compile_trains_to_the_eager_weights_and_reports_its_time(tmp_path, capsys):
+    """One epoch of the MLP VAE with --compile default against the eager run, same seed: the same
+    weights up to float rounding (the compiler reorders float sums), the compile time recorded."""
+    small = dict(data="digits", encoder="mlp:hidden=32", latent_dim=2, batch_size=719, epochs=1, seed=3,
+                 device="cpu", figures=False)  # 1,437 training digits: a full batch and one of 718: two shapes
+    eager = vaekit.train(out=str(tmp_path / "eager"), quiet=True, **small)
+    compiled = vaekit.train(out=str(tmp_path / "compiled"), compile="default", progress=False, **small)
+    assert "torch.compile (default): the first step on batches of [719, 1, 8, 8] took" in capsys.readouterr().err
+    assert compiled.history[0]["compile_seconds"] > 0 and "compile_seconds" not in eager.history[0]
+    for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)  # seen: max |Δ| 9e-10 (inductor RNG instead of fallback_random: 1e-2)
+    assert compiled.history[0]["test_elbo"] == pytest.approx(eager.history[0]["test_elbo"], abs=1e-3)
+
+
+def test_to_device_is_the_identity_on_the_same_device_and_a_copy_elsewhere():
+    t = torch.arange(6)
+    assert to_device(t, torch.device("cpu")) is t
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_epoch_never_synchronizes_between_the_reads(tmp_path):
+    """On CUDA, torch's sync debug mode raises on any synchronizing call: only the window reads may sync."""
+    trainer = _trainer(tmp_path, device="cuda", data="mnist:train_per_class=20,test_per_class=5", batch_size=20)
+    trainer._train_epoch(1, None)  # warm-up: allocations, cuBLAS handles
+    flush = running.RunningTerms.flush
+
+    def allowed(self, failed):
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            return flush(self, failed)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+    running.RunningTerms.flush = allowed
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        trainer._train_epoch(2, None)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        running.RunningTerms.flush = flush
