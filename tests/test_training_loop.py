@@ -11,6 +11,7 @@ import json
 import plugin_for_tests
 import pytest
 import torch
+from torch.nn import functional as F
 
 import vaekit
 from vaekit import running
@@ -21,6 +22,7 @@ from vaekit.errors import TrainingError
 from vaekit.manager import PluginManager
 from vaekit.plugins.decoders import ConvDecoder
 from vaekit.plugins.encoders import ConvEncoder
+from vaekit.plugins.layers import FewChannelConvTranspose2d
 from vaekit.samples import to_device
 from vaekit.training import Trainer, adam
 
@@ -128,6 +130,28 @@ def test_conv_plugins_hold_channels_last_kernels_and_compute_what_contiguous_one
     fresh.load_state_dict({k: v.contiguous() for k, v in module.state_dict().items()})
     torch.testing.assert_close(fresh(x), module(x), rtol=0, atol=0)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fresh.parameters() if p.dim() == 4)
+
+
+@pytest.mark.parametrize("c_in,c_out,k,stride,pad", [(32, 1, 4, 2, 1), (8, 3, 4, 2, 1), (5, 2, 3, 1, 0), (4, 4, 5, 3, 2)])
+def test_the_few_channel_transposed_convolution_is_torchs_in_value_and_gradient(c_in, c_out, k, stride, pad):
+    """FewChannelConvTranspose2d (a matmul and a fold) against F.conv_transpose2d, channels-last input or not."""
+    torch.manual_seed(0)
+    layer = FewChannelConvTranspose2d(c_in, c_out, kernel_size=k, stride=stride, padding=pad)
+    for x in (torch.randn(3, c_in, 7, 6), torch.randn(3, c_in, 7, 6).contiguous(memory_format=torch.channels_last)):
+        x.requires_grad_()
+        ours = layer(x)
+        ref_x = x.detach().clone().requires_grad_()
+        w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+        ref = F.conv_transpose2d(ref_x, w, b, stride=stride, padding=pad)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)  # seen: max |Δ| 5e-7
+        g = torch.randn_like(ref)
+        ours.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.weight.grad, w.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(layer.bias.grad, b.grad, rtol=1e-4, atol=1e-4)
+        layer.zero_grad()
+    assert isinstance(ConvDecoder(8, (1, 28, 28)).net[-1], FewChannelConvTranspose2d)
 
 
 class _BreakingObjective:

@@ -7,8 +7,8 @@ from torch import nn
 
 from .. import hookimpl
 from ..interfaces import Decoder
-from .layers import (Activation, channels_last, check_image_shape, check_positive, flat_size, make_activation,
-                     mlp)
+from .layers import (Activation, channels_last, check_image_shape, check_positive, conv_transpose, flat_size,
+                     make_activation, mlp)
 
 
 class MLPDecoder(Decoder):
@@ -65,7 +65,7 @@ class ConvDecoder(Decoder):
         layers += [nn.Linear(features, flat_size(self._start)), make_activation(activation), nn.Unflatten(1, self._start)]
         for i, c in enumerate(channels):
             nxt = channels[i + 1] if i + 1 < n else c_out
-            layers.append(nn.ConvTranspose2d(c, nxt, kernel_size=4, stride=2, padding=1))
+            layers.append(conv_transpose(c, nxt, kernel_size=4, stride=2, padding=1))
             if i + 1 < n:
                 layers.append(make_activation(activation))
         self.net = nn.Sequential(*layers)
