@@ -434,7 +434,9 @@ class Trainer:
         checkpointed and logged with ``"stopped": reason`` in its ``metrics.jsonl`` record, and
         ``reason`` is printed.  For a plugin's convergence test (DEC's tolerance on changed
         assignments), from :meth:`~vaekit.interfaces.Regularizer.on_step_end` or a hook.  Resuming a
-        stopped run trains nothing (it says so).  The first reason given is kept."""
+        stopped run trains nothing (it says so).  The first reason given is kept.  Under torchrun the
+        ranks agree on a stop requested mid-epoch at their next read of the running loss terms (at most
+        :data:`~vaekit.running.SYNC_EVERY` steps later: no collective per step)."""
         if self.stop_reason is None:
             self.stop_reason = str(reason)
 
@@ -629,15 +631,18 @@ class Trainer:
                 reg.on_step_end(self, record)
             position += 1
             checkpoint.kill_point("step")
-            self.stop_reason = self.dist.agree_stop(self.stop_reason)
             at_limit = bool(limit) and self.step >= limit
             mid_checkpoint = (at_limit or (every and self.step % every == 0)) and position < steps_per_epoch
-            if running.pending >= SYNC_EVERY or mid_checkpoint or self.stop_reason is not None:
+            read = running.pending >= SYNC_EVERY or mid_checkpoint
+            if read or self.dist.world_size == 1:  # under torchrun the ranks agree on a stop at the reads only
+                self.stop_reason = self.dist.agree_stop(self.stop_reason)
+                read = read or self.stop_reason is not None
+            if read:
                 running.flush(failed)  # a NaN/inf loss of these steps raises here, before any checkpoint
                 if bar is not None:
                     bar.update(epoch, running.count, time.perf_counter() - start, running.sums)
-            if self.stop_reason is not None:
-                break
+                if self.stop_reason is not None:
+                    break
             if mid_checkpoint:
                 self._checkpoint(epoch - 1, partial=dict(position=position, sums=dict(running.sums), count=running.count,
                                                          seconds=before + time.perf_counter() - start,
