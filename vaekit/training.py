@@ -586,7 +586,10 @@ class Trainer:
         from such a checkpoint draws the epoch's shuffle again and continues at the next batch.  When
         the run reaches ``max_steps`` before the epoch's last batch it is checkpointed there the same
         way and None is returned (the epoch is not over).  Under torchrun each rank trains on its share
-        of every global batch (:meth:`_read_batches`)."""
+        of every global batch (:meth:`_read_batches`).  Nothing is read back from the device between two
+        reads of the running terms (:class:`~vaekit.running.RunningTerms`: every
+        :data:`~vaekit.running.SYNC_EVERY` steps, before a checkpoint, at a stop and at the epoch's end),
+        where the progress bar moves and a NaN/inf loss raises, naming its step."""
         model = self.model
         model.train()
         resume, self._resume_at = self._resume_at, None
