@@ -22,6 +22,7 @@ from torch import nn
 from .errors import ConfigError, TrainingError
 from .precision import MixedPrecision
 from .registry import PluginSpec, Registry
+from .running import SYNC_EVERY, RunningTerms
 
 if TYPE_CHECKING:  # pragma: no cover
     from .model import VAEModel
@@ -207,9 +208,13 @@ class Layerwise:
                     target.bias.copy_(stage.decoder_layer.bias)
 
     def _epoch(self, trainer, model, i: int, stage: _Stage, optimizer, amp, epoch: int, bar) -> tuple[float, float]:
-        total, count = 0.0, 0
+        running = RunningTerms(trainer.dist)  # the losses stay on the device between reads (vaekit.running)
+
+        def failed(value: float, step: int) -> TrainingError:
+            return TrainingError(f"the loss became {value} while pretraining layer {i + 1} (epoch {epoch}, step "
+                                 f"{step}); try a lower lr (--pretrain layerwise:lr=...)")
         start = time.perf_counter()
-        for x, _ in trainer.batches():
+        for step, (x, _) in enumerate(trainer.batches(), 1):
             with torch.no_grad():
                 inp = self._below(model, i, x)
             noisy = inp
@@ -222,17 +227,15 @@ class Layerwise:
                     loss = -model.likelihood.log_prob(out.view((len(x),) + model.decoder.output_shape), x).mean()
                 else:
                     loss = (out.float() - inp.float()).square().sum(1).mean()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TrainingError(f"the loss became {value} while pretraining layer {i + 1} (epoch {epoch}); "
-                                    f"try a lower lr (--pretrain layerwise:lr=...)")
+            running.add(step, loss, {"loss": loss}, {}, len(x))
             optimizer.zero_grad(set_to_none=True)
             amp.step(loss, optimizer)
-            total += value * len(x)
-            count += len(x)
-            if bar is not None:
-                bar.update(epoch, count, time.perf_counter() - start, {"loss": total})
-        return total / count, time.perf_counter() - start
+            if running.pending >= SYNC_EVERY:
+                running.flush(failed)
+                if bar is not None:
+                    bar.update(epoch, running.count, time.perf_counter() - start, running.sums)
+        running.flush(failed)
+        return running.sums["loss"] / running.count, time.perf_counter() - start
 
 
 PRETRAINING = Registry("pretraining method")
