@@ -228,6 +228,10 @@ def flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: di
 
 
 def unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    """Load the state :func:`flatten_optimizer` wrote under ``prefix`` into ``optimizer``.  Per-parameter
+    state tensors (Adam's moments, saved contiguous) get their parameter's strides back: the fused Adam
+    walks a parameter and its moments as raw memory, so a channels-last kernel with contiguous moments
+    would be updated with another element's moments, silently."""
     info = json.loads(meta[prefix])
     state: dict[int, dict[str, Any]] = {}
     start = prefix + ".state."
@@ -244,6 +248,11 @@ def unflatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: 
               | {k: own[k] for k in IMPLEMENTATION_SETTINGS if k in own}
               for g, own in zip(info["param_groups"], optimizer.param_groups)]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+    for group in optimizer.param_groups:  # the moments in their parameter's memory layout (see below)
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def rng_states(generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -346,8 +346,10 @@ class Regularizer(Plugin):
         """An optimizer for this regularizer's own parameters, or None."""
         return None
 
-    def update(self, record: StepOutput, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        """One step of the regularizer's own optimizer (before the model's step); returns metrics."""
+    def update(self, record: StepOutput, optimizer: torch.optim.Optimizer) -> dict[str, float | torch.Tensor]:
+        """One step of the regularizer's own optimizer (before the model's step); returns metrics, means over
+        the batch: floats or detached one-element tensors (better: the trainer reads tensors with the loss
+        terms every few steps instead of waiting for the device each step)."""
         return {}
 
     def bind(self, model: "VAEModel") -> None:

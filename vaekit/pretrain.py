@@ -235,7 +235,10 @@ class Layerwise:
                 if bar is not None:
                     bar.update(epoch, running.count, time.perf_counter() - start, running.sums)
         running.flush(failed)
-        return running.sums["loss"] / running.count, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.update(epoch, running.count, seconds, running.sums)
+        return running.sums["loss"] / running.count, seconds
 
 
 PRETRAINING = Registry("pretraining method")

@@ -35,7 +35,7 @@ class RunningTerms:
         self.dist = dist
         self.sums: dict[str, float] = dict(sums or {})
         self.count = count
-        self._steps: list[tuple[dict[str, torch.Tensor], dict[str, Any], int]] = []  # since the last flush
+        self._steps: list[tuple[list[str], torch.Tensor, int]] = []  # (names, values, samples) since the last flush
         self._first_step = 0  # the run's step number of the window's first step
 
     @property
@@ -44,15 +44,20 @@ class RunningTerms:
         return len(self._steps)
 
     def add(self, step: int, loss: torch.Tensor, terms: dict[str, torch.Tensor], extra: dict[str, Any], n: int) -> None:
-        """Add one step: its mean ``loss`` (0-d tensor), its ``terms`` (0-d tensors, means over its ``n``
-        samples; a ``loss`` entry is taken from ``loss``) and a regularizer's ``extra`` means (floats or
-        0-d tensors).  ``step``: the run's step number of this step (counted from 1).  No host sync:
-        the tensors are kept (detached) until :meth:`flush`."""
+        """Add one step: its mean ``loss`` (0-d tensor), its ``terms`` (one-element tensors, means over its
+        ``n`` samples; a ``loss`` entry is taken from ``loss``) and a regularizer's ``extra`` means
+        (floats or one-element tensors, added to a term of the same name).  ``step``: the run's step
+        number of this step (counted from 1).  No host sync: the step's values are copied into one
+        small tensor on the device (a copy, so a compiled step's reused output buffers, CUDA graphs',
+        cannot change them) and read at :meth:`flush`."""
         if not self._steps:
             self._first_step = step
-        values = {k: (loss if k == "loss" else v).detach() for k, v in terms.items()}
-        values[_LOSS] = loss.detach()
-        self._steps.append((values, extra, n))
+        keys = [_LOSS, *terms, *extra]
+        values = [loss, *(loss if k == "loss" else v for k, v in terms.items()),
+                  *(v if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=loss.device) for v in extra.values())]
+        with torch.no_grad():  # one op: the values side by side (dtypes promoted: float32 or wider, exact)
+            row = torch.stack([v.reshape(()) for v in values])
+        self._steps.append((keys, row, n))
 
     def flush(self, failed: Callable[[float, int], BaseException]) -> None:
         """Read the window's terms on the host (one transfer; under torchrun one all-reduce) and add them to
@@ -62,24 +67,22 @@ class RunningTerms:
         if not self._steps:
             return
         steps, first_step, self._steps = self._steps, self._first_step, []
-        numbers = iter(torch.stack([v.double() for values, _, _ in steps for v in values.values()]).tolist())
+        numbers = iter(torch.cat([row.double() for _, row, _ in steps]).tolist())  # the one transfer
         local: dict[str, float] = {}
-        for i, (values, extra, n) in enumerate(steps):
-            for k in values:
-                local[f"{k}\0{i}"] = next(numbers) * n
-            for k, v in extra.items():  # a regularizer's own figures (the AAE discriminator's loss)
-                local[f"{k}\0{i}"] = local.get(f"{k}\0{i}", 0.0) + float(v) * n
+        for i, (keys, _, n) in enumerate(steps):
+            for k in keys:  # a regularizer's own figure of a term's name adds to it (as per-step reads did)
+                local[f"{k}\0{i}"] = local.get(f"{k}\0{i}", 0.0) + next(numbers) * n
             local[f"\0n\0{i}"] = float(n)
         reduced, _ = self.dist.batch_sums(local, 0)  # one process: as given; torchrun: summed over the ranks
-        for i, (values, extra, _) in enumerate(steps):
+        for i, (keys, _, _) in enumerate(steps):
             size = reduced[f"\0n\0{i}"]
             value = reduced[f"{_LOSS}\0{i}"] / size  # the (global) batch's mean loss
             if not math.isfinite(value):
                 raise failed(value, first_step + i)
             self.count += int(round(size))
-            for k in [*values, *extra]:
-                if k != _LOSS and f"{k}\0{i}" in reduced:
-                    self.sums[k] = self.sums.get(k, 0.0) + reduced.pop(f"{k}\0{i}")
+            for k in dict.fromkeys(keys):
+                if k != _LOSS:
+                    self.sums[k] = self.sums.get(k, 0.0) + reduced[f"{k}\0{i}"]
 
 
 _LOSS = "\0loss"  # the step's loss, kept beside its terms for the NaN/inf check

@@ -195,7 +195,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.model = build_model(cfg, self.data.shape, self.pm, num_classes=self.data.num_classes).to(self.device)
         self.objective = build_objective(cfg, self.model, self.pm)
-        self.steps = StepFunctions(self.objective, self.model, cfg.compile)  # --compile: torch.compile'd
+        self.steps = StepFunctions(self.objective, self.model, cfg.compile)  # --compile: the forward compiled
         self.dist.check_regularizers(self.model.regularizers)  # under torchrun: refuses supports_distributed False
         lik = self.model.likelihood
         self.binarize = lik.default_binarize if cfg.binarize == "auto" else cfg.binarize
@@ -434,9 +434,7 @@ class Trainer:
         checkpointed and logged with ``"stopped": reason`` in its ``metrics.jsonl`` record, and
         ``reason`` is printed.  For a plugin's convergence test (DEC's tolerance on changed
         assignments), from :meth:`~vaekit.interfaces.Regularizer.on_step_end` or a hook.  Resuming a
-        stopped run trains nothing (it says so).  The first reason given is kept.  Under torchrun the
-        ranks agree on a stop requested mid-epoch at their next read of the running loss terms (at most
-        :data:`~vaekit.running.SYNC_EVERY` steps later: no collective per step)."""
+        stopped run trains nothing (it says so).  The first reason given is kept."""
         if self.stop_reason is None:
             self.stop_reason = str(reason)
 
@@ -621,12 +619,13 @@ class Trainer:
                 failure = e
             self.dist.settle(failure)  # under torchrun: PeerError "rank R of W failed: ..." on the others
             compiling = self.steps.timing(x)  # the first step on a new batch shape compiles (--compile)
-            record, loss, terms, extra = self.forward_step(x, c, index)
-            self.step += 1
-            running.add(self.step, loss, terms, extra, x.shape[0])  # no host sync: read every SYNC_EVERY steps
-            main_opt.zero_grad(set_to_none=True)
-            scale = self.dist.loss_scale()  # DDP averages the ranks' gradients: this makes it the global batch's
-            self.amp.step(loss if scale == 1 else loss * scale, main_opt)
+            with self.steps.errors():  # --compile: a compiler failure is one line
+                record, loss, terms, extra = self.forward_step(x, c, index)
+                self.step += 1
+                running.add(self.step, loss, terms, extra, x.shape[0])  # no host sync: read every SYNC_EVERY steps
+                main_opt.zero_grad(set_to_none=True)
+                scale = self.dist.loss_scale()  # DDP averages the ranks' gradients: this makes it the global batch's
+                self.amp.step(loss if scale == 1 else loss * scale, main_opt)
             if compiling is not None:
                 self.console.print(f"torch.compile ({self.config.compile}): the first step on batches of "
                                    f"{list(x.shape)} took {self.steps.compiled_in(compiling, self.device):.1f} s (compiling)")
@@ -636,11 +635,8 @@ class Trainer:
             checkpoint.kill_point("step")
             at_limit = bool(limit) and self.step >= limit
             mid_checkpoint = (at_limit or (every and self.step % every == 0)) and position < steps_per_epoch
-            read = running.pending >= SYNC_EVERY or mid_checkpoint
-            if read or self.dist.world_size == 1:  # under torchrun the ranks agree on a stop at the reads only
-                self.stop_reason = self.dist.agree_stop(self.stop_reason)
-                read = read or self.stop_reason is not None
-            if read:
+            self.stop_reason = self.dist.agree_stop(self.stop_reason)  # under torchrun: one small all-reduce
+            if running.pending >= SYNC_EVERY or mid_checkpoint or self.stop_reason is not None:
                 running.flush(failed)  # a NaN/inf loss of these steps raises here, before any checkpoint
                 if bar is not None:
                     bar.update(epoch, running.count, time.perf_counter() - start, running.sums)
@@ -678,7 +674,7 @@ class Trainer:
             if opt is not None:
                 extra.update(reg.update(record, self.dist.sync_optimizer(opt)))
         with self.amp.autocast():
-            loss, terms = steps.loss(record)
+            loss, terms = self.objective.loss(model, record)
         return record, loss, terms, extra
 
     def _test_metrics(self) -> dict[str, float]:

@@ -153,7 +153,7 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> 
         eps = torch.randn_like(mu)
     elif eps.shape != mu.shape or eps.dtype != mu.dtype:
         raise ValueError(f"eps must match mu: mu {tuple(mu.shape)} {mu.dtype}, eps {tuple(eps.shape)} {eps.dtype}")
-    if mu.device.type == "cpu":
+    if mu.device.type == "cpu" and not torch.compiler.is_compiling():
         # register the C++ kernels before the op first runs: its Python default implementation, which
         # torch wraps in a dynamo guard, would import torch._dynamo (and sympy: ~150 MB of RSS) on that call
         cpu_kernel.load()

@@ -47,20 +47,23 @@ class FewChannelConvTranspose2d(nn.ConvTranspose2d):
     into ``[B, O, H', W']``) → ``+ bias``: the transposed convolution's definition (Dumoulin & Visin 2016,
     "A guide to convolution arithmetic", §4).  oneDNN's and ATen's kernels are slow for one output
     channel (the conv decoder's last layer: 6.2 ms forward for a batch of 128 at 1 thread, 1.5 ms here;
-    forward + backward 8.2 → 4.7 ms).  Groups, dilation, output padding and ``output_size`` take the
-    parent's path."""
+    forward + backward 8.2 → 4.7 ms).  Groups, dilation, output padding and ``output_size`` take
+    :func:`torch.nn.functional.conv_transpose2d`."""
 
     def forward(self, input: torch.Tensor, output_size: Optional[list[int]] = None) -> torch.Tensor:
         if output_size is not None or self.groups != 1 or self.dilation != (1, 1) or self.output_padding != (0, 0) \
                 or input.dim() != 4:
-            return super().forward(input, output_size)
+            padding = self._output_padding(input, output_size, self.stride, self.padding, self.kernel_size, 2,
+                                           self.dilation)  # as nn.ConvTranspose2d.forward (no super(): scriptable)
+            return F.conv_transpose2d(input, self.weight, self.bias, self.stride, self.padding, padding, self.groups,
+                                      self.dilation)
         b, c, h, w = input.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         cols = input.permute(0, 2, 3, 1).reshape(b * h * w, c) @ self.weight.reshape(c, -1)  # [BHW, O·kh·kw]
         cols = cols.view(b, h * w, -1).transpose(1, 2)
         size = [(h - 1) * sh - 2 * ph + kh, (w - 1) * sw - 2 * pw + kw]
         out = F.fold(cols, size, self.kernel_size, stride=self.stride, padding=self.padding)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1).to(out.dtype)  # autocast: the matmul's dtype
 
 
 def conv_transpose(c_in: int, c_out: int, **options) -> nn.ConvTranspose2d:

@@ -145,7 +145,7 @@ class Adversarial(_LatentMatching):
     def configure_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=(0.5, 0.999))
 
-    def update(self, record: StepOutput, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def update(self, record: StepOutput, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         z_q = record.z.detach()
         z_p = self.latent_target(z_q).sample((z_q.shape[0],))
         real, fake = self.discriminator(z_p), self.discriminator(z_q)
@@ -155,7 +155,7 @@ class Adversarial(_LatentMatching):
         loss.backward()
         optimizer.step()
         accuracy = 0.5 * ((real > 0).float().mean() + (fake < 0).float().mean())
-        return {"adversarial_d_loss": loss.item(), "adversarial_d_acc": accuracy.item()}
+        return {"adversarial_d_loss": loss.detach(), "adversarial_d_acc": accuracy.detach()}  # read with the terms
 
     def penalty(self, record: StepOutput) -> torch.Tensor:
         logits = self.discriminator(record.z)
