@@ -6,7 +6,8 @@ each step's terms to sums that stay on the device and keeps each step's loss as 
 :meth:`~RunningTerms.flush` (every :data:`SYNC_EVERY` steps, before a checkpoint, at the end of the
 epoch) reads them all in one transfer, sums them over the ranks under torchrun, and raises if a
 step's loss was NaN or inf, naming that step.  The figures are the same as per-step reads'; only the
-moment the host learns them moves.
+moment the host learns them moves: a NaN is found up to ``SYNC_EVERY − 1`` optimizer steps (and
+``on_step_end`` calls) after it happened, always before a checkpoint could keep its weights.
 """
 
 from __future__ import annotations

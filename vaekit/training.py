@@ -571,10 +571,10 @@ class Trainer:
         device = self.device  # to a GPU: pinned, non-blocking copies (samples.to_device)
         for index, (lo, hi), x in zip(index_batches, shares, loaded):
             self.dist.begin_batch(len(index), hi - lo)
-            x = to_device(x, device)
             if self.binarize == "dynamic":  # the global batch's uniforms, drawn right after its indices
-                x = binarize_with(x, to_device(torch.rand((len(index), *self.train.shape), generator=self.generator)[lo:hi], device))
-            index = to_device(index[lo:hi], device)
+                u = torch.rand((len(index), *self.train.shape), generator=self.generator)[lo:hi]
+                x = binarize_with(x, to_device(u, x.device))  # where x is: data on disk go to a GPU binarized
+            x, index = to_device(x, device), to_device(index[lo:hi], device)
             yield index, x, None if self.train_y is None else self.train_y[index]
 
     def _train_epoch(self, epoch: int, bar) -> tuple[dict[str, float], float] | None:
