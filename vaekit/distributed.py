@@ -15,8 +15,9 @@ What :class:`Distributed` does (docs/scaling.md):
   so the average is the gradient of the global batch's mean loss, an uneven last batch too.
 * Regularizers with their own optimizer (the AAE discriminator) get their gradients averaged the
   same way before each of their steps (:class:`_SyncedOptimizer`), so they stay identical on every rank.
-* Each step's loss terms are summed over the ranks (sample-weighted means), by name: the ranks
-  check first that they have the same names (:meth:`Distributed.batch_sums`).  Every rank sees the
+* The steps' loss terms are summed over the ranks (sample-weighted means), by name, when the trainer
+  reads them (every 20 steps: :class:`vaekit.running.RunningTerms`): the ranks check first that they
+  have the same names (:meth:`Distributed.batch_sums`).  Every rank sees the
   global batch's loss (a NaN on one rank stops them all) and the metrics are the global ones.
 * Rank 0 alone writes the run directory (:meth:`Distributed.on_main`); an error on any rank while
   setting up, loading or writing is shared with the others (:meth:`Distributed.agree`), and so is a
