@@ -114,3 +114,23 @@ def test_mcc_runs_are_labelled_as_losses_not_nats(tmp_path):
     assert "loss_recon" in out and "nll" not in out and "elbo" not in out and "kl" in out
     with pytest.raises(ConfigError, match="not a normalised density"):
         iwae_log_likelihood(run.model, x, 10)
+
+
+def test_bernoulli_log_prob_is_torch_distributions_in_value_and_gradient():
+    """The Bernoulli likelihood's own log_prob against Independent(Bernoulli(logits)).log_prob, with broadcasting
+    ([k, B, *S] logits against [B, *S] data, as the importance sampler passes them) and on grey levels."""
+    from torch.distributions import Bernoulli, Independent
+
+    from vaekit.plugins.likelihoods import BernoulliLikelihood
+
+    torch.manual_seed(0)
+    lik = BernoulliLikelihood((1, 4, 3))
+    logits = (3 * torch.randn(5, 2, 1, 4, 3)).requires_grad_()
+    for x in (torch.rand(2, 1, 4, 3).bernoulli(), torch.rand(2, 1, 4, 3)):
+        ours = lik.log_prob(logits, x)
+        ref = Independent(Bernoulli(logits=logits, validate_args=False), 3).log_prob(x)
+        assert ours.shape == ref.shape == (5, 2)
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+        g_ours, = torch.autograd.grad(ours.sum(), logits)
+        g_ref, = torch.autograd.grad(ref.sum(), logits)
+        torch.testing.assert_close(g_ours, g_ref)
