@@ -113,8 +113,8 @@ def decoder_row_bytes(model: VAEModel, c: torch.Tensor | None = None) -> int:
     activation: an upper bound on what a feed-forward decoder keeps alive at once, which is also
     what covers the column buffers of a CPU transposed convolution), plus twice the decoder's output
     (the likelihood's temporaries in ``log_prob``), plus the data row and the code.  For the README's
-    conv VAE it gives 99 KB a row against a measured allocator peak of 88 KB, for the MLP 784-400-20
-    12.6 KB against 9.4 KB (torch.profiler's memory events of a 256-row chunk).  ``c``: labels of a
+    conv VAE it gives 102 KB a row against a measured allocator peak of 88 KB, for the MLP 784-400-20
+    15.8 KB against 9.4 KB (torch.profiler's memory events of a 256-row chunk).  ``c``: labels of a
     conditional model (its first row is used).
     """
     device = _device(model)
@@ -161,8 +161,9 @@ def importance_sampled_log_likelihood(
     at most ``memory_budget // decoder_row_bytes(model)`` rows (:func:`decoder_row_bytes`, bytes
     per row; at least one): ``memory_budget`` is in bytes, default :func:`default_chunk_bytes`
     (16 MiB on the CPU, where cache-sized chunks are the fastest; 1 GiB elsewhere).  ``max_rows``
-    (decoder rows) bounds a chunk too; given alone, it replaces the default budget.  Besides the chunk, a batch holds its draws and log-weights,
-    ``K · batch_size · (d + 3) · 4`` bytes (6.4 MB for K = 5000, 100 points, d = 16).  The
+    (decoder rows) bounds a chunk too; given alone, it replaces the default budget.  Besides the
+    chunk, a batch holds its draws and log-weights, ``K · batch_size · (d + 3) · 4`` bytes (38 MB
+    for K = 5000, 100 points, d = 16).  The
     log-sum-exp of the weights (and of their squares) is taken in float64.  Runs under
     ``torch.inference_mode``; the returned tensors are ordinary ones.  ``compile=True`` decodes
     and scores the chunks with ``torch.compile`` (dynamic=False: one compilation per chunk shape,
