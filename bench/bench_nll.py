@@ -11,6 +11,7 @@ older estimator on the same runs (--compile and --memory-budget-mib need the new
 
     python bench/bench_nll.py [--models conv,mlp] [--epochs 5] [--k 5000] [--threads 2] [--out DIR]
     python bench/bench_nll.py --run RUN_DIR --k 100,5000
+    python bench/bench_nll.py --out DIR --baseline OLD_CHECKOUT/vaekit/evaluation.py   # old vs new, interleaved
 """
 
 from __future__ import annotations
@@ -55,6 +56,40 @@ def train(name: str, epochs: int, out: Path) -> None:
     print(f"trained {name} VAE ({MODELS[name]}), {epochs} epochs, in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
+def interleaved(runs: dict, baseline: str, k: int, digits: int, rounds: int) -> None:
+    """Old (``baseline``, another checkout's ``vaekit/evaluation.py``, imported into this vaekit package) against
+    this ``importance_sampled_log_likelihood``, alternating on the same model and ``digits`` test digits, ``rounds``
+    rounds; prints the median rows/s of each and their ratio."""
+    import importlib.util
+    import statistics
+
+    import torch
+
+    import vaekit
+    from vaekit import evaluation
+    from vaekit.apply import load_split
+    from vaekit.training import eval_inputs
+
+    spec = importlib.util.spec_from_file_location("vaekit._baseline_evaluation", baseline)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    for name, run in runs.items():
+        model = vaekit.load_run(run)
+        x = load_split(model, None, "test", None)[0]
+        x = eval_inputs(x, model.run_info["config"].get("binarize", "none"))[:digits]
+        rates: dict[str, list[float]] = {"old": [], "new": []}
+        for r in range(rounds):
+            for label, module in (("old", old), ("new", evaluation)):
+                torch.manual_seed(r)
+                t0 = time.perf_counter()
+                module.importance_sampled_log_likelihood(model, x, k)
+                rates[label].append(len(x) * k / (time.perf_counter() - t0))
+        o, n = (statistics.median(rates[v]) for v in ("old", "new"))
+        print(f"{name:>6} K={k} digits={len(x)} rounds={rounds}: old {o:,.0f} rows/s, new {n:,.0f} rows/s, "
+              f"new/old {n / o:.2f}  (old {', '.join(f'{v:,.0f}' for v in rates['old'])}; "
+              f"new {', '.join(f'{v:,.0f}' for v in rates['new'])})", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default=None, help="an existing run directory (default: train --models)")
@@ -65,6 +100,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="torch.compile the decoder (new estimator only)")
     ap.add_argument("--memory-budget-mib", type=float, default=None, help="chunk budget, MiB (new estimator only)")
+    ap.add_argument("--baseline", default=None,
+                    help="an older checkout's vaekit/evaluation.py: time it against this one, interleaved, instead")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of --baseline")
+    ap.add_argument("--digits", type=int, default=200, help="test digits of --baseline's rounds")
     args = ap.parse_args()
 
     import torch
@@ -86,6 +125,10 @@ def main() -> None:
                 train(name, args.epochs, run)
         print(f"vaekit from {Path(vaekit.__file__).parent}, torch {torch.__version__}, {args.threads} threads, "
               f"options {options or 'default'}")
+        if args.baseline:
+            for k in (int(v) for v in args.k.split(",")):
+                interleaved(runs, args.baseline, k, args.digits, args.rounds)
+            return
         print(f"{'model':>6} {'K':>6} {'test NLL':>10} {'± se (points)':>14} {'± se (MC)':>10} {'seconds':>8} "
               f"{'rows/s':>8} {'peak RSS MiB':>13}")
         for name, run in runs.items():
