@@ -330,9 +330,10 @@ def test_memory_budget_bounds_the_chunks_by_the_measured_bytes_of_a_row(encoder)
     with torch.inference_mode():
         model.likelihood.log_prob(model.decode(z), x)  # warm-up
         measured = _allocator_peak(lambda: model.likelihood.log_prob(model.decode(z), x)) / n
-    # seen: conv 8,16 estimate 35,072 B/row vs measured 21,952 (1.60); mlp 64: 13,120 vs 9,408 (1.39)
-    # (the README's conv VAE: 102,464 vs 87,808 at 256 rows; MLP 784-400-20: 15,824 vs 9,408)
-    assert measured <= per_row <= 2 * measured, (per_row, measured)
+    # seen: conv 8,16 estimate 57,600 B/row vs measured 21,952 (2.62); mlp 64: 13,696 vs 9,408 (1.46)
+    # (the README's conv VAE: 192,384 vs 87,808 at 256 rows; MLP 784-400-20: 19,104 vs 9,408; with 4588ce0's
+    # FewChannelConvTranspose2d, conv 8,16: 57,600 vs 43,904)
+    assert measured <= per_row <= 3 * measured, (per_row, measured)
     rows = []
     model.decoder.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     budget = 30 * per_row + per_row // 2
@@ -343,7 +344,7 @@ def test_memory_budget_bounds_the_chunks_by_the_measured_bytes_of_a_row(encoder)
 
 def test_evaluation_leaves_a_conv_model_as_it_was():
     """The channels-last copy the sampler decodes with gives the estimate of the model as it is (same draws),
-    and the caller's decoder weights keep their memory format."""
+    and the caller's weights keep their memory format."""
     from vaekit import evaluation
     from vaekit.config import RunConfig
     from vaekit.manager import get_plugin_manager
@@ -354,8 +355,9 @@ def test_evaluation_leaves_a_conv_model_as_it_was():
                         get_plugin_manager())
     x = torch.rand(6, 1, 28, 28).round()
     torch.manual_seed(1)
+    strides = [p.stride() for p in model.parameters()]
     fast = iwae_log_likelihood(model, x, 30, batch_size=4)
-    assert all(p.is_contiguous() for p in model.parameters())
+    assert [p.stride() for p in model.parameters()] == strides  # the caller's memory format, whichever it was
     plain, evaluation._channels_last = evaluation._channels_last, lambda m: m
     try:
         torch.manual_seed(1)

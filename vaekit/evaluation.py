@@ -88,11 +88,12 @@ class ImportanceSampled(NamedTuple):
     mc_var: torch.Tensor
 
 
-CPU_CHUNK_BYTES = 16 * 2**20
-"""Default memory budget of one importance-sampling chunk on the CPU, bytes (16 MiB).  Measured, not guessed:
+CPU_CHUNK_BYTES = 24 * 2**20
+"""Default memory budget of one importance-sampling chunk on the CPU, bytes (24 MiB).  Measured, not guessed:
 on 2 CPU cores the decoder's rows per second fall once a chunk's working set leaves the caches (the
 README's conv VAE: ~14,000 rows/s at 128-512 rows a chunk, 8,500 at 1,024, 7,300 at 2,048; the MLP
-784-400-20: ~150,000 at 256-1,024 rows, 78,000 at 2,048), so the CPU's budget is cache-sized."""
+784-400-20: ~150,000 at 256-1,024 rows, 78,000 at 2,048), so the CPU's budget is cache-sized: 130 rows
+of the conv VAE (:func:`decoder_row_bytes` 192 KB), 1,317 of the MLP (19 KB)."""
 
 ACCELERATOR_CHUNK_BYTES = 2**30
 """Default memory budget of one importance-sampling chunk on a GPU (or any non-CPU device), bytes (1 GiB):
@@ -109,20 +110,22 @@ def decoder_row_bytes(model: VAEModel, c: torch.Tensor | None = None) -> int:
     """Estimated bytes one decoder row (one code ``z``) needs while it is decoded and scored, for
     :func:`importance_sampled_log_likelihood`'s memory budget.
 
-    Counted on a probe of two rows: the outputs of every leaf module of the decoder (each layer's
-    activation: an upper bound on what a feed-forward decoder keeps alive at once, which is also
-    what covers the column buffers of a CPU transposed convolution), plus twice the decoder's output
+    Counted on a probe of two rows: the inputs and outputs of every leaf module of the decoder (each
+    layer's activations: an upper bound on what a feed-forward decoder keeps alive at once, which also
+    covers a layer's hidden intermediates such as the column buffers of a CPU transposed convolution,
+    when they are about its input's size), plus twice the decoder's output
     (the likelihood's temporaries in ``log_prob``), plus the data row and the code.  For the README's
-    conv VAE it gives 102 KB a row against a measured allocator peak of 88 KB, for the MLP 784-400-20
-    15.8 KB against 9.4 KB (torch.profiler's memory events of a 256-row chunk).  ``c``: labels of a
+    conv VAE it gives 192 KB a row against a measured allocator peak of 88 KB, for the MLP 784-400-20
+    19 KB against 9.4 KB (torch.profiler's memory events of a 256-row chunk).  ``c``: labels of a
     conditional model (its first row is used).
     """
     device = _device(model)
     sizes: list[int] = []
 
     def count(module, args, out):
-        if isinstance(out, torch.Tensor):
-            sizes.append(out.numel() * out.element_size())
+        for t in (*args, out):  # the input too: it covers a layer's hidden intermediates of about its size
+            if isinstance(t, torch.Tensor):
+                sizes.append(t.numel() * t.element_size())
 
     leaves = [m for m in model.decoder.modules() if next(m.children(), None) is None]
     hooks = [m.register_forward_hook(count) for m in leaves]
@@ -160,7 +163,7 @@ def importance_sampled_log_likelihood(
     at least ``batch_size`` rows, else a range of the batch's points for one draw.  A chunk holds
     at most ``memory_budget // decoder_row_bytes(model)`` rows (:func:`decoder_row_bytes`, bytes
     per row; at least one): ``memory_budget`` is in bytes, default :func:`default_chunk_bytes`
-    (16 MiB on the CPU, where cache-sized chunks are the fastest; 1 GiB elsewhere).  ``max_rows``
+    (24 MiB on the CPU, where cache-sized chunks are the fastest; 1 GiB elsewhere).  ``max_rows``
     (decoder rows) bounds a chunk too; given alone, it replaces the default budget.  Besides the
     chunk, a batch holds its draws and log-weights, ``K · batch_size · (d + 3) · 4`` bytes (38 MB
     for K = 5000, 100 points, d = 16).  The
@@ -245,10 +248,11 @@ def _log_weights(model: VAEModel, p_z, score, xb: torch.Tensor, cb: torch.Tensor
             if progress is not None:
                 progress(b * n / k_all)
         return lw
+    step = -(-b // -(-b // rows))  # the points split evenly into as few ranges as fit (no small remainder)
     for k in range(k_all):  # chunks of a range of the points for one draw
-        for j in range(0, b, rows):
-            code = model.transform_latent(z[k, j : j + rows])
-            lw[k, j : j + rows] += score(code, xb[j : j + rows], None if cb is None else cb[j : j + rows])
+        for j in range(0, b, step):
+            code = model.transform_latent(z[k, j : j + step])
+            lw[k, j : j + step] += score(code, xb[j : j + step], None if cb is None else cb[j : j + step])
             if progress is not None:
                 progress(code.shape[0] / k_all)
     return lw

@@ -45,7 +45,7 @@ def evaluate_run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the Monte-Carlo estimates (0, the default, gives the ELBO training logged as test_elbo).")] = 0,
-    memory_budget_mib: Annotated[Optional[float], typer.Option("--memory-budget-mib", help="Memory of one importance-sampling chunk, MiB (default: 16 on the CPU, 1024 on a GPU).")] = None,
+    memory_budget_mib: Annotated[Optional[float], typer.Option("--memory-budget-mib", help="Memory of one importance-sampling chunk, MiB (default: 24 on the CPU, 1024 on a GPU).")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decoder and likelihood of the NLL (seconds of compilation; pays for long runs such as -k 5000 of a conv decoder).")] = False,
 ) -> None:
     """Evaluate a trained run on its test split (ELBO, NLL by importance sampling, reconstruction error).
