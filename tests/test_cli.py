@@ -66,8 +66,13 @@ def test_eval_json_and_table(cli_run):
     assert figures["n"] == 100 and figures["nll_samples"] == 50
     assert figures["nll"] <= -figures["elbo"] + 0.5  # the importance-sampled bound is tighter
     assert 0 < figures["nll_mc_se"] < figures["nll_se"] < 10  # nats; the literature's table gives NLL ± se
+    assert figures["nll_rows_per_s"] == pytest.approx(100 * 50 / figures["nll_seconds"])  # decoder rows N·K per s
+    # all K draws of a batch are made at once: a budget of one decoder row a chunk gives the same estimate
+    tiny = json.loads(invoke("eval", out, "--nll-samples", "50", "--json", "--memory-budget-mib", "0.0001").stdout)
+    assert tiny["nll"] == pytest.approx(figures["nll"], abs=1e-4)  # seen: 3e-7 nats apart (a conv run, K = 5)
     table = invoke("eval", out, "-k", "5")
     assert table.exit_code == 0 and "NLL (importance-sampled)" in table.stdout
+    assert "decoder rows per second" in table.stdout and "NLL time" in table.stdout
     assert "standard error over test points" in table.stdout and "Monte-Carlo standard error" in table.stdout
 
 
