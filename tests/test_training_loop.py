@@ -18,7 +18,7 @@ from vaekit import running, training
 from vaekit.checkpoint import flatten_optimizer, unflatten_optimizer
 from vaekit.compiling import StepFunctions
 from vaekit.config import RunConfig
-from vaekit.errors import TrainingError
+from vaekit.errors import ConfigError, TrainingError
 from vaekit.manager import PluginManager
 from vaekit.plugins.decoders import ConvDecoder
 from vaekit.plugins.encoders import ConvEncoder
@@ -203,6 +203,21 @@ def test_compile_trains_to_the_eager_weights_and_reports_its_time(tmp_path, caps
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), key  # seen: equal to 1e-7
     for (name, p), q in zip(eager.model.named_parameters(), compiled.model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)  # seen: max |Δ| 1e-9 (inductor RNG: 1e-2)
+
+
+def test_a_compiler_failure_is_one_line_that_says_how_to_train_without_it(tmp_path, monkeypatch):
+    """No working C++ compiler for inductor: ConfigError naming the cause and --compile off, no traceback."""
+    import torch._dynamo
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/g++"))
+    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # a cached graph would need no compiler
+    torch._dynamo.reset()
+    with pytest.raises(ConfigError, match=r"^torch\.compile \(default\) failed: InvalidCxxCompiler: .*; "
+                                          r"train without it: --compile off$") as info:
+        vaekit.train(data="digits", encoder="mlp:hidden=8", latent_dim=2, epochs=1, batch_size=719, device="cpu",
+                     compile="default", out=str(tmp_path / "run"), quiet=True, figures=False)
+    assert "\n" not in str(info.value)
 
 
 def test_a_conv_run_resumes_to_the_uninterrupted_weights_bit_for_bit(tmp_path):

@@ -1,10 +1,10 @@
 """An epoch's running loss terms, summed on the device and read on the host now and then.
 
 Reading a loss with ``.item()`` after every step makes the host wait for the device (on a GPU, the
-whole queue of kernels drains before the next step is launched).  :class:`RunningTerms` instead adds
-each step's terms to sums that stay on the device and keeps each step's loss as a 0-d tensor; a
+whole queue of kernels drains before the next step is launched).  :class:`RunningTerms` instead keeps
+each step's loss and terms side by side in one small tensor on the device; a
 :meth:`~RunningTerms.flush` (every :data:`SYNC_EVERY` steps, before a checkpoint, at the end of the
-epoch) reads them all in one transfer, sums them over the ranks under torchrun, and raises if a
+epoch) reads all of them in one transfer, sums them over the ranks under torchrun, and raises if a
 step's loss was NaN or inf, naming that step.  The figures are the same as per-step reads'; only the
 moment the host learns them moves: a NaN is found up to ``SYNC_EVERY − 1`` optimizer steps (and
 ``on_step_end`` calls) after it happened, always before a checkpoint could keep its weights.

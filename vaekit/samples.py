@@ -114,7 +114,8 @@ class ArraySamples(Samples):
         self.values = values
         self.divisor = float(divisor)
         self.shape = tuple(values.shape[1:])
-        self._divisor = torch.tensor(self.divisor, dtype=torch.float32, device=values.device)  # made once
+        # made once, on the values' device (1: no division at all)
+        self._divisor = 1.0 if self.divisor == 1.0 else torch.tensor(self.divisor, dtype=torch.float32, device=values.device)
 
     def __len__(self) -> int:
         return int(self.values.shape[0]) if self.values.dim() else 0

@@ -668,7 +668,7 @@ class Trainer:
         with self.amp.autocast():
             record = steps.forward(x, c)
         record.index = index
-        extra: dict[str, float] = {}
+        extra: dict[str, Any] = {}  # a regularizer's own figures: floats or one-element tensors
         for i, reg in enumerate(model.regularizers):
             opt = self.optimizers.get(f"regularizer{i}")
             if opt is not None:
