@@ -51,13 +51,16 @@ def test_an_epoch_reads_the_device_once_per_window_not_once_per_step(tmp_path, m
         original = getattr(torch.Tensor, name)
 
         def counted(self, *args, _original=original, _name=name):
-            reads.append(_name)
+            reads.append((_name, self.dtype))
             return _original(self, *args)
         monkeypatch.setattr(torch.Tensor, name, counted)
     trainer._train_epoch(1, None)
     monkeypatch.undo()
-    # seen: ['tolist', 'tolist'] (the loop before: 30 loss.item() + 60 term .item(): 90 reads)
-    assert reads == ["tolist", "tolist"]
+    # seen: the epoch's 30 binarization seeds, drawn from the run's CPU generator with the permutation (a
+    # host tensor: no device sync on a GPU), then the running terms at step 20 and at the end (the loop
+    # before: 30 loss.item() + 60 term .item(): 90 reads, and a host draw per batch)
+    assert trainer.binarize == "dynamic"
+    assert reads == [("tolist", torch.int64), ("tolist", torch.float64), ("tolist", torch.float64)]
     assert running.SYNC_EVERY == 20 and trainer.step == 30
 
 

@@ -656,10 +656,3 @@ def binarize_samples(samples: Samples, generator: torch.Generator) -> BitSamples
     for i in range(0, len(samples), rows):
         out[i : i + rows] = BitSamples.from_binary(binarize(samples[i : i + rows].cpu(), generator)).packed
     return BitSamples(out, samples.shape)
-
-
-def binarize_with(x: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Bernoulli draws with probabilities ``x [B, *S]`` from given ``uniforms`` ``[B, *S]`` (U[0, 1)):
-    1 where ``u < x`` (P = x), else 0, in ``x``'s dtype.  The trainer draws the uniforms of each
-    batch from the run's seeded generator (dynamic binarization, Salakhutdinov & Murray 2008)."""
-    return (uniforms.to(x.device) < x).to(x.dtype)

@@ -19,13 +19,14 @@ import torch
 from . import __version__, checkpoint, distributed, rundir
 from .compiling import StepFunctions
 from .config import RunConfig
-from .data import DataBundle, binarize, binarize_samples, binarize_with, looks_like_path
+from .data import DataBundle, binarize, binarize_samples, looks_like_path
 from .errors import (CheckpointError, ConfigError, DataError, OutputError, TrainingError, UnknownPluginError,
                      first_line, is_out_of_memory)
 from .evaluation import density_for, elbo_summary
 from .interfaces import Objective
 from .manager import PluginManager, get_plugin_manager
 from .model import VAEModel, build_model, decoder_spec
+from .ops.philox import bernoulli_philox, draw_seeds
 from .precision import MixedPrecision
 from .registry import PluginSpec
 from .running import SYNC_EVERY, RunningTerms
@@ -551,29 +552,36 @@ class Trainer:
 
         The epoch's permutation is drawn from the run's generator when this is called; the batches
         are read from the training :class:`~vaekit.samples.Samples` in its order
-        (:func:`~vaekit.samples.load_batches`, ``config.workers`` processes), and a dynamic
-        binarization draws each batch's uniforms ``[B, *S]`` from the generator as the batch is
-        taken.  ``start``: begin at the epoch's batch ``start`` (a resumed epoch; the batches before
-        it are neither read nor binarized)."""
+        (:func:`~vaekit.samples.load_batches`, ``config.workers`` processes).  A dynamic binarization
+        draws one seed per batch of the epoch from the generator right after the permutation (one read
+        of a host tensor) and binarizes each batch as it is taken with
+        :func:`~vaekit.ops.philox.bernoulli_philox` (Philox4x32-10 keyed by its seed).  ``start``: begin
+        at the epoch's batch ``start`` (a resumed epoch; the batches before it are neither read nor
+        binarized, their seeds are drawn all the same)."""
         perm = torch.randperm(len(self.train), generator=self.generator)
         size = self.config.batch_size
         index_batches = [perm[b0:b0 + size] for b0 in range(start * size, len(perm), size)]
-        return self._read_batches(index_batches)
+        seeds = None
+        if self.binarize == "dynamic":  # every batch's seed, the resumed epoch's batches before `start` included
+            seeds = draw_seeds(self.generator, math.ceil(len(perm) / size))[start:]
+        return self._read_batches(index_batches, seeds)
 
-    def _read_batches(self, index_batches: list[torch.Tensor]):
-        """The batches of ``index_batches`` (global batches of positions), read and binarized.  Under torchrun
+    def _read_batches(self, index_batches: list[torch.Tensor], seeds: list[int] | None = None):
+        """The batches of ``index_batches`` (global batches of positions), read and binarized with ``seeds``
+        (one per batch; None: not binarized).  Under torchrun
         each rank reads only its contiguous share of every global batch (:meth:`Distributed.share
-        <vaekit.distributed.Distributed.share>`) and binarizes it with its rows of the uniforms drawn for
-        the whole global batch, so N processes see exactly the batches one process would."""
+        <vaekit.distributed.Distributed.share>`) and binarizes it with the global batch's seed at its rows'
+        offset in the batch (:func:`~vaekit.ops.philox.bernoulli_philox`: a draw depends on the seed and the
+        element's index alone), so N processes see exactly the batches one process would."""
         shares = [self.dist.share(len(index)) for index in index_batches]  # RANK SLICE: (0, B) in one process
         local = [index[lo:hi] for index, (lo, hi) in zip(index_batches, shares)]
         loaded = load_batches(self.train, local, self.config.workers, pin_memory=self.device.type == "cuda")
         device = self.device  # to a GPU: pinned, non-blocking copies (samples.to_device)
-        for index, (lo, hi), x in zip(index_batches, shares, loaded):
+        pixels = math.prod(self.train.shape)
+        for b, (index, (lo, hi), x) in enumerate(zip(index_batches, shares, loaded)):
             self.dist.begin_batch(len(index), hi - lo)
-            if self.binarize == "dynamic":  # the global batch's uniforms, drawn right after its indices
-                u = torch.rand((len(index), *self.train.shape), generator=self.generator)[lo:hi]
-                x = binarize_with(x, to_device(u, x.device))  # where x is: data on disk go to a GPU binarized
+            if seeds is not None:  # dynamic binarization: the global batch's seed at this rank's rows
+                x = bernoulli_philox(x, seeds[b], lo * pixels)  # where x is
             x, index = to_device(x, device), to_device(index[lo:hi], device)
             yield index, x, None if self.train_y is None else self.train_y[index]
 

@@ -1,9 +1,12 @@
-"""The vectorised C++ CPU kernels of the fused op, compiled on first use and cached.
+"""vaekit's vectorised C++ CPU kernels, compiled on first use and cached.
 
-``torch.utils.cpp_extension.load`` builds ``csrc/reparameterize_kl.cpp`` against the installed
-torch (about 30 s on 2 cores, once) and loads it as a library whose
-``TORCH_LIBRARY_IMPL(vaekit, CPU, …)`` registers the CPU kernels of ``vaekit::reparameterize_kl``
-and its backward, so CPU calls never pass through Python.
+``torch.utils.cpp_extension.load`` builds the sources in ``csrc/`` against the installed torch
+(about a minute on 2 cores, once) and loads them as one library whose ``TORCH_LIBRARY_IMPL(vaekit,
+CPU, …)`` blocks register the CPU kernels of ``vaekit::reparameterize_kl`` and its backward
+(:mod:`vaekit.ops.fused`), of ``vaekit::bernoulli_philox`` (:mod:`vaekit.ops.philox`), and define
+``vaekit::bernoulli_log_prob`` with its CPU kernels and autograd (:mod:`vaekit.ops.bernoulli`), so
+CPU calls never pass through Python.  Where torch runs on OpenMP the kernels are compiled with it, so
+their ``at::parallel_for`` uses torch's threads (``torch.set_num_threads``).
 
 The build is safe against kills, races and other installs:
 
@@ -42,7 +45,7 @@ import torch
 from ..errors import first_line
 from .reference import LOGVAR_MAX, LOGVAR_MAX_FLOAT16, LOGVAR_MIN
 
-SOURCE = Path(__file__).parent / "csrc" / "reparameterize_kl.cpp"
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("reparameterize_kl.cpp", "bernoulli_philox.cpp", "bernoulli_log_prob.cpp"))
 DEFAULT_TIMEOUT_S = 300.0
 WAIT_NOTE_AFTER_S = 10.0  # a wait longer than this is announced (once), so a pause is never silent
 _lock = threading.Lock()
@@ -51,7 +54,8 @@ _status: str | None = None
 
 
 def _flags() -> tuple[str, list[str]]:
-    """Extension name and compiler flags for this CPU: AVX2 (with Sleef exp) where the CPU has it.
+    """Extension name and compiler flags for this CPU: AVX2 (with Sleef exp) where the CPU has it,
+    OpenMP where torch uses it (without it ``at::parallel_for`` runs on one thread).
 
     The clamp bounds of :mod:`vaekit.ops.reference` are passed as definitions, so the C++ kernel
     cannot disagree with the eager and Triton implementations.
@@ -64,7 +68,9 @@ def _flags() -> tuple[str, list[str]]:
         tag = "avx2"
     else:
         tag = "default"
-    return f"vaekit_reparameterize_kl_{tag}", flags
+    if torch.backends.openmp.is_available() and platform.system() == "Linux":
+        flags.append("-fopenmp")  # not linked: the GOMP symbols resolve to the runtime torch has loaded
+    return f"vaekit_kernels_{tag}", flags
 
 
 def cache_root() -> Path:
@@ -76,7 +82,7 @@ def cache_root() -> Path:
 
 
 def cache_key(source: bytes, flags: list[str]) -> str:
-    """16 hex digits identifying a build: source, flags, torch, Python ABI and machine."""
+    """16 hex digits identifying a build: the sources, flags, torch, Python ABI and machine."""
     h = hashlib.sha256(source)
     for part in (*flags, torch.__version__, sys.implementation.cache_tag, platform.machine(),
                  os.environ.get("CXX", "")):
@@ -88,7 +94,8 @@ def kernel_dir() -> Path:
     """The folder this install's kernel is published in (``<cache_root>/<name>-<key>``); the build
     lock is that path plus ``.lock``, builds in progress that path plus ``.build-<pid>``."""
     name, flags = _flags()
-    return cache_root() / f"{name}-{cache_key(SOURCE.read_bytes(), flags)}"
+    source = b"".join(path.read_bytes() for path in SOURCES)
+    return cache_root() / f"{name}-{cache_key(source, flags)}"
 
 
 def _timeout() -> float:
@@ -160,7 +167,7 @@ def _build(name: str, flags: list[str], final: Path) -> str:
         return "cached"
     root.mkdir(parents=True, exist_ok=True)
     timeout = _timeout()
-    wait_note = lambda: _say(f"waiting up to {timeout:g} s for another process building the fused CPU kernel")  # noqa: E731
+    wait_note = lambda: _say(f"waiting up to {timeout:g} s for another process building vaekit's CPU kernels")  # noqa: E731
     with _exclusive(root / f"{final.name}.lock", timeout, wait_note) as acquired:
         if not acquired:
             raise TimeoutError(f"another process held the kernel build lock for {timeout:g} s")
@@ -172,11 +179,11 @@ def _build(name: str, flags: list[str], final: Path) -> str:
         shutil.rmtree(final, ignore_errors=True)
         build = root / f"{final.name}.build-{os.getpid()}"
         build.mkdir()
-        _say(f"compiling the fused CPU kernel (first use only, cached in {final})")
+        _say(f"compiling vaekit's CPU kernels (first use only, cached in {final})")
         _ninja_on_path()
         from torch.utils.cpp_extension import load as load_extension
 
-        load_extension(name=name, sources=[str(SOURCE)], extra_cflags=flags, build_directory=str(build),
+        load_extension(name=name, sources=[str(s) for s in SOURCES], extra_cflags=flags, build_directory=str(build),
                        is_python_module=False, verbose=False)
         os.replace(build, final)  # publish: complete and loadable, or absent
         return "built"

@@ -12,6 +12,7 @@ from torch.distributions import Bernoulli, Distribution, Independent, Normal
 from .. import hookimpl
 from ..errors import ConfigError, DataError
 from ..interfaces import Likelihood
+from ..ops.bernoulli import bernoulli_log_prob
 
 
 class BernoulliLikelihood(Likelihood):
@@ -36,10 +37,9 @@ class BernoulliLikelihood(Likelihood):
     def log_prob(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``log p(x|z)`` ``[...]`` nats, summed over the data dimensions: what
         ``Independent(Bernoulli(logits=params)).log_prob(x)`` computes (broadcasting ``params`` and ``x``),
-        with the sign taken after the sum (two passes over the pixels fewer a step)."""
-        params, x = torch.broadcast_tensors(params, x)
-        bce = F.binary_cross_entropy_with_logits(params, x, reduction="none")
-        return bce.sum(dim=tuple(range(-len(self.data_shape), 0))).neg()
+        fused on the CPU (:func:`vaekit.ops.bernoulli.bernoulli_log_prob`: one pass over the pixels each
+        way)."""
+        return bernoulli_log_prob(params, x, len(self.data_shape))
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(params)

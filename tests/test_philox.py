@@ -1,0 +1,148 @@
+"""The counter-based Bernoulli draws of dynamic binarization and the fused Bernoulli log-likelihood,
+against independent references: Random123's known-answer vectors, the binomial law, a KS test,
+torch.distributions, and the eager formulas (the C++ kernels bit for bit)."""
+
+import os
+
+import pytest
+import scipy.stats
+import torch
+from torch.distributions import Bernoulli, Independent
+
+from vaekit.ops import cpu_kernel
+from vaekit.ops.bernoulli import bernoulli_log_prob, bernoulli_log_prob_eager
+from vaekit.ops.philox import bernoulli_philox, bernoulli_philox_eager, philox4x32, philox_uniform
+
+NEEDS_KERNEL = pytest.mark.skipif(os.environ.get("VAEKIT_DISABLE_CPP_KERNEL", "") not in ("", "0"),
+                                  reason="C++ kernel disabled")
+
+# Random123 v1.14.0, tests/kat_vectors, the "philox4x32 10" lines: counter, key, expected output (hex words)
+KAT = [("00000000 00000000 00000000 00000000", "00000000 00000000", "6627e8d5 e169c58d bc57ac4c 9b00dbd8"),
+       ("ffffffff ffffffff ffffffff ffffffff", "ffffffff ffffffff", "408f276d 41c83b0e a20bc7c6 6d5451fd"),
+       ("243f6a88 85a308d3 13198a2e 03707344", "a4093822 299f31d0", "d16cfe09 94fdcceb 5001e420 24126ea1")]
+
+
+def _words(text):
+    return [int(w, 16) for w in text.split()]
+
+
+@pytest.mark.parametrize("counter, key, expected", KAT)
+def test_philox_matches_random123_known_answers(counter, key, expected):
+    out = philox4x32(torch.tensor([_words(counter)]), tuple(_words(key)))
+    assert out[0].tolist() == _words(expected)
+
+
+@NEEDS_KERNEL
+def test_the_kernel_draws_the_known_answer_block():
+    # element i of key 0 reads block 8*(i//32) + i%8, word (i//8)%4: elements 0, 8, 16, 24 are block 0's words
+    assert cpu_kernel.load(), cpu_kernel.status()
+    words = _words(KAT[0][2])
+    for i, w in zip((0, 8, 16, 24), words):
+        u = (w >> 8) * 2.0**-24  # the uniform of that word; p just above and at it
+        p = torch.zeros(32)
+        p[i] = u
+        assert bernoulli_philox(p, 0)[i] == 0  # u < p is false at p = u
+        p[i] = u + 2.0**-24
+        assert bernoulli_philox(p, 0)[i] == 1
+
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("n, offset, seed, dtype", [
+    (128 * 784, 0, 5, torch.float32), (1000, 37, 2**40 + 3, torch.float32), (129, 127, -5, torch.float64),
+    (5, 0, 0, torch.float32), (300, 2**38 - 100, 77, torch.float32), (0, 3, 1, torch.float32),
+    (4097, 1, 2**63 + 9, torch.float32)])
+def test_the_cpu_kernel_equals_the_eager_formula_bit_for_bit(n, offset, seed, dtype):
+    p = torch.rand(n, dtype=dtype, generator=torch.Generator().manual_seed(n))
+    p[::7] = 0.0
+    p[::11] = 1.0
+    signed = seed - 2**64 if seed >= 2**63 else seed
+    assert torch.equal(bernoulli_philox(p, seed, offset), bernoulli_philox_eager(p, signed, offset))
+
+
+@NEEDS_KERNEL
+def test_draws_depend_on_seed_and_index_alone():
+    """A slice drawn at its offset equals that slice of the whole draw (torchrun ranks binarize their rows
+    of a global batch so), and the thread count changes nothing."""
+    p = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    whole = bernoulli_philox(p, 123)
+    for lo, hi in [(0, 1), (3, 17), (31, 64)]:
+        assert torch.equal(bernoulli_philox(p[lo:hi], 123, lo * 784), whole[lo:hi])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(bernoulli_philox(p, 123), whole)
+    finally:
+        torch.set_num_threads(threads)
+    assert whole.shape == p.shape and whole.dtype == p.dtype
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-3, 0.1, 0.5, 0.9, 1.0])
+def test_frequencies_follow_the_binomial_law(p):
+    n = 400_000
+    draws = bernoulli_philox(torch.full((n,), p), 2024)
+    if p in (0.0, 1.0):
+        assert draws.eq(p).all()
+        return
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(float(draws.mean()) - p) < 5 * sigma
+
+
+def test_uniforms_pass_a_kolmogorov_smirnov_test_and_seeds_are_independent():
+    u = philox_uniform(200_000, seed=99, offset=12345)
+    assert scipy.stats.kstest(u.double().numpy(), "uniform").pvalue > 1e-3
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    half = torch.full((200_000,), 0.5)
+    agree = (bernoulli_philox(half, 1) == bernoulli_philox(half, 2)).double().mean()
+    assert abs(float(agree) - 0.5) < 5 * (0.25 / 200_000) ** 0.5  # two seeds: independent draws
+
+
+def test_half_precision_and_bad_input():
+    p = torch.rand(100, generator=torch.Generator().manual_seed(1))
+    out = bernoulli_philox(p.half(), 7)
+    assert out.dtype == torch.float16 and torch.equal(out.float(), bernoulli_philox_eager(p.half().float(), 7))
+    with pytest.raises(ValueError, match="floating-point"):
+        bernoulli_philox(torch.ones(3, dtype=torch.uint8), 1)
+    with pytest.raises(ValueError, match="offset"):
+        bernoulli_philox(p, 1, -1)
+
+
+# --- the fused Bernoulli log-likelihood ---------------------------------------------------------
+
+@NEEDS_KERNEL
+@pytest.mark.parametrize("dtype, shape, dims", [(torch.float64, (5, 1, 4, 3), 3), (torch.float32, (128, 784), 1),
+                                               (torch.float64, (3, 2, 9), 2), (torch.float32, (2, 3, 5), 0)])
+def test_bernoulli_log_prob_matches_torch_distributions(dtype, shape, dims):
+    g = torch.Generator().manual_seed(0)
+    logits = (8 * torch.randn(shape, generator=g, dtype=dtype)).requires_grad_()
+    x = (torch.rand(shape, generator=g) < 0.4).to(dtype)
+    ours = bernoulli_log_prob(logits, x, dims)
+    ref = Independent(Bernoulli(logits=logits), dims).log_prob(x) if dims else Bernoulli(logits=logits).log_prob(x)
+    tol = dict(rtol=1e-5, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(ours, ref, **tol)
+    weights = torch.randn(ours.shape, generator=g, dtype=dtype)
+    (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
+    torch.testing.assert_close(g_ours, g_ref, **tol)
+
+
+@NEEDS_KERNEL
+def test_bernoulli_log_prob_gradcheck_broadcast_and_double_backward():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.rand(2, 3, generator=g, dtype=torch.float64, requires_grad=True)  # grey levels broadcast over the batch
+    assert torch.autograd.gradcheck(lambda a, b: bernoulli_log_prob(a, b, 2), (logits, x))
+    assert torch.autograd.gradgradcheck(lambda a, b: bernoulli_log_prob(a, b, 2), (logits, x))
+    torch.testing.assert_close(bernoulli_log_prob(logits, x, 2), bernoulli_log_prob_eager(logits, x, 2))
+
+
+def test_bernoulli_log_prob_takes_the_kernel_on_the_cpu():
+    if os.environ.get("VAEKIT_DISABLE_CPP_KERNEL", "") not in ("", "0"):
+        pytest.skip("C++ kernel disabled")
+    logits = torch.randn(8, 784, requires_grad=True)
+    out = bernoulli_log_prob(logits, torch.ones(8, 784), 1)
+    fn = out.grad_fn
+    names = []
+    while fn is not None:  # the op's node, under the view back to the batch shape
+        names.append(fn.name())
+        fn = fn.next_functions[0][0] if fn.next_functions else None
+    assert any("BernoulliLogProb" in name for name in names), names
