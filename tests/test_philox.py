@@ -56,6 +56,7 @@ def test_the_cpu_kernel_equals_the_eager_formula_bit_for_bit(n, offset, seed, dt
     p[::7] = 0.0
     p[::11] = 1.0
     signed = seed - 2**64 if seed >= 2**63 else seed
+    assert cpu_kernel.load(), cpu_kernel.status()  # the kernel, not the eager formula twice
     assert torch.equal(bernoulli_philox(p, seed, offset), bernoulli_philox_eager(p, signed, offset))
 
 
@@ -63,6 +64,7 @@ def test_the_cpu_kernel_equals_the_eager_formula_bit_for_bit(n, offset, seed, dt
 def test_draws_depend_on_seed_and_index_alone():
     """A slice drawn at its offset equals that slice of the whole draw (torchrun ranks binarize their rows
     of a global batch so), and the thread count changes nothing."""
+    assert cpu_kernel.load(), cpu_kernel.status()
     p = torch.rand(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     whole = bernoulli_philox(p, 123)
     for lo, hi in [(0, 1), (3, 17), (31, 64)]:
@@ -104,6 +106,10 @@ def test_half_precision_and_bad_input():
         bernoulli_philox(torch.ones(3, dtype=torch.uint8), 1)
     with pytest.raises(ValueError, match="offset"):
         bernoulli_philox(p, 1, -1)
+    with pytest.raises(ValueError, match="offset"):
+        bernoulli_philox(p, 1, 2**63 - 5)  # past int64: never silently unwritten memory
+    with pytest.raises(ValueError, match="seed"):
+        bernoulli_philox(p, 2**64)
 
 
 # --- the fused Bernoulli log-likelihood ---------------------------------------------------------
@@ -123,6 +129,16 @@ def test_bernoulli_log_prob_matches_torch_distributions(dtype, shape, dims):
     (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)
     torch.testing.assert_close(g_ours, g_ref, **tol)
+
+
+@NEEDS_KERNEL
+def test_bernoulli_log_prob_under_torch_func_and_with_empty_samples():
+    """torch.func transforms and forward-mode AD take the eager formula (a C++ autograd Function supports
+    neither); samples with no values give 0."""
+    logits, x = torch.randn(3, 4, dtype=torch.float64), (torch.rand(3, 4, dtype=torch.float64) < 0.5).double()
+    per_sample = torch.func.vmap(torch.func.grad(lambda a, b: bernoulli_log_prob(a, b, 1)))(logits, x)
+    torch.testing.assert_close(per_sample, x - torch.sigmoid(logits))
+    assert torch.equal(bernoulli_log_prob(torch.randn(3, 0), torch.ones(3, 0), 1), torch.zeros(3))
 
 
 @NEEDS_KERNEL

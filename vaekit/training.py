@@ -540,8 +540,8 @@ class Trainer:
         self.console.print(line)
 
     def batches(self):
-        """One epoch's mini-batches ``(x [B, *S], c [B] or None)`` on the device: a fresh dynamic
-        binarization (if the run uses one), then a shuffle, both drawn from the run's seeded generator."""
+        """One epoch's mini-batches ``(x [B, *S], c [B] or None)`` on the device: a shuffle, then a fresh
+        dynamic binarization (if the run uses one), both drawn from the run's seeded generator."""
         for _, x, c in self.indexed_batches():
             yield x, c
 

@@ -4,8 +4,9 @@
 with ``∂/∂l = x − sigmoid(l)``.  On the CPU (float32/float64) a C++ op computes it in one pass over the
 values and its gradient in one more, autograd included (``csrc/bernoulli_log_prob.cpp``): torch's
 ``binary_cross_entropy_with_logits`` then a sum takes about five passes each way.  Elsewhere (other
-devices and dtypes, no C++ compiler, under ``torch.compile``, which fuses the formula itself) the
-eager formula runs, the reference the kernel is tested against.
+devices and dtypes, no C++ compiler, under ``torch.compile``, which fuses the formula itself, and under
+``torch.func`` transforms or forward-mode AD, which a C++ autograd Function does not support) the eager
+formula runs, the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -26,9 +27,14 @@ def bernoulli_log_prob_eager(logits: Tensor, x: Tensor, data_dims: int) -> Tenso
     return bce.sum(dim=tuple(range(-data_dims, 0))).neg() if data_dims else bce.neg()
 
 
-def _kernel_applies(logits: Tensor, x: Tensor) -> bool:
+def _kernel_applies(logits: Tensor, x: Tensor, data_dims: int) -> bool:
+    """The C++ op runs on CPU float32/float64 inputs of one dtype with at least one value a sample, outside
+    torch.compile, torch.func transforms and forward-mode AD (its autograd is a C++ Function: reverse mode)."""
     return (logits.device.type == "cpu" and x.device.type == "cpu" and logits.dtype == x.dtype
-            and logits.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
+            and logits.dtype in (torch.float32, torch.float64) and 0 <= data_dims <= min(logits.dim(), x.dim())
+            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and torch.autograd.forward_ad._current_level < 0
+            and math.prod(torch.broadcast_shapes(logits.shape, x.shape)[-data_dims:] if data_dims else ()) > 0
             and cpu_kernel.load())
 
 
@@ -37,9 +43,9 @@ def bernoulli_log_prob(logits: Tensor, x: Tensor, data_dims: int) -> Tensor:
     dimensions: ``[...]`` for ``logits`` and ``x`` that broadcast to ``[..., *S]`` (``len(S) ==
     data_dims``); what ``Independent(Bernoulli(logits=logits), data_dims).log_prob(x)`` computes
     (``x`` in [0, 1]; non-binary ``x`` gives the cross-entropy's negative).  Differentiable in both."""
-    if not _kernel_applies(logits, x):
+    if not _kernel_applies(logits, x, data_dims):
         return bernoulli_log_prob_eager(logits, x, data_dims)
     logits, x = torch.broadcast_tensors(logits, x)
     batch = logits.shape[:logits.dim() - data_dims]
     d = math.prod(logits.shape[logits.dim() - data_dims:])
-    return torch.ops.vaekit.bernoulli_log_prob(logits.reshape(-1, d), x.reshape(-1, d)).view(batch)
+    return torch.ops.vaekit.bernoulli_log_prob(logits.reshape(math.prod(batch), d), x.reshape(math.prod(batch), d)).view(batch)

@@ -68,8 +68,10 @@ def _flags() -> tuple[str, list[str]]:
         tag = "avx2"
     else:
         tag = "default"
-    if torch.backends.openmp.is_available() and platform.system() == "Linux":
-        flags.append("-fopenmp")  # not linked: the GOMP symbols resolve to the runtime torch has loaded
+    if torch.backends.openmp.is_available() and platform.system() == "Linux" and "clang" not in os.environ.get("CXX", ""):
+        # GCC's OpenMP, not linked: the GOMP symbols resolve to the libgomp torch has loaded (clang's would
+        # need libomp's __kmpc_* symbols, which it lacks)
+        flags.append("-fopenmp")
     return f"vaekit_kernels_{tag}", flags
 
 

@@ -62,13 +62,15 @@ def philox4x32(counter: Tensor, key: tuple[int, int]) -> Tensor:
 
 
 def philox_uniform(n: int, seed: int, offset: int = 0, device: torch.device | str = "cpu") -> Tensor:
-    """The uniforms ``u [n]`` (float32) of elements ``offset … offset + n − 1`` (the module's mapping)."""
-    i = torch.arange(offset, offset + n, device=device, dtype=torch.int64)
-    block = 8 * (i // 32) + i % 8
-    counter = torch.stack([block & MASK32, block >> 32, torch.zeros_like(i), torch.zeros_like(i)], dim=-1)
-    words = philox4x32(counter, (seed & MASK32, (seed >> 32) & MASK32))
-    word = words.gather(-1, ((i // 8) % 4).unsqueeze(-1)).squeeze(-1)
-    return (word >> 8).to(torch.float32) * 2.0**-24
+    """The uniforms ``u [n]`` (float32) of elements ``offset … offset + n − 1`` (the module's mapping): each
+    group of 32 elements is the 4 words of its 8 blocks, word-major, so each block is computed once."""
+    g0, g1 = offset // 32, (offset + n + 31) // 32  # the groups of 32 elements touched
+    block = 8 * torch.arange(g0, g1, device=device, dtype=torch.int64).unsqueeze(1) + torch.arange(8, device=device)
+    zeros = torch.zeros_like(block)
+    words = philox4x32(torch.stack([block & MASK32, block >> 32, zeros, zeros], dim=-1), (seed & MASK32, (seed >> 32) & MASK32))
+    flat = words.transpose(1, 2).reshape(-1)  # [group, word, block]: element 32g + 8q + j is word q of block 8g + j
+    start = offset - 32 * g0
+    return (flat[start:start + n] >> 8).to(torch.float32) * 2.0**-24
 
 
 def _compare_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,12 +105,15 @@ def bernoulli_philox(p: Tensor, seed: int, offset: int = 0) -> Tensor:
     complement); ``offset``: the global index of ``p``'s first element, ≥ 0.  Float16/bfloat16 ``p`` is
     compared in float32.  The module docstring gives the generator and the mapping.
 
-    Raises ValueError for a non-floating ``p`` or a negative ``offset``.
+    Raises ValueError for a non-floating ``p``, a negative ``offset`` (or one past 2⁶³ − ``p.numel()``) or a
+    seed outside ``[−2⁶³, 2⁶⁴)``.
     """
     if not p.dtype.is_floating_point:
         raise ValueError(f"bernoulli_philox needs floating-point probabilities, got {p.dtype}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
+    if offset < 0 or offset + p.numel() > 1 << 63:
+        raise ValueError(f"offset must be >= 0 and offset + p.numel() at most 2**63, got {offset}")
+    if not -(1 << 63) <= seed < 1 << 64:
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {seed}")
     seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # the schema's int is int64: the same 64 bits
     if p.device.type == "cpu" and not torch.compiler.is_compiling():
         cpu_kernel.load()  # registers the C++ kernel before the op's first CPU call

@@ -137,7 +137,8 @@ void bernoulli_rows(const T* p, T* out, int64_t n, int64_t offset, uint32_t k0, 
 
 // p [...] float32/float64 on the CPU -> draws [...] in p's dtype; CPU kernel of vaekit::bernoulli_philox.
 at::Tensor bernoulli_philox(const at::Tensor& p, int64_t seed, int64_t offset) {
-  TORCH_CHECK(offset >= 0, "vaekit::bernoulli_philox: offset must be >= 0, got ", offset);
+  TORCH_CHECK(offset >= 0 && offset <= INT64_MAX - p.numel(),
+              "vaekit::bernoulli_philox: offset must be >= 0 and offset + p.numel() fit int64, got ", offset);
   TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kDouble,
               "vaekit::bernoulli_philox: the C++ kernel takes float32 or float64, got ", p.scalar_type());
   const at::Tensor pc = p.contiguous();
