@@ -208,18 +208,20 @@ def test_compile_trains_to_the_eager_weights_and_reports_its_time(tmp_path, caps
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)  # seen: max |Δ| 1e-9 (inductor RNG: 1e-2)
 
 
-def test_a_compiler_failure_is_one_line_that_says_how_to_train_without_it(tmp_path, monkeypatch):
+def test_a_compiler_failure_is_one_line_that_says_how_to_train_without_it(tmp_path):
     """No working C++ compiler for inductor: ConfigError naming the cause and --compile off, no traceback."""
     import torch._dynamo
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/g++"))
-    monkeypatch.setattr(inductor, "fx_graph_cache", False)  # a cached graph would need no compiler
     torch._dynamo.reset()
-    with pytest.raises(ConfigError, match=r"^torch\.compile \(default\) failed: InvalidCxxCompiler: .*; "
-                                          r"train without it: --compile off$") as info:
+    # inductor's own config patching (a monkeypatch of the config module leaves it broken for later tests);
+    # no fx graph cache: a cached graph would need no compiler
+    with inductor.patch({"cpp.cxx": (None, "/nonexistent/g++"), "fx_graph_cache": False}), \
+            pytest.raises(ConfigError, match=r"^torch\.compile \(default\) failed: InvalidCxxCompiler: .*; "
+                                             r"train without it: --compile off$") as info:
         vaekit.train(data="digits", encoder="mlp:hidden=8", latent_dim=2, epochs=1, batch_size=719, device="cpu",
                      compile="default", out=str(tmp_path / "run"), quiet=True, figures=False)
+    torch._dynamo.reset()
     assert "\n" not in str(info.value)
 
 
