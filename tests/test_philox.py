@@ -125,6 +125,8 @@ def test_bernoulli_log_prob_matches_torch_distributions(dtype, shape, dims):
     ref = Independent(Bernoulli(logits=logits), dims).log_prob(x) if dims else Bernoulli(logits=logits).log_prob(x)
     tol = dict(rtol=1e-5, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-9)
     torch.testing.assert_close(ours, ref, **tol)
+    with torch.no_grad():  # the op without autograd (no sigmoid kept), as evaluation calls it
+        torch.testing.assert_close(bernoulli_log_prob(logits, x, dims), ref.detach(), **tol)
     weights = torch.randn(ours.shape, generator=g, dtype=dtype)
     (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
     (g_ref,) = torch.autograd.grad((ref * weights).sum(), logits)

@@ -1,7 +1,7 @@
 """vaekit's vectorised C++ CPU kernels, compiled on first use and cached.
 
 ``torch.utils.cpp_extension.load`` builds the sources in ``csrc/`` against the installed torch
-(about a minute on 2 cores, once) and loads them as one library whose ``TORCH_LIBRARY_IMPL(vaekit,
+(about 15–30 s on 2 cores, once) and loads them as one library whose ``TORCH_LIBRARY_IMPL(vaekit,
 CPU, …)`` blocks register the CPU kernels of ``vaekit::reparameterize_kl`` and its backward
 (:mod:`vaekit.ops.fused`), of ``vaekit::bernoulli_philox`` (:mod:`vaekit.ops.philox`), and define
 ``vaekit::bernoulli_log_prob`` with its CPU kernels and autograd (:mod:`vaekit.ops.bernoulli`), so
@@ -46,6 +46,7 @@ from ..errors import first_line
 from .reference import LOGVAR_MAX, LOGVAR_MAX_FLOAT16, LOGVAR_MIN
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("reparameterize_kl.cpp", "bernoulli_philox.cpp", "bernoulli_log_prob.cpp"))
+HEADERS = (Path(__file__).parent / "csrc" / "rows.h",)  # included by the sources: part of the cache key
 DEFAULT_TIMEOUT_S = 300.0
 WAIT_NOTE_AFTER_S = 10.0  # a wait longer than this is announced (once), so a pause is never silent
 _lock = threading.Lock()
@@ -96,7 +97,7 @@ def kernel_dir() -> Path:
     """The folder this install's kernel is published in (``<cache_root>/<name>-<key>``); the build
     lock is that path plus ``.lock``, builds in progress that path plus ``.build-<pid>``."""
     name, flags = _flags()
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     return cache_root() / f"{name}-{cache_key(source, flags)}"
 
 

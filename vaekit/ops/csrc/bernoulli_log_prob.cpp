@@ -18,6 +18,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "rows.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
@@ -26,14 +28,13 @@ namespace {
 
 using at::vec::Vectorized;
 
-int64_t grain_for(int64_t d) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)); }
-
-// log p(x | l) per row, and sigmoid(l) (kept for the backward pass: it shares exp(-|l|) with softplus)
+// log p(x | l) per row, and sigmoid(l) into `sig` unless it is null (kept for the backward pass: it
+// shares exp(-|l|) with softplus; without autograd nothing needs it)
 template <typename T>
 void log_prob_rows(const T* l, const T* x, T* out, T* sig, int64_t rows, int64_t d) {
   using Vec = Vectorized<T>;
   const int64_t n = Vec::size();
-  at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, vaekit::grain_for(d), [&](int64_t begin, int64_t end) {
     const Vec zero{T(0)}, one{T(1)};
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * d;
@@ -44,13 +45,13 @@ void log_prob_rows(const T* l, const T* x, T* out, T* sig, int64_t rows, int64_t
         const Vec e = (zero - vl.abs()).exp();  // exp(-|l|) in (0, 1]
         const Vec inv = one / (one + e);
         const Vec softplus = at::vec::maximum(vl, zero) + e.log1p();
-        Vec::blendv(e * inv, inv, vl >= zero).store(sig + o + k);  // sigmoid(l)
+        if (sig) Vec::blendv(e * inv, inv, vl >= zero).store(sig + o + k);  // sigmoid(l)
         acc = acc + (Vec::loadu(x + o + k) * vl - softplus);
       }
       T sum = at::vec::vec_reduce_all<T>([](Vec& a, Vec& b) { return a + b; }, acc);
       for (; k < d; ++k) {
         const T e = std::exp(-std::abs(l[o + k])), inv = T(1) / (T(1) + e);
-        sig[o + k] = l[o + k] >= T(0) ? inv : e * inv;
+        if (sig) sig[o + k] = l[o + k] >= T(0) ? inv : e * inv;
         sum += x[o + k] * l[o + k] - (std::max(l[o + k], T(0)) + std::log1p(e));
       }
       out[r] = sum;
@@ -63,7 +64,7 @@ template <typename T>
 void grad_logits_rows(const T* g, const T* sig, const T* x, T* gl, int64_t rows, int64_t d) {
   using Vec = Vectorized<T>;
   const int64_t n = Vec::size();
-  at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, vaekit::grain_for(d), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * d;
       const Vec vg{g[r]};
@@ -81,19 +82,20 @@ void check_inputs(const at::Tensor& logits, const at::Tensor& x) {
               "vaekit::bernoulli_log_prob: the C++ kernel takes float32 or float64 inputs of one dtype");
 }
 
-// logits, x [rows, D] -> (log p(x | logits) [rows], sigmoid(logits) [rows, D])
-std::tuple<at::Tensor, at::Tensor> log_prob_and_sigmoid(const at::Tensor& logits, const at::Tensor& x) {
+// logits, x [rows, D] -> (log p(x | logits) [rows], sigmoid(logits) [rows, D] if keep_sigmoid, else undefined)
+std::tuple<at::Tensor, at::Tensor> log_prob_and_sigmoid(const at::Tensor& logits, const at::Tensor& x, bool keep_sigmoid) {
   check_inputs(logits, x);
   const at::Tensor l = logits.contiguous(), xc = x.contiguous();
-  at::Tensor out = at::empty({l.size(0)}, l.options()), sig = at::empty_like(l);
+  at::Tensor out = at::empty({l.size(0)}, l.options()), sig;
+  if (keep_sigmoid) sig = at::empty_like(l);
   AT_DISPATCH_FLOATING_TYPES(l.scalar_type(), "bernoulli_log_prob", [&] {
     log_prob_rows<scalar_t>(l.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                            sig.data_ptr<scalar_t>(), l.size(0), l.size(1));
+                            keep_sigmoid ? sig.data_ptr<scalar_t>() : nullptr, l.size(0), l.size(1));
   });
   return {out, sig};
 }
 
-at::Tensor log_prob_cpu(const at::Tensor& logits, const at::Tensor& x) { return std::get<0>(log_prob_and_sigmoid(logits, x)); }
+at::Tensor log_prob_cpu(const at::Tensor& logits, const at::Tensor& x) { return std::get<0>(log_prob_and_sigmoid(logits, x, false)); }
 
 // grad [rows], sigmoid(logits), x [rows, D] -> grad_logits [rows, D]
 at::Tensor grad_logits_cpu(const at::Tensor& grad, const at::Tensor& sig, const at::Tensor& x) {
@@ -114,7 +116,7 @@ class BernoulliLogProb : public torch::autograd::Function<BernoulliLogProb> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& x) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, sig] = log_prob_and_sigmoid(logits, x);
+    auto [out, sig] = log_prob_and_sigmoid(logits, x, true);
     ctx->save_for_backward({logits, x, sig});
     return out;
   }

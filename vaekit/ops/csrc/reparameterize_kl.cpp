@@ -13,6 +13,8 @@
 // (logvar_bounds) as compiler definitions, so every implementation clamps alike.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "rows.h"
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -35,14 +37,11 @@ std::pair<double, double> logvar_bounds(at::ScalarType dtype) {
   return {VAEKIT_LOGVAR_MIN, dtype == at::kHalf ? VAEKIT_LOGVAR_MAX_FLOAT16 : VAEKIT_LOGVAR_MAX};
 }
 
-// rows per task: about at::internal::GRAIN_SIZE (32768) elements, as ATen's own elementwise kernels use
-int64_t grain_for(int64_t d) { return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d, 1)); }
-
 template <typename T>
 void forward_rows(const T* mu, const T* lv, const T* eps, T* z, T* kl, int64_t rows, int64_t d, T lo_, T hi_) {
   using Vec = Vectorized<T>;
   const int64_t n = Vec::size();
-  at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, vaekit::grain_for(d), [&](int64_t begin, int64_t end) {
     const Vec half{T(0.5)}, one{T(1)}, lo{lo_}, hi{hi_};
     for (int64_t r = begin; r < end; ++r) {
       const T* m = mu + r * d;
@@ -75,7 +74,7 @@ void backward_rows(const T* gz, const T* gkl, const T* mu, const T* lv, const T*
                    int64_t rows, int64_t d, T lo_, T hi_) {
   using Vec = Vectorized<T>;
   const int64_t n = Vec::size();
-  at::parallel_for(0, rows, grain_for(d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, vaekit::grain_for(d), [&](int64_t begin, int64_t end) {
     const Vec half{T(0.5)}, one{T(1)}, lo{lo_}, hi{hi_};
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = r * d;
