@@ -316,7 +316,7 @@ def _allocator_peak(fn) -> int:
 @pytest.mark.parametrize("encoder", ["conv:channels=8,16,hidden=64", "mlp:hidden=64"])
 def test_memory_budget_bounds_the_chunks_by_the_measured_bytes_of_a_row(encoder):
     """``decoder_row_bytes`` is not below the allocator's measured peak per row of decoding and scoring a
-    chunk (and within 2x of it), and the rows of every decoder call times it stay within the memory budget."""
+    chunk (and within 3x of it), and the rows of every decoder call times it stay within the memory budget."""
     from vaekit.config import RunConfig
     from vaekit.evaluation import decoder_row_bytes
     from vaekit.manager import get_plugin_manager
@@ -327,12 +327,13 @@ def test_memory_budget_bounds_the_chunks_by_the_measured_bytes_of_a_row(encoder)
     per_row = decoder_row_bytes(model)
     n = 64
     z, x = torch.randn(n, model.latent_dim), torch.rand(n, 1, 28, 28).round()
+    # a chunk's rows hold a copy of their data rows (the sampler repeats the batch once per draw): x.repeat
     with torch.inference_mode():
-        model.likelihood.log_prob(model.decode(z), x)  # warm-up
-        measured = _allocator_peak(lambda: model.likelihood.log_prob(model.decode(z), x)) / n
-    # seen: conv 8,16 estimate 57,600 B/row vs measured 21,952 (2.62); mlp 64: 13,696 vs 9,408 (1.46)
-    # (the README's conv VAE: 192,384 vs 87,808 at 256 rows; MLP 784-400-20: 19,104 vs 9,408; with 4588ce0's
-    # FewChannelConvTranspose2d, conv 8,16: 57,600 vs 43,904)
+        model.likelihood.log_prob(model.decode(z), x.repeat(1, 1, 1, 1))  # warm-up
+        measured = _allocator_peak(lambda: model.likelihood.log_prob(model.decode(z), x.repeat(1, 1, 1, 1))) / n
+    # seen (fused Bernoulli log-likelihood, 08de3fa): conv 8,16 estimate 57,600 B/row vs measured 43,904 (1.31);
+    # mlp 64: 13,696 vs 6,276 (2.18); the README's conv VAE: 192,384 vs 62,720 at 256 rows (3.07); MLP 784-400-20:
+    # 19,072 vs 6,276 (3.04).  Before the fused op the likelihood's temporaries made mlp 64's peak 9,408 B/row.
     assert measured <= per_row <= 3 * measured, (per_row, measured)
     rows = []
     model.decoder.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))

@@ -114,10 +114,12 @@ def decoder_row_bytes(model: VAEModel, c: torch.Tensor | None = None) -> int:
     layer's activations: an upper bound on what a feed-forward decoder keeps alive at once, which also
     covers a layer's hidden intermediates such as the column buffers of a CPU transposed convolution,
     when they are about its input's size), plus twice the decoder's output
-    (the likelihood's temporaries in ``log_prob``), plus the data row and the code.  For the README's
-    conv VAE it gives 192 KB a row against a measured allocator peak of 88 KB, for the MLP 784-400-20
-    19 KB against 9.4 KB (torch.profiler's memory events of a 256-row chunk).  ``c``: labels of a
-    conditional model (its first row is used).
+    (the likelihood's temporaries in ``log_prob``: the eager formulas make about two; the fused CPU
+    Bernoulli op none, so there it is margin), plus the data row (the sampler repeats the batch once
+    per draw) and the code.  For the README's conv VAE it gives 192 KB a row against a measured
+    allocator peak of 63 KB, for the MLP 784-400-20 19 KB against 6.3 KB (torch.profiler's memory
+    events of decoding and scoring a 256-row chunk with its data copy, fused Bernoulli op).  ``c``:
+    labels of a conditional model (its first row is used).
     """
     device = _device(model)
     sizes: list[int] = []
