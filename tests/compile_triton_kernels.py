@@ -41,7 +41,8 @@ def triton_modules():
 
 def signature(module, kernel, dtype: torch.dtype, d: int = 64) -> tuple[dict, dict]:
     """Triton signature and constexprs of ``kernel`` for inputs of ``dtype``: ``*_ptr`` arguments are
-    pointers (``kl``/``gkl`` in the module's compute dtype), other runtime arguments int32."""
+    pointers (``kl``/``gkl`` in the module's compute dtype), other runtime arguments int32 unless the module's
+    ``SCALAR_TYPES`` names their type (``{"seed": "i64"}``)."""
     from vaekit.ops.reference import compute_dtype
 
     consts = module.constexprs(dtype, d)
@@ -54,7 +55,7 @@ def signature(module, kernel, dtype: torch.dtype, d: int = 64) -> tuple[dict, di
         elif name.endswith("_ptr"):
             sig[name] = "*" + TRITON_TYPES[dtype]
         else:
-            sig[name] = "i32"
+            sig[name] = getattr(module, "SCALAR_TYPES", {}).get(name, "i32")
     return sig, {(kernel.arg_names.index(n),): v for n, v in consts.items()}
 
 

@@ -60,6 +60,38 @@ def test_the_cpu_kernel_equals_the_eager_formula_bit_for_bit(n, offset, seed, dt
     assert torch.equal(bernoulli_philox(p, seed, offset), bernoulli_philox_eager(p, signed, offset))
 
 
+TRITON_MISSING = __import__("importlib").util.find_spec("triton") is None
+
+
+@pytest.mark.skipif(TRITON_MISSING, reason="triton is not installed (pip install -e '.[test]')")
+@pytest.mark.parametrize("n, offset, seed, dtype", [
+    (128 * 784, 0, 5, torch.float32), (1037, 37, 2**62 + 5, torch.float32), (129, 2**40 + 3, -5, torch.float64),
+    (2048, 31, 2**63 - 1, torch.float16), (0, 3, 1, torch.float32)])
+def test_the_triton_kernel_equals_the_eager_formula_bit_for_bit(n, offset, seed, dtype):
+    """The CUDA kernel (Triton's tl.philox), run by the interpreter on the CPU here (on the GPU where there is one)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and TRITON_INTERPRET is not set")
+    from vaekit.ops import philox_triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = torch.rand(n, dtype=dtype, generator=torch.Generator().manual_seed(n))
+    p[::7] = 0.0
+    p[::11] = 1.0
+    expected = bernoulli_philox_eager(p, seed, offset)
+    for launch in (None, torch.library.wrap_triton):  # as launched inside the op (wrap_triton), and directly
+        got = philox_triton.bernoulli_philox(p.to(device), seed, offset, launch=launch)
+        assert got.dtype == dtype and torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_draws_equal_the_cpu_kernels():
+    from vaekit.ops import philox
+
+    assert philox.TRITON_REGISTERED or TRITON_MISSING
+    p = torch.rand(3, 128, 784, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(bernoulli_philox(p.cuda(), 2**61 + 7, 1000).cpu(), bernoulli_philox(p, 2**61 + 7, 1000))
+
+
 @NEEDS_KERNEL
 def test_draws_depend_on_seed_and_index_alone():
     """A slice drawn at its offset equals that slice of the whole draw (torchrun ranks binarize their rows

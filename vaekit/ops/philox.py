@@ -20,9 +20,10 @@ as 1, 2, 3"; checked against the known-answer vectors of Random123's ``tests/kat
 and is 1 where ``u_i < p_i``, so ``P(1) = ⌈p·2²⁴⌉/2²⁴`` (p = 0 never draws 1, p = 1 always does).
 32 consecutive elements take the 4 words of 8 consecutive blocks: one AVX2 register of 8 blocks per
 word.  The CPU kernel is C++ (``csrc/bernoulli_philox.cpp``, AVX2 where the CPU has it, threads from
-``at::parallel_for``); :func:`bernoulli_philox_eager` computes the same draws with torch operations
-on any device (the reference the kernel is tested against bit for bit, and the implementation where
-there is no kernel).
+``at::parallel_for``); the CUDA kernel is Triton's (:mod:`vaekit.ops.philox_triton`, one launch a
+batch); :func:`bernoulli_philox_eager` computes the same draws with torch operations on any device
+(the reference both kernels are tested against bit for bit, and the implementation where there is no
+kernel).
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def bernoulli_philox_eager(p: Tensor, seed: int, offset: int = 0) -> Tensor:
 
 @torch.library.custom_op("vaekit::bernoulli_philox", mutates_args=())
 def _op(p: Tensor, seed: int, offset: int) -> Tensor:
-    """Default implementation (devices without a kernel, or no C++ compiler): the eager formula."""
+    """Default implementation (devices without a kernel, no C++ compiler, CUDA without triton): the eager formula."""
     return bernoulli_philox_eager(p, seed, offset)
 
 
@@ -93,6 +94,23 @@ def _op(p: Tensor, seed: int, offset: int) -> Tensor:
 def _(p: Tensor, seed: int, offset: int) -> Tensor:
     return torch.empty_like(p, memory_format=torch.contiguous_format)
 
+
+def _register_triton() -> bool:
+    """The CUDA kernel (:mod:`vaekit.ops.philox_triton`); without triton CUDA keeps the eager formula."""
+    try:
+        from . import philox_triton
+    except Exception:  # noqa: BLE001 - no triton: CUDA uses the default implementation
+        return False
+    from torch.library import wrap_triton
+
+    @_op.register_kernel("cuda")
+    def _(p: Tensor, seed: int, offset: int) -> Tensor:
+        return philox_triton.bernoulli_philox(p, seed, offset, launch=wrap_triton)
+
+    return True
+
+
+TRITON_REGISTERED = torch.cuda.is_available() and _register_triton()
 
 _OP = torch.ops.vaekit.bernoulli_philox.default
 
