@@ -130,3 +130,33 @@ def test_kills_during_a_cold_cache_build_never_hang_a_later_run(tmp_path):
     assert not building(), "the killed builds' folders were not cleaned up"
     again = _run(env)
     assert "STATUS C++ kernel" in again.stdout and "cached" in again.stdout, again.stdout + again.stderr
+
+
+SCALAR_SCRIPT = """
+import torch
+from vaekit.ops import cpu_kernel
+from vaekit.ops.bernoulli import bernoulli_log_prob, bernoulli_log_prob_eager
+from vaekit.ops.fused import reparameterize_kl
+from vaekit.ops.philox import bernoulli_philox, bernoulli_philox_eager
+from vaekit.ops.reference import reparameterize_kl_eager
+assert cpu_kernel.load() and "vaekit_kernels_default" in cpu_kernel.status(), cpu_kernel.status()
+g = torch.Generator().manual_seed(0)
+for n, offset, seed in [(128 * 784, 0, 5), (1000, 37, 2**40 + 3), (129, 127, -5), (5, 3, 0), (4097, 1, 2**63 - 9)]:
+    p = torch.rand(n, generator=g)
+    assert torch.equal(bernoulli_philox(p, seed, offset), bernoulli_philox_eager(p, seed, offset)), (n, offset, seed)
+logits, x = 8 * torch.randn(7, 37, generator=g), torch.rand(7, 37, generator=g).round()
+assert torch.allclose(bernoulli_log_prob(logits, x, 1), bernoulli_log_prob_eager(logits, x, 1), rtol=1e-6, atol=1e-4)
+mu, logvar, eps = (torch.randn(6, 11, generator=g) for _ in range(3))
+for a, b in zip(reparameterize_kl(mu, logvar, eps), reparameterize_kl_eager(mu, logvar, eps)):
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+print("SCALAR OK", cpu_kernel.status())
+"""
+
+
+def test_the_kernels_built_without_avx2_equal_the_eager_formulas(tmp_path):
+    """On a CPU without AVX2 (here: torch told so, ATEN_CPU_CAPABILITY=default) the kernels are built
+    without -mavx2, so the C++ code's scalar paths run (the Philox draws' scalar blocks among them):
+    bit for bit the eager Philox draws, the eager log-likelihood and fused op to rounding."""
+    out = subprocess.run([sys.executable, "-c", SCALAR_SCRIPT], env=_env(tmp_path, ATEN_CPU_CAPABILITY="default"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "SCALAR OK" in out.stdout, out.stdout + out.stderr
