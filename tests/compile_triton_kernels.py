@@ -2,7 +2,7 @@
 
 ``python tests/compile_triton_kernels.py`` compiles each kernel listed in a module's ``KERNELS``
 tuple through ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for sm_80 and
-sm_90, with float32, float16 and bfloat16 pointers, down to a cubin, and prints one line per
+sm_90, with float32, float16 and bfloat16 pointers (or the dtypes of a module's ``COMPILE_DTYPES``), down to a cubin, and prints one line per
 compile.  The interpreter (``TRITON_INTERPRET=1``) runs kernels as Python and misses what only
 the compiler enforces (e.g. non-constexpr globals), so this must run without it: tests/test_ops.py
 runs this file in a subprocess with ``TRITON_INTERPRET`` removed.  Exit code 1 on any failure.
@@ -78,7 +78,7 @@ def main() -> int:
             failures += 1
         for kernel in module.KERNELS:
             for cc in TARGETS:
-                for dtype in DTYPES:
+                for dtype in getattr(module, "COMPILE_DTYPES", DTYPES):
                     sig, consts = signature(module, kernel, dtype)
                     what = f"{module.__name__}.{kernel.__name__} sm_{cc} {TRITON_TYPES[dtype]}"
                     try:

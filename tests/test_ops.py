@@ -236,4 +236,5 @@ def test_triton_kernels_compile_offline_for_sm80_and_sm90():
     script = os.path.join(os.path.dirname(__file__), "compile_triton_kernels.py")
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "18 compiled, 0 failed" in out.stdout, out.stdout  # 3 kernels (fused op 2, Philox 1) x 2 targets x 3 dtypes
+    # the fused op's 2 kernels x 2 targets x 3 dtypes; the Philox kernel x 2 targets x float32/float64
+    assert "16 compiled, 0 failed" in out.stdout, out.stdout

@@ -21,10 +21,11 @@ ELBO_BATCH_SIZE = 500
 Under torchrun the test set is sharded by whole batches of this size (:func:`elbo_summary`)."""
 
 ELBO_CHUNK_ROWS = 128
-"""Data points the encoder and decoder of the test-set ELBO see at once (:func:`elbo_terms`): a batch's
-noise is drawn for the whole batch, its networks run in chunks of this size, so evaluating takes no more
-activation memory than a training step of the same batch size (the README's conv VAE: a batch of 500
-at once raised the training run's peak RSS by 9-40 MiB)."""
+"""Data points the encoder and decoder of the test-set ELBO see at once (:func:`elbo_terms`; the
+model's ``forward(..., chunk_rows=)``): a batch's noise is drawn for the whole batch, its networks run
+in chunks of this size, so the networks' activations alive at once are those of 128 points, not of the
+batch's 500 (the training batch's by default: with the README's conv VAE, a batch of 500 at once had
+raised the training run's peak RSS by 9-40 MiB)."""
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -61,7 +62,8 @@ def elbo_terms(model: VAEModel, x, batch_size: int = ELBO_BATCH_SIZE,
     seeded with :func:`batch_seed` ``(seed, b)`` inside :func:`seeded_noise`, so the estimate is
     reproducible (for a given device, ``batch_size`` and model), each batch's the same whichever
     batches are evaluated with it, and the caller's RNG streams are left exactly as they were;
-    ``seed=None`` draws from the caller's streams.  The estimate is the one-sample SGVB estimator
+    ``seed=None`` draws from the caller's streams.  A batch's networks run :data:`ELBO_CHUNK_ROWS`
+    points at a time (one draw of noise for the batch).  The estimate is the one-sample SGVB estimator
     of Kingma & Welling 2014 (§2.3), with the prior's KL.  A conditional model needs the labels
     ``c [N]`` and bounds log p(x|c) (Sohn et al. 2015, eq. 4, with the prior p(z|c) = p(z)).
     """
@@ -72,26 +74,15 @@ def elbo_terms(model: VAEModel, x, batch_size: int = ELBO_BATCH_SIZE,
     for b in batches if batches is not None else range(num_batches(len(x), batch_size)):
         i = b * batch_size
         xb, cb = x[i : i + batch_size].to(device), _rows(c, i, batch_size, device)
+        if not len(xb):  # a batch past the end: no terms (a conv decoder cannot run on no rows)
+            continue
         with seeded_noise(None if seed is None else batch_seed(seed, b), device):
-            lp, k = _chunked_forward(model, xb, cb)
-        log_px.append(lp.cpu())
-        kl.append(k.cpu())
+            rec = model(xb, cb, chunk_rows=ELBO_CHUNK_ROWS)
+        log_px.append(rec.log_px.cpu())
+        kl.append(rec.kl.cpu())
     model.train(was_training)
     lp, k = torch.cat(log_px), torch.cat(kl)
     return {"log_px": lp, "kl": k, "elbo": lp - k}
-
-
-def _chunked_forward(model: VAEModel, x: torch.Tensor, c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log p(x|z)`` and ``kl`` ``[N]`` of the model's forward pass (eval mode, one draw per point) on
-    ``x [N, *S]``, the encoder and the decoder run :data:`ELBO_CHUNK_ROWS` points at a time and the
-    prior's draw made once for all N (so the noise is that of one forward pass on the whole batch)."""
-    rows = range(0, len(x), ELBO_CHUNK_ROWS)
-    part = lambda t, i: None if t is None else t[i : i + ELBO_CHUNK_ROWS]  # noqa: E731
-    params = torch.cat([model.encode(part(x, i), part(c, i)) for i in rows])
-    z_sample, kl = model.prior.rsample_kl(params)
-    z = model.transform_latent(z_sample)
-    log_px = torch.cat([model.likelihood.log_prob(model.decode(part(z, i), part(c, i)), part(x, i)) for i in rows])
-    return log_px, kl
 
 
 class ImportanceSampled(NamedTuple):

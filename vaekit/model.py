@@ -175,7 +175,8 @@ class VAEModel(nn.Module):
 
     # --- training step ------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, samples: int = 1) -> StepOutput:
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, samples: int = 1,
+                chunk_rows: int | None = None) -> StepOutput:
         """One training-step forward pass on ``x [N, *S]``: corrupt (training only), encode,
         reparameterize + KL (:meth:`~vaekit.interfaces.Prior.rsample_kl`), decode, log p(x|z).
 
@@ -183,19 +184,24 @@ class VAEModel(nn.Module):
         the encoder runs once, its posterior parameters are repeated k times and the draws are
         decoded in one batched pass, so every field of the record has ``k·N`` rows (draw ``i`` of
         point ``n`` at row ``i·N + n``).
+
+        ``chunk_rows``: the encoder and the decoder run that many rows at a time (the prior's draw,
+        the latent transform and the likelihood still see all rows at once, so the noise is that of
+        one pass): the networks' activations of a chunk, not of the batch, are alive at once; the
+        record's fields (the decoder's output among them) are the batch's (evaluation).
         """
         x_input = x
         if self.training:
             for reg in self.regularizers:
                 x_input = reg.corrupt(x_input)
-        h = self._features(x_input, c)
+        h = _in_chunks(self._features, x_input, c, chunk_rows)
         params = self.head(h)
         if samples > 1:
             x, x_input, h, params = (_repeat_rows(t, samples) for t in (x, x_input, h, params))
             c = None if c is None else _repeat_rows(c, samples)
         z_sample, kl = self.prior.rsample_kl(params)
         z = self.transform_latent(z_sample)
-        lik_params = self.decode(z, c)
+        lik_params = _in_chunks(self.decode, z, c, chunk_rows)
         log_px = self.likelihood.log_prob(lik_params, x)
         return StepOutput(x, x_input, h, params, z, kl, lik_params, log_px, c, z_sample)
 
@@ -235,6 +241,13 @@ class VAEModel(nn.Module):
         what the ``elbo`` objective computes without schedules or free bits (``recon`` = −log p(x|z)
         and ``kl`` in nats, mean over the batch)."""
         return self.add_penalties(record, *self.elbo_terms(record, beta))
+
+
+def _in_chunks(fn, x: torch.Tensor, c: torch.Tensor | None, rows: int | None) -> torch.Tensor:
+    """``fn(x, c)``, computed ``rows`` rows of ``x`` (and ``c``) at a time when ``x`` has more (``None``: at once)."""
+    if rows is None or len(x) <= rows:
+        return fn(x, c)
+    return torch.cat([fn(x[i : i + rows], None if c is None else c[i : i + rows]) for i in range(0, len(x), rows)])
 
 
 def _repeat_rows(t: torch.Tensor, k: int) -> torch.Tensor:

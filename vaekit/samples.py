@@ -81,13 +81,18 @@ class Samples:
 
     def __getitem__(self, key) -> torch.Tensor:
         """Samples as float32, indexed as the rows of a tensor: ``samples[i:j]`` ``[B, *S]`` (a slice; steps
-        too), ``samples[index]`` (int64 positions ``[B]``), ``samples[i]`` ``[*S]``.  So evaluation and
+        too), ``samples[index]`` (int64 positions ``[B]``), ``samples[i]`` ``[*S]`` (negative positions count
+        from the end; IndexError out of range).  So evaluation and
         figures read a split held in its source dtype a batch at a time, as they read a float tensor."""
         if isinstance(key, slice):
             return self.batch(torch.arange(*key.indices(len(self))))
-        if isinstance(key, int):
-            return self.batch(torch.tensor([key]))[0]
-        return self.batch(torch.as_tensor(key, dtype=torch.int64))
+        index = torch.as_tensor(key, dtype=torch.int64)
+        if index.dim() > 1:
+            raise IndexError(f"samples are indexed by a slice, an int or positions [B], got an index of shape {tuple(index.shape)}")
+        if ((index < -len(self)) | (index >= len(self))).any():
+            raise IndexError(f"index out of range for {len(self)} samples")
+        rows = self.batch(torch.where(index < 0, index + len(self), index).reshape(-1))  # negatives count from the end
+        return rows[0] if index.dim() == 0 else rows
 
     def extremes(self) -> torch.Tensor:
         """``[2, *S]`` float32: the per-pixel minimum (row 0) and maximum (row 1) over the samples, or

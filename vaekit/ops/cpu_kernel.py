@@ -67,8 +67,10 @@ def _flags() -> tuple[str, list[str]]:
     if capability in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
         tag = "avx2"
-    else:
+    else:  # no AVX2 assumed, whatever the compiler's default target: the kernels' scalar paths
         tag = "default"
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            flags += ["-mno-avx2", "-mno-fma"]
     if torch.backends.openmp.is_available() and platform.system() == "Linux" and "clang" not in os.environ.get("CXX", ""):
         # GCC's OpenMP, not linked: the GOMP symbols resolve to the libgomp torch has loaded (clang's would
         # need libomp's __kmpc_* symbols, which it lacks)

@@ -71,17 +71,17 @@ def _register_triton() -> bool:
         from . import triton_kernels
     except Exception:  # noqa: BLE001 - no triton: CUDA uses the default implementation
         return False
-    from torch.library import wrap_triton
-
+    # launched directly: the ops are opaque to torch.compile (their fake kernels trace), so their CUDA
+    # kernels see real tensors, and torch.library.wrap_triton's dispatch would add ~1 ms a call in eager mode
     @_op.register_kernel("cuda")
     def _(mu, logvar, eps):
-        z, kl = triton_kernels.forward(*(_rows(t) for t in (mu, logvar, eps)), launch=wrap_triton)
+        z, kl = triton_kernels.forward(*(_rows(t) for t in (mu, logvar, eps)))
         return z.view(mu.shape), kl.view(mu.shape[:-1])
 
     @_backward_op.register_kernel("cuda")
     def _(grad_z, grad_kl, mu, logvar, eps):
         gmu, glv = triton_kernels.backward(_rows(grad_z), grad_kl.reshape(-1).contiguous(),
-                                           *(_rows(t) for t in (mu, logvar, eps)), launch=wrap_triton)
+                                           *(_rows(t) for t in (mu, logvar, eps)))
         return gmu.view(mu.shape), glv.view(mu.shape)
 
     return True

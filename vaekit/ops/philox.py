@@ -101,11 +101,10 @@ def _register_triton() -> bool:
         from . import philox_triton
     except Exception:  # noqa: BLE001 - no triton: CUDA uses the default implementation
         return False
-    from torch.library import wrap_triton
 
-    @_op.register_kernel("cuda")
+    @_op.register_kernel("cuda")  # launched directly: the op is opaque to torch.compile, its inputs real tensors
     def _(p: Tensor, seed: int, offset: int) -> Tensor:
-        return philox_triton.bernoulli_philox(p, seed, offset, launch=wrap_triton)
+        return philox_triton.bernoulli_philox(p, seed, offset)
 
     return True
 

@@ -36,6 +36,7 @@ def _bernoulli_philox_kernel(p_ptr, out_ptr, n, offset, seed, BLOCK: tl.constexp
 
 KERNELS = (_bernoulli_philox_kernel,)  # every @triton.jit entry point (compiled offline in the tests)
 SCALAR_TYPES = {"n": "i64", "offset": "i64", "seed": "i64"}  # runtime scalars that are not int32 (the offline compile)
+COMPILE_DTYPES = (torch.float32, torch.float64)  # what the op launches it with (half precision is compared in float32)
 BLOCK = 1024
 
 
@@ -47,7 +48,8 @@ def constexprs(dtype: torch.dtype, d: int = 0) -> dict:
 def bernoulli_philox(p: torch.Tensor, seed: int, offset: int, launch=None) -> torch.Tensor:
     """:func:`vaekit.ops.philox.bernoulli_philox` of ``p`` (any shape; read contiguous) with ``seed`` an int64
     (the 64 key bits in two's complement) and ``offset`` ≥ 0; 0/1 in ``p``'s dtype.  ``launch`` wraps the
-    kernel (``torch.library.wrap_triton`` inside the op); by default it is launched directly."""
+    kernel (e.g. ``torch.library.wrap_triton``, for a caller that torch.compile traces); by default it is
+    launched directly, as the op's CUDA kernel does."""
     pc = p.contiguous()
     out = torch.empty_like(pc)
     n = pc.numel()

@@ -74,8 +74,8 @@ def constexprs(dtype: torch.dtype, d: int) -> dict:
 def forward(mu: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor, launch=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[rows, d]`` contiguous inputs -> ``(z [rows, d], kl [rows])`` (kl in float32 for half inputs).
 
-    ``launch`` wraps the kernel (``torch.library.wrap_triton`` inside the op, so torch.compile can
-    trace it); by default the kernel is launched directly.
+    ``launch`` wraps the kernel (e.g. ``torch.library.wrap_triton``, for a caller that torch.compile traces);
+    by default it is launched directly, as the op's CUDA kernel does.
     """
     rows, d = mu.shape
     z = torch.empty_like(mu)
