@@ -248,6 +248,11 @@ def test_in_memory_pixels_are_held_as_uint8_and_batches_equal_numpys_floats(tmp_
     index = torch.tensor([0, 299, 31, 150])
     expected = raw[rows[index.numpy()], :784].astype(np.float32) / np.float32(255)
     assert torch.equal(d.train.batch(index).flatten(1), torch.from_numpy(expected))
+    # indexed as a tensor's rows: negative positions from the end, an int gives one sample, out of range is refused
+    assert torch.equal(d.train[torch.tensor([-300, -1])], d.train.batch(torch.tensor([0, 299])))
+    assert torch.equal(d.train[-1], d.train.batch(torch.tensor([299]))[0]) and d.train[torch.tensor(5)].shape == (1, 28, 28)
+    with pytest.raises(IndexError, match="out of range for 300 samples"):
+        d.train[torch.tensor([0, 300])]
     t = Trainer(RunConfig(data="mnist:train_per_class=30,test_per_class=5", encoder="mlp", out=str(tmp_path / "r")),
                 quiet=True)
     t.setup()
