@@ -78,7 +78,7 @@ def test_the_triton_kernel_equals_the_eager_formula_bit_for_bit(n, offset, seed,
     p[::7] = 0.0
     p[::11] = 1.0
     expected = bernoulli_philox_eager(p, seed, offset)
-    for launch in (None, torch.library.wrap_triton):  # as launched inside the op (wrap_triton), and directly
+    for launch in (None, torch.library.wrap_triton):  # as the op's CUDA kernel launches it (directly), and wrapped
         got = philox_triton.bernoulli_philox(p.to(device), seed, offset, launch=launch)
         assert got.dtype == dtype and torch.equal(got.cpu(), expected)
 
