@@ -639,6 +639,7 @@ class Trainer:
                                    f"{list(x.shape)} took {self.steps.compiled_in(compiling, self.device):.1f} s (compiling)")
             for reg in model.regularizers:
                 reg.on_step_end(self, record)
+            del record, loss, terms, extra, x, c, index  # freed before the next step's forward, not after it
             position += 1
             checkpoint.kill_point("step")
             at_limit = bool(limit) and self.step >= limit
