@@ -37,7 +37,8 @@ encoder = nn.Sequential(nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(), nn.Conv2d(32, 64, 
 decoder = nn.Sequential(nn.Linear(16, 256), nn.ReLU(), nn.Linear(256, 3136), nn.ReLU(), nn.Unflatten(1, (64, 7, 7)),
                         nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(), last)
 if variant in ("channels-last", "vaekit"):
-    channels_last(encoder), channels_last(decoder)
+    channels_last(encoder)
+    channels_last(decoder)
 opt = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3, fused=True)
 start = time.perf_counter()
 for _ in range(5):

@@ -23,9 +23,9 @@ Under torchrun the test set is sharded by whole batches of this size (:func:`elb
 ELBO_CHUNK_ROWS = 128
 """Data points the encoder and decoder of the test-set ELBO see at once (:func:`elbo_terms`; the
 model's ``forward(..., chunk_rows=)``): a batch's noise is drawn for the whole batch, its networks run
-in chunks of this size, so the networks' activations alive at once are those of 128 points, not of the
-batch's 500 (the training batch's by default: with the README's conv VAE, a batch of 500 at once had
-raised the training run's peak RSS by 9-40 MiB)."""
+in chunks of this size, so the networks' activations alive at once are those of 128 points (the default
+training batch), not of the batch's 500: with the README's conv VAE, a batch of 500 at once had raised
+the training run's peak RSS by 9-40 MiB."""
 
 
 def batch_seed(seed: int, batch: int) -> int:
