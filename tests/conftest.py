@@ -100,3 +100,25 @@ def fresh_pm():
 # must be set before triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+class PythonCalls:
+    """The source files of the Python functions called inside a ``with`` block (``sys.setprofile``):
+    to check that an op's path, autograd included, runs in C++ alone."""
+
+    def __enter__(self):
+        import sys
+
+        self.files: list[str] = []
+        self._previous = sys.getprofile()
+        sys.setprofile(lambda frame, event, arg: self.files.append(frame.f_code.co_filename) if event == "call" else None)
+        return self
+
+    def __exit__(self, *exc):
+        import sys
+
+        sys.setprofile(self._previous)
+
+    def under(self, *parts: str) -> list[str]:
+        """The called files whose path contains one of ``parts``."""
+        return sorted({f for f in self.files if any(p in f.replace("\\", "/") for p in parts)})

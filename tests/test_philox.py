@@ -185,6 +185,33 @@ def test_bernoulli_log_prob_gradcheck_broadcast_and_double_backward():
     torch.testing.assert_close(bernoulli_log_prob(logits, x, 2), bernoulli_log_prob_eager(logits, x, 2))
 
 
+@NEEDS_KERNEL
+def test_bernoulli_log_prob_float32_softplus_is_within_a_few_ulp():
+    """The float32 kernel's log1p(exp(-|l|)) is a series (not Sleef's log1p): elementwise, -log p(0 | l) =
+    softplus(l) against float64's, over logits from -40 to 40, within 4 float32 ulp (relative)."""
+    logits = torch.linspace(-40, 40, 400_001).view(-1, 1)
+    ours = -bernoulli_log_prob(logits, torch.zeros_like(logits), 1).double()
+    ref = torch.nn.functional.softplus(logits.double()).view(-1)
+    assert ((ours - ref).abs() / ref).max().item() < 4 * 2.0**-24
+    ones = -bernoulli_log_prob(logits, torch.ones_like(logits), 1).double()
+    ref = torch.nn.functional.softplus(-logits.double()).view(-1)  # down to 4e-18 at l = 40
+    assert ((ones - ref).abs() / ref).max().item() < 4 * 2.0**-24
+
+
+@NEEDS_KERNEL
+def test_draws_are_constants_to_autograd_and_take_no_python_on_the_cpu():
+    """Probabilities that need a gradient give draws that need none (0/1 constants), through the C++ autograd
+    kernel: no torch.library autograd wrapper runs."""
+    from conftest import PythonCalls
+
+    p = torch.rand(4, 5, requires_grad=True)
+    bernoulli_philox(p.detach(), 3)  # builds and registers the kernels
+    with PythonCalls() as calls:
+        draws = torch.ops.vaekit.bernoulli_philox.default(p, 3, 0)
+    assert calls.under("torch/_library", "vaekit/ops") == []
+    assert not draws.requires_grad and torch.equal(draws, bernoulli_philox_eager(p.detach(), 3))
+
+
 def test_bernoulli_log_prob_takes_the_kernel_on_the_cpu():
     if os.environ.get("VAEKIT_DISABLE_CPP_KERNEL", "") not in ("", "0"):
         pytest.skip("C++ kernel disabled")

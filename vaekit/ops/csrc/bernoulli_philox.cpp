@@ -11,6 +11,7 @@
 // implementation for other devices); both must agree bit for bit (tests/test_philox.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -151,4 +152,20 @@ at::Tensor bernoulli_philox(const at::Tensor& p, int64_t seed, int64_t offset) {
   return out;
 }
 
+namespace {
+
+// The CPU autograd kernel: the draws are constants (no gradient flows to p), so it goes straight to the
+// kernel below autograd, not through the Python custom op's autograd wrapper (tens of µs a call).
+at::Tensor bernoulli_philox_autograd(const at::Tensor& p, int64_t seed, int64_t offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("vaekit::bernoulli_philox", "")
+                       .typed<at::Tensor(const at::Tensor&, int64_t, int64_t)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(p, seed, offset);
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(vaekit, CPU, m) { m.impl("bernoulli_philox", &bernoulli_philox); }
+
+TORCH_LIBRARY_IMPL(vaekit, AutogradCPU, m) { m.impl("bernoulli_philox", &bernoulli_philox_autograd); }

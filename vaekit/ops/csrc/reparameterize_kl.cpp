@@ -12,6 +12,8 @@
 // dtype and the KL returned in float32. The bounds [lo, hi] come from vaekit/ops/reference.py
 // (logvar_bounds) as compiler definitions, so every implementation clamps alike.
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "rows.h"
@@ -157,9 +159,94 @@ std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_z, const at::
   return {gmu.view(mu.sizes()).to(mu.scalar_type()), glv.view(mu.sizes()).to(mu.scalar_type())};
 }
 
+namespace {
+
+// --- autograd on the CPU -------------------------------------------------------------------------
+// The same formulas as the op's Python autograd (vaekit/ops/fused.py: _backward), as a C++ node: a
+// CPU training step's sample and KL go through no Python either way.  Both directions call the ops
+// through the dispatcher (below autograd), so under torch.compile/opcheck they trace as the ops.
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+std::tuple<at::Tensor, at::Tensor> forward_op(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("vaekit::reparameterize_kl", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return op.call(mu, logvar, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_op(const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu,
+                                               const at::Tensor& logvar, const at::Tensor& eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("vaekit::reparameterize_kl_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad_z, grad_kl, mu, logvar, eps);
+}
+
+// exp(clamp(logvar) / 2) in the compute dtype with the gradient straight through the clamp
+// (vaekit.ops.reference.clamp_logvar): differentiable, for double backward and the gradient w.r.t. eps
+at::Tensor clamped_std(const at::Tensor& logvar_c, at::ScalarType dtype) {
+  const auto bounds = logvar_bounds(dtype);
+  return at::exp(0.5 * (logvar_c + (logvar_c.clamp(bounds.first, bounds.second) - logvar_c).detach()));
+}
+
+// vaekit::reparameterize_kl_backward's CPU autograd: the kernel, or where a gradient of it is wanted
+// (double backward) the same formulas in differentiable ATen operations
+// (vaekit.ops.reference.reparameterize_kl_backward_eager)
+std::tuple<at::Tensor, at::Tensor> backward_autograd(const at::Tensor& grad_z, const at::Tensor& grad_kl, const at::Tensor& mu,
+                                                     const at::Tensor& logvar, const at::Tensor& eps) {
+  const bool differentiable = at::GradMode::is_enabled() && (grad_z.requires_grad() || grad_kl.requires_grad() ||
+                                                              mu.requires_grad() || logvar.requires_grad() || eps.requires_grad());
+  if (!differentiable) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return backward_op(grad_z, grad_kl, mu, logvar, eps);
+  }
+  const auto dtype = mu.scalar_type(), compute = compute_type(mu);
+  const at::Tensor gz = grad_z.to(compute), g = grad_kl.to(compute).unsqueeze(-1);
+  const at::Tensor s = clamped_std(logvar.to(compute), dtype);
+  return {(gz + g * mu.to(compute)).to(dtype), (0.5 * (gz * s * eps.to(compute) + g * (s.square() - 1.0))).to(dtype)};
+}
+
+class ReparameterizeKL : public torch::autograd::Function<ReparameterizeKL> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [z, kl] = forward_op(mu, logvar, eps);
+    ctx->save_for_backward({mu, logvar, eps});
+    return {z, kl};
+  }
+
+  // grads: (grad_z [..., d], grad_kl [...]) -> (grad_mu, grad_logvar, grad_eps)
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &mu = saved[0], &logvar = saved[1], &eps = saved[2];
+    const at::Tensor &grad_z = grads[0], &grad_kl = grads[1];
+    const auto compute = compute_type(mu);
+    at::Tensor grad_mu, grad_logvar, grad_eps;
+    std::tie(grad_mu, grad_logvar) = backward_autograd(grad_z, grad_kl, mu, logvar, eps);  // create_graph: differentiable
+    if (ctx->needs_input_grad(2))  // vaekit.ops.reference.reparameterize_grad_eps
+      grad_eps = (grad_z.to(compute) * clamped_std(logvar.to(compute), mu.scalar_type())).to(logvar.scalar_type());
+    return {grad_mu, grad_logvar, grad_eps};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& mu, const at::Tensor& logvar, const at::Tensor& eps) {
+  auto out = ReparameterizeKL::apply(mu, logvar, eps);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
 // The schemas are defined in Python (vaekit/ops/fused.py, torch.library.custom_op); this library
-// only adds their CPU kernels, so the CPU path never goes through Python.
+// only adds their CPU kernels and CPU autograd, so the CPU path never goes through Python.
 TORCH_LIBRARY_IMPL(vaekit, CPU, m) {
   m.impl("reparameterize_kl", &forward);
   m.impl("reparameterize_kl_backward", &backward);
+}
+
+TORCH_LIBRARY_IMPL(vaekit, AutogradCPU, m) {
+  m.impl("reparameterize_kl", &forward_autograd);
+  m.impl("reparameterize_kl_backward", &backward_autograd);
 }
