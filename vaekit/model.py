@@ -215,7 +215,10 @@ class VAEModel(nn.Module):
         recon = -record.log_px.mean()
         kl_mean = record.kl.mean()
         fit = recon if not self.drops_likelihood else torch.zeros_like(recon)
-        loss = fit + beta * (kl_mean if kl is None else kl) if self.prior.stochastic else fit
+        kl_term = kl_mean if kl is None else kl
+        if beta != 1.0:  # β = 1 adds the KL itself: the same value, one multiply and its backward node fewer
+            kl_term = beta * kl_term
+        loss = fit + kl_term if self.prior.stochastic else fit
         return loss, {"recon": recon, "kl": kl_mean}
 
     def add_penalties(self, record: StepOutput, loss: torch.Tensor,

@@ -57,7 +57,7 @@ class RunningTerms:
         values = [loss, *(loss if k == "loss" else v for k, v in terms.items()),
                   *(v if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=loss.device) for v in extra.values())]
         with torch.no_grad():  # one op: the values side by side (dtypes promoted: float32 or wider, exact)
-            row = torch.stack([v.reshape(()) for v in values])
+            row = torch.stack([v if v.dim() == 0 else v.reshape(()) for v in values])
         self._steps.append((keys, row, n))
 
     def flush(self, failed: Callable[[float, int], BaseException]) -> None:

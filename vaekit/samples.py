@@ -26,9 +26,11 @@ def to_float(values: torch.Tensor, divisor: float | torch.Tensor = 1.0) -> torch
     ``a.astype(np.float32) / np.float32(divisor)`` computes it (bit for bit).  ``divisor``: a number,
     or a float32 0-d tensor on ``values``' device (no host-to-device copy per call)."""
     x = values.to(torch.float32)
-    if isinstance(divisor, torch.Tensor):
-        return x / divisor
-    return x if divisor == 1.0 else x / torch.tensor(divisor, dtype=torch.float32, device=x.device)
+    if not isinstance(divisor, torch.Tensor):
+        if divisor == 1.0:
+            return x
+        divisor = torch.tensor(divisor, dtype=torch.float32, device=x.device)
+    return x / divisor if x is values else x.div_(divisor)  # a converted copy is divided in place
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
