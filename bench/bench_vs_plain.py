@@ -216,6 +216,8 @@ def main() -> None:
         if args.nll_samples and side != "plain":
             diffs = [a["nll"] - b["nll"] for a, b in zip(rows[side], base)]
             line += "; NLL − hand-written per seed: " + ", ".join(f"{x:+.2f}" for x in diffs) + " nats"
+            if len(diffs) > 1:  # the mean over the seeds and its standard error
+                line += (f" (mean {statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.2f})")
         print(line)
 
 

@@ -42,7 +42,7 @@ def test_gradcheck_float64(shape):
     mu, logvar, eps = _inputs(shape)
     eps.requires_grad_(True)
     assert torch.autograd.gradcheck(reparameterize_kl, (mu, logvar, eps))
-    assert torch.autograd.gradgradcheck(reparameterize_kl, (mu, logvar, eps))  # double backward, eager path
+    assert torch.autograd.gradgradcheck(reparameterize_kl, (mu, logvar, eps))  # double backward: differentiable formulas
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -97,6 +97,25 @@ def test_the_cpu_autograd_runs_in_cpp_without_python():
     # the backward op called by hand with inputs that need a gradient: its differentiable formula
     args = [t.detach().double().requires_grad_() for t in (gz, gk, mu, logvar, eps)]
     assert torch.autograd.gradcheck(torch.ops.vaekit.reparameterize_kl_backward.default, args)
+
+
+def test_torch_func_and_forward_mode_ad_take_the_eager_formula():
+    """Neither autograd of the op (C++ on the CPU, Python elsewhere) supports torch.func transforms or
+    forward-mode AD: the wrapper computes the eager formulas there, so per-sample gradients and
+    tangents are the closed form's (∂KL/∂μ = μ, ∂KL/∂log σ² = ½(σ² − 1); ∂z/∂μ = 1)."""
+    import torch.autograd.forward_ad as fwAD
+
+    mu, logvar, eps = (t.detach() for t in _inputs((5, 3)))
+    grad_mu, grad_lv = torch.func.vmap(torch.func.grad(lambda m, l, e: reparameterize_kl(m, l, e)[1], argnums=(0, 1)))(mu, logvar, eps)
+    torch.testing.assert_close(grad_mu, mu)
+    torch.testing.assert_close(grad_lv, 0.5 * (logvar.exp() - 1))
+    tangent = torch.randn_like(mu)
+    _, (z_dot, kl_dot) = torch.func.jvp(lambda m: reparameterize_kl(m, logvar, eps), (mu,), (tangent,))
+    torch.testing.assert_close(z_dot, tangent)
+    torch.testing.assert_close(kl_dot, (mu * tangent).sum(-1))
+    with fwAD.dual_level():
+        z, kl = reparameterize_kl(fwAD.make_dual(mu, tangent), logvar, eps)
+        torch.testing.assert_close(fwAD.unpack_dual(kl).tangent, (mu * tangent).sum(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

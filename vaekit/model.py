@@ -215,10 +215,11 @@ class VAEModel(nn.Module):
         recon = -record.log_px.mean()
         kl_mean = record.kl.mean()
         fit = recon if not self.drops_likelihood else torch.zeros_like(recon)
-        kl_term = kl_mean if kl is None else kl
-        if beta != 1.0:  # β = 1 adds the KL itself: the same value, one multiply and its backward node fewer
-            kl_term = beta * kl_term
-        loss = fit + kl_term if self.prior.stochastic else fit
+        loss = fit
+        if self.prior.stochastic:
+            kl_term = kl_mean if kl is None else kl
+            # β = 1 adds the KL itself: the same value, one multiply and its backward node fewer
+            loss = fit + (kl_term if beta == 1.0 else beta * kl_term)
         return loss, {"recon": recon, "kl": kl_mean}
 
     def add_penalties(self, record: StepOutput, loss: torch.Tensor,

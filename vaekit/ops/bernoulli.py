@@ -3,7 +3,8 @@
 ``log p(x | l) = Σ_k (x_k l_k − softplus(l_k))`` (minus the summed binary cross-entropy with logits),
 with ``∂/∂l = x − sigmoid(l)``.  On the CPU (float32/float64) a C++ op computes it in one pass over the
 values and its gradient in one more, autograd included (``csrc/bernoulli_log_prob.cpp``; in float32
-``log1p(exp(−|l|))`` comes from the series of 2 atanh, within 2 ulp of float64's, a test checks 4): 0.29
+``log1p(exp(−|l|))`` comes from the series of 2 atanh: softplus within 2⁻²¹ of float64's, relative,
+4.2·2⁻²⁴ measured over logits in [−40, 40] against 1.9·2⁻²⁴ with Sleef's log1p): 0.29
 against 0.38 ms forward and backward for a batch of 128 MNIST digits on 2 threads with torch's
 ``binary_cross_entropy_with_logits`` and a sum (best of 7 repeats of 300, 2026-12-05).  Elsewhere (other
 devices and dtypes, no C++ compiler, under ``torch.compile``, which fuses the formula itself, and under

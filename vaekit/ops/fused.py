@@ -6,8 +6,9 @@ eager formulas.  The backward pass is an op of its own, ``vaekit::reparameterize
 so both directions are one pass over memory and both trace under ``torch.compile``.  On the CPU
 the autograd is C++ too (``csrc/reparameterize_kl.cpp``, registered for ``AutogradCPU`` with the
 kernels): the same formulas as :func:`_backward` below without a Python node, ~60 µs less per
-training step; elsewhere it is :func:`_backward`.  Neither supports ``torch.func`` transforms
-or forward-mode AD (they raise).
+training step; elsewhere it is :func:`_backward`.  Under ``torch.func`` transforms and forward-mode
+AD, which neither supports, :func:`reparameterize_kl` computes the eager formulas instead (the same
+values and gradients).
 """
 
 from __future__ import annotations
@@ -158,6 +159,8 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> 
         eps = torch.randn_like(mu)
     elif eps.shape != mu.shape or eps.dtype != mu.dtype:
         raise ValueError(f"eps must match mu: mu {tuple(mu.shape)} {mu.dtype}, eps {tuple(eps.shape)} {eps.dtype}")
+    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return reparameterize_kl_eager(mu, logvar, eps)  # the op's autograd (C++ or Python) has no such modes
     if mu.device.type == "cpu" and not torch.compiler.is_compiling():
         # register the C++ kernels before the op first runs: its Python default implementation, which
         # torch wraps in a dynamo guard, would import torch._dynamo (and sympy: ~150 MB of RSS) on that call

@@ -120,7 +120,8 @@ def bernoulli_philox(p: Tensor, seed: int, offset: int = 0) -> Tensor:
     and split of the elements: ``bernoulli_philox(p, s, k)[j] == bernoulli_philox(p', s, k + j)[0]``
     where ``p'[0] == p[j]`` (flat indices).  ``seed``: an int in [0, 2⁶⁴) or a negative int64 (its two's
     complement); ``offset``: the global index of ``p``'s first element, ≥ 0.  Float16/bfloat16 ``p`` is
-    compared in float32.  The module docstring gives the generator and the mapping.
+    compared in float32.  The draws are constants to autograd (no gradient flows to ``p``).  The module
+    docstring gives the generator and the mapping.
 
     Raises ValueError for a non-floating ``p``, a negative ``offset`` (or one past 2⁶³ − ``p.numel()``) or a
     seed outside ``[−2⁶³, 2⁶⁴)``.
@@ -134,6 +135,7 @@ def bernoulli_philox(p: Tensor, seed: int, offset: int = 0) -> Tensor:
     seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # the schema's int is int64: the same 64 bits
     if p.device.type == "cpu" and not torch.compiler.is_compiling():
         cpu_kernel.load()  # registers the C++ kernel before the op's first CPU call
+    p = p.detach()  # constants on every device (the CPU's C++ autograd kernel draws them so too)
     if p.dtype in (torch.float16, torch.bfloat16):
         return _OP(p.float(), seed, offset).to(p.dtype)
     return _OP(p, seed, offset)
