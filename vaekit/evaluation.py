@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from . import malloc
 from .errors import ConfigError
 from .model import VAEModel
 from .rng import derived_seed, seeded_noise
@@ -348,6 +349,8 @@ def evaluate(model: VAEModel, x: torch.Tensor, nll_samples: int = 1000, batch_si
     default) and ``compile``; its noise comes from the caller's global RNG.  A conditional model
     needs the labels ``c [N]``; its ELBO and NLL are then bounds on log p(x|c).
     """
+    if _device(model).type == "cpu":
+        malloc.keep_freed_memory()  # the chunks' buffers reuse the last chunk's pages (vaekit.malloc)
     out: dict[str, float] = {"n": len(x), **elbo_summary(model, x, seed, c=c)}
     if "elbo" in out and nll_samples > 0:
         start = time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, checkpoint, distributed, rundir
+from . import __version__, checkpoint, distributed, malloc, rundir
 from .compiling import StepFunctions
 from .config import RunConfig
 from .data import DataBundle, binarize, binarize_samples, looks_like_path
@@ -171,6 +171,8 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         self.dist = distributed.connect(self.device)  # one process, or a rank under torchrun (vaekit.distributed)
         self.device = self.dist.device  # cuda:LOCAL_RANK under torchrun
+        if self.device.type == "cpu":
+            malloc.keep_freed_memory()  # each step's activations reuse the last step's pages (vaekit.malloc)
         self.dist.agree(self._build)  # every rank builds the same; an error on one stops all, rank 0 reports it
         self.dist.seed_streams(cfg.seed)  # each rank's own noise stream (rank 0's is the one-process one)
         self.run_dir = self.dist.on_main(self._open_run_dir)  # under torchrun rank 0 alone writes the run directory

@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import hookimpl
 from ..interfaces import Encoder
-from .layers import (Activation, channels_last, check_image_shape, check_positive, flat_size, make_activation,
+from .layers import (Activation, Contiguous, channels_last, check_image_shape, check_positive, flat_size, make_activation,
                      mlp)
 
 
@@ -60,6 +60,7 @@ class ConvEncoder(Encoder):
         for out in channels:
             layers += [nn.Conv2d(c, out, kernel_size=4, stride=2, padding=1), make_activation(activation)]
             c, h, w = out, h // 2, w // 2
+        layers[-1] = Contiguous(layers[-1])  # the flatten's NCHW copy, made before the activation (layers.Contiguous)
         layers.append(nn.Flatten())
         features = c * h * w
         if hidden > 0:

@@ -39,6 +39,21 @@ def channels_last(module: nn.Module) -> nn.Module:
     return module.to(memory_format=torch.channels_last)
 
 
+class Contiguous(nn.Module):
+    """``module(x.contiguous())``: a channels-last map copied to NCHW order before ``module`` (an
+    activation), where a ``flatten`` follows.  The copy a flatten of a channels-last map makes anyway
+    moves before the activation, so the activation's input, output and gradient share one layout: its
+    backward with a channels-last output and the flatten's NCHW gradient took 1.2 ms a batch of the conv
+    VAE ([128, 64, 7, 7]; 0.04 ms in one layout).  No parameters: ``state_dict`` is ``module``'s."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous())
+
+
 class FewChannelConvTranspose2d(nn.ConvTranspose2d):
     """:class:`torch.nn.ConvTranspose2d` (the same parameters, ``state_dict`` and output) computed as one
     matrix product and a col2im (:func:`torch.nn.functional.fold`), for a layer with few output channels.
