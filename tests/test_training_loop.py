@@ -22,7 +22,7 @@ from vaekit.errors import ConfigError, TrainingError
 from vaekit.manager import PluginManager
 from vaekit.plugins.decoders import ConvDecoder
 from vaekit.plugins.encoders import ConvEncoder
-from vaekit.plugins.layers import FewChannelConvTranspose2d
+from vaekit.plugins.layers import Contiguous, FewChannelConvTranspose2d
 from vaekit.training import Trainer, adam
 
 from conftest import SMALL_MNIST
@@ -143,6 +143,32 @@ def test_conv_plugins_hold_channels_last_kernels_and_compute_what_contiguous_one
     fresh.load_state_dict({k: v.contiguous() for k, v in module.state_dict().items()})
     torch.testing.assert_close(fresh(x), module(x), rtol=0, atol=0)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in fresh.parameters() if p.dim() == 4)
+
+
+def test_the_conv_encoders_last_activation_sees_one_layout_both_ways():
+    """layers.Contiguous: the activation before the flatten takes an NCHW copy of the channels-last map, so its
+    input, output and gradient share one layout (mixed, its backward took 2.5 ms at [128, 32, 14, 14] against
+    0.07 ms); the encoder computes what the same layers without the copy do."""
+    torch.manual_seed(0)
+    encoder = ConvEncoder((1, 28, 28))
+    assert isinstance(encoder.net[3], Contiguous) and isinstance(encoder.net[4], torch.nn.Flatten)
+    seen = {}
+
+    def record(module, inputs, output):
+        seen["input"] = inputs[0].is_contiguous()
+        output.register_hook(lambda g: seen.__setitem__("grad", g.is_contiguous()))
+
+    plain = copy.deepcopy(encoder)
+    plain.net[3] = plain.net[3].module  # the same layers, the flatten copying after the activation
+    encoder.net[3].module.register_forward_hook(record)
+    x, g = torch.rand(6, 1, 28, 28), torch.randn(6, 256)
+    out, ref = encoder(x), plain(x)
+    out.backward(g)
+    assert seen == {"input": True, "grad": True}
+    ref.backward(g)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, b in zip(encoder.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("c_in,c_out,k,stride,pad", [(32, 1, 4, 2, 1), (8, 3, 4, 2, 1), (5, 2, 3, 1, 0), (4, 4, 5, 3, 2)])
