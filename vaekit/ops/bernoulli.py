@@ -36,8 +36,7 @@ def _kernel_applies(logits: Tensor, x: Tensor, data_dims: int) -> bool:
     reverse mode)."""
     return (logits.device.type == "cpu" and logits.dtype == x.dtype and logits.dtype in (torch.float32, torch.float64)
             and 0 <= data_dims <= logits.dim() and math.prod(logits.shape[logits.dim() - data_dims:]) > 0
-            and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
-            and torch.autograd.forward_ad._current_level < 0 and cpu_kernel.load())
+            and not torch.compiler.is_compiling() and cpu_kernel.autograd_modes_supported() and cpu_kernel.load())
 
 
 def bernoulli_log_prob(logits: Tensor, x: Tensor, data_dims: int) -> Tensor:

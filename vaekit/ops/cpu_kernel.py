@@ -194,6 +194,13 @@ def _build(name: str, flags: list[str], final: Path) -> str:
         return "built"
 
 
+def autograd_modes_supported() -> bool:
+    """Whether the kernels' C++ autograd can serve a call now: not under ``torch.func`` transforms nor
+    forward-mode AD, which a C++ ``torch::autograd::Function`` supports neither (the ops then take their
+    eager formulas)."""
+    return not torch._C._are_functorch_transforms_active() and torch.autograd.forward_ad._current_level < 0
+
+
 def load() -> bool:
     """Build (first time) and load the kernels; True if they are registered (see :func:`status`)."""
     global _module, _status

@@ -159,7 +159,7 @@ def reparameterize_kl(mu: Tensor, logvar: Tensor, eps: Tensor | None = None) -> 
         eps = torch.randn_like(mu)
     elif eps.shape != mu.shape or eps.dtype != mu.dtype:
         raise ValueError(f"eps must match mu: mu {tuple(mu.shape)} {mu.dtype}, eps {tuple(eps.shape)} {eps.dtype}")
-    if torch._C._are_functorch_transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+    if not cpu_kernel.autograd_modes_supported():
         return reparameterize_kl_eager(mu, logvar, eps)  # the op's autograd (C++ or Python) has no such modes
     if mu.device.type == "cpu" and not torch.compiler.is_compiling():
         # register the C++ kernels before the op first runs: its Python default implementation, which
