@@ -54,3 +54,13 @@ def test_training_on_the_cpu_applies_it(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "VAEKIT_MALLOC": ""}).stdout
     assert "'applied': True" in out
+
+
+def test_an_unknown_choice_is_one_readable_error(tmp_path):
+    """VAEKIT_MALLOC=off is not silently ignored: `vaekit run` stops with one line naming the two choices."""
+    env = {**os.environ, "VAEKIT_MALLOC": "off"}
+    out = subprocess.run([sys.executable, "-m", "vaekit", "run", "--data", "digits", "--encoder", "mlp:hidden=8",
+                          "--decoder", "mlp:hidden=8", "--latent-dim", "2", "--epochs", "1", "--device", "cpu",
+                          "--out", str(tmp_path / "run"), "-q"], capture_output=True, text=True, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "VAEKIT_MALLOC must be 'default'" in out.stderr and "'off'" in out.stderr

@@ -11,7 +11,8 @@ step's buffers then fault their pages in again, zero-filled by the kernel.  Meas
 block (mmap 32 MiB, trim 64 MiB), so freed activations stay in the heap for the next step.
 
 Nothing is changed where the user chose: glibc's own environment variables ``MALLOC_MMAP_THRESHOLD_`` or
-``MALLOC_TRIM_THRESHOLD_`` set, or ``VAEKIT_MALLOC=default``; nor on a C library other than glibc.
+``MALLOC_TRIM_THRESHOLD_`` set, or ``VAEKIT_MALLOC=default`` (``keep``, or unset: this setting); nor on a
+C library other than glibc.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+
+from .errors import ConfigError
 
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -30,14 +33,19 @@ _state: dict[str, bool] = {}
 
 def keep_freed_memory() -> bool:
     """Keep freed blocks of up to 32 MiB in the heap (glibc's ``mallopt``; see the module docstring).
-    Idempotent; returns whether the settings are in effect in this process."""
+    Idempotent; returns whether the settings are in effect in this process.  Raises ConfigError if
+    ``VAEKIT_MALLOC`` is set to anything but ``default`` (glibc's own settings) or ``keep`` (this one)."""
     if "applied" not in _state:
         _state["applied"] = _apply()
     return _state["applied"]
 
 
 def _apply() -> bool:
-    if os.environ.get("VAEKIT_MALLOC", "") == "default" or \
+    choice = os.environ.get("VAEKIT_MALLOC", "")
+    if choice not in ("", "default", "keep"):
+        raise ConfigError(f"VAEKIT_MALLOC must be 'default' (glibc's own allocator settings) or 'keep' (freed "
+                          f"blocks kept for the next step, the default), got {choice!r}")
+    if choice == "default" or \
             any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
