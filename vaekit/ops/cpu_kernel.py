@@ -4,8 +4,8 @@
 (about 15–30 s on 2 cores, once) and loads them as one library whose ``TORCH_LIBRARY_IMPL(vaekit,
 CPU, …)`` blocks register the CPU kernels of ``vaekit::reparameterize_kl`` and its backward
 (:mod:`vaekit.ops.fused`), of ``vaekit::bernoulli_philox`` (:mod:`vaekit.ops.philox`), and define
-``vaekit::bernoulli_log_prob`` with its CPU kernels and autograd (:mod:`vaekit.ops.bernoulli`), so
-CPU calls never pass through Python.  Where torch runs on OpenMP the kernels are compiled with it, so
+``vaekit::bernoulli_log_prob`` and ``vaekit::sparse_input_linear`` with their CPU kernels and autograd
+(:mod:`vaekit.ops.bernoulli`, :mod:`vaekit.ops.sparse_linear`), so CPU calls never pass through Python.  Where torch runs on OpenMP the kernels are compiled with it, so
 their ``at::parallel_for`` uses torch's threads (``torch.set_num_threads``).
 
 The build is safe against kills, races and other installs:
@@ -45,7 +45,8 @@ import torch
 from ..errors import first_line
 from .reference import LOGVAR_MAX, LOGVAR_MAX_FLOAT16, LOGVAR_MIN
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("reparameterize_kl.cpp", "bernoulli_philox.cpp", "bernoulli_log_prob.cpp"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in (
+    "reparameterize_kl.cpp", "bernoulli_philox.cpp", "bernoulli_log_prob.cpp", "sparse_input_linear.cpp"))
 HEADERS = (Path(__file__).parent / "csrc" / "rows.h",)  # included by the sources: part of the cache key
 DEFAULT_TIMEOUT_S = 300.0
 WAIT_NOTE_AFTER_S = 10.0  # a wait longer than this is announced (once), so a pause is never silent

@@ -24,7 +24,7 @@ class MLPEncoder(Encoder):
         super().__init__(input_shape)
         check_positive(hidden, "mlp hidden sizes", "give at least one layer size (hidden=400), or use --encoder linear for a linear map")
         sizes = [flat_size(self.input_shape), *hidden]
-        self.net = mlp(sizes, activation, final_activation=True)
+        self.net = mlp(sizes, activation, final_activation=True, sparse_input=True)  # binarized images: mostly zeros
         self.out_features = sizes[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

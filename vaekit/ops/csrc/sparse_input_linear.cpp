@@ -1,0 +1,329 @@
+// A linear layer whose input is mostly zeros, as binarized images are (MNIST: ~83-87 % zero pixels):
+//
+//   forward:  y = x W^T + b,                 x [B, K], W [N, K], b [N] -> y [B, N]
+//   backward: grad_W = g^T x,  grad_b = sum_b g,  grad_x = g W      (g = dL/dy [B, N])
+//
+// computed from x's nonzero values only.  Each output row is a sum of W's columns picked by the row's
+// nonzeros, y[b, :] = b + sum_{j: x[b,j] != 0} x[b,j] W[:, j], and each column of grad_W a sum of g's
+// rows, grad_W[:, j] = sum_{b: x[b,j] != 0} x[b,j] g[b, :]: both are one kernel (rows_sum below) over
+// a row-major table (W^T, or g) with the sums' accumulators in registers, so the cost follows the
+// number of nonzeros, not B * K.  A weight stored as W^T (strides (1, N)) is read in place and gets its
+// gradient in that layout; a row-major one is transposed (blocked, 8 x 8 registers with AVX2) each way.
+//
+// A dense GEMM does 2 B N K flops at near peak speed; this does 2 nnz N at a fraction of it, so it is
+// used while the share of nonzeros is at most `max_density` (vaekit/ops/sparse_linear.py measured the
+// break-even) and otherwise the op is at::linear.  grad_x is the dense g W (needed only when x requires
+// a gradient).  Under create_graph the backward is built from differentiable ATen operations.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kL1Bytes = 24 * 1024;  // the share of a 32 KiB L1 data cache a table tile may take
+
+// A sparse matrix as index lists: entry r's pairs are (idx[k], val[k]) for begin[r] <= k < end[r].
+struct Lists {
+  at::Tensor begin, end;  // int64 [rows]
+  at::Tensor idx;         // int32 [capacity]
+  at::Tensor val;         // T [capacity]
+  int64_t nnz = 0;
+};
+
+// x [B, K] -> each row's nonzeros, in slots of K per row (begin = b K, end = b K + count)
+template <typename T>
+Lists row_lists(const T* x, int64_t B, int64_t K, const at::TensorOptions& opts) {
+  Lists L;
+  L.begin = at::empty({B}, opts.dtype(at::kLong));
+  L.end = at::empty({B}, opts.dtype(at::kLong));
+  L.idx = at::empty({B * K}, opts.dtype(at::kInt));
+  L.val = at::empty({B * K}, opts);
+  int64_t *begin = L.begin.data_ptr<int64_t>(), *end = L.end.data_ptr<int64_t>();
+  int32_t* idx = L.idx.data_ptr<int32_t>();
+  T* val = L.val.data_ptr<T>();
+  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* row = x + b * K;
+      int64_t n = b * K;
+      begin[b] = n;
+      for (int64_t j = 0; j < K; ++j) {  // branch-free: write every slot, advance on nonzeros
+        idx[n] = int32_t(j);
+        val[n] = row[j];
+        n += row[j] != T(0);
+      }
+      end[b] = n;
+    }
+  });
+  int64_t nnz = 0;
+  for (int64_t b = 0; b < B; ++b) nnz += end[b] - begin[b];
+  L.nnz = nnz;
+  return L;
+}
+
+// the same nonzeros listed per column j < K (in row order): a counting sort of the row lists
+template <typename T>
+Lists column_lists(const Lists& rows, int64_t B, int64_t K) {
+  Lists C;
+  const auto opts = rows.val.options();
+  C.begin = at::empty({K}, opts.dtype(at::kLong));
+  C.end = at::empty({K}, opts.dtype(at::kLong));
+  C.idx = at::empty({std::max<int64_t>(rows.nnz, 1)}, opts.dtype(at::kInt));
+  C.val = at::empty({std::max<int64_t>(rows.nnz, 1)}, opts);
+  C.nnz = rows.nnz;
+  const int64_t *rb = rows.begin.data_ptr<int64_t>(), *re = rows.end.data_ptr<int64_t>();
+  const int32_t* ri = rows.idx.data_ptr<int32_t>();
+  const T* rv = rows.val.data_ptr<T>();
+  int64_t *cb = C.begin.data_ptr<int64_t>(), *ce = C.end.data_ptr<int64_t>();
+  int32_t* ci = C.idx.data_ptr<int32_t>();
+  T* cv = C.val.data_ptr<T>();
+  std::vector<int64_t> count(K, 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = rb[b]; k < re[b]; ++k) ++count[ri[k]];
+  int64_t start = 0;
+  for (int64_t j = 0; j < K; ++j) {
+    cb[j] = ce[j] = start;
+    start += count[j];
+  }
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = rb[b]; k < re[b]; ++k) {
+      const int64_t at = ce[ri[k]]++;
+      ci[at] = int32_t(b);
+      cv[at] = rv[k];
+    }
+  return C;
+}
+
+// out[r, c0:c0 + R n] = init[c0:...] (or 0) + sum_k val[k] table[idx[k], c0:...] for rows r0 <= r < r1,
+// accumulators in R registers.  The table is read in chunks of `chunk` rows (a chunk's tile fits the L1
+// cache, used by every row before the next chunk), so each row's sum is resumed per chunk at cur[r - r0]
+// (lists are sorted by idx).
+template <typename T, int R>
+inline void rows_sum_tile(T* out, const T* table, const T* init, const int64_t* begin, const int64_t* end,
+                          const int32_t* idx, const T* val, int64_t r0, int64_t r1, int64_t width, int64_t c0,
+                          int64_t table_rows, int64_t chunk, int64_t* cur) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t n = Vec::size();
+  for (int64_t r = r0; r < r1; ++r) cur[r - r0] = begin[r];
+  for (int64_t t0 = 0; t0 < table_rows; t0 += chunk) {
+    const int64_t t1 = t0 + chunk;
+    for (int64_t r = r0; r < r1; ++r) {
+      T* o = out + r * width + c0;
+      Vec acc[R];
+      if (t0 == 0)
+        for (int q = 0; q < R; ++q) acc[q] = init ? Vec::loadu(init + c0 + q * n) : Vec(T(0));
+      else
+        for (int q = 0; q < R; ++q) acc[q] = Vec::loadu(o + q * n);
+      int64_t k = cur[r - r0];
+      for (const int64_t stop = end[r]; k < stop && idx[k] < t1; ++k) {
+        const Vec v(val[k]);
+        const T* row = table + int64_t(idx[k]) * width + c0;
+        for (int q = 0; q < R; ++q) acc[q] = at::vec::fmadd(v, Vec::loadu(row + q * n), acc[q]);
+      }
+      cur[r - r0] = k;
+      for (int q = 0; q < R; ++q) acc[q].store(o + q * n);
+    }
+  }
+}
+
+// out [rows, width] (row r: the lists' entry r) from table [table_rows, width]; parallel over rows
+template <typename T>
+void rows_sum(T* out, const T* table, const T* init, const Lists& L, int64_t rows, int64_t table_rows, int64_t width) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t n = Vec::size();
+  const int64_t *begin = L.begin.data_ptr<int64_t>(), *end = L.end.data_ptr<int64_t>();
+  const int32_t* idx = L.idx.data_ptr<int32_t>();
+  const T* val = L.val.data_ptr<T>();
+  const int64_t avg = std::max<int64_t>(1, L.nnz / std::max<int64_t>(rows, 1));
+  const int64_t chunk = std::max<int64_t>(8, kL1Bytes / int64_t(8 * n * sizeof(T)));  // table rows of a tile in L1
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (avg * std::max<int64_t>(width / 64, 1))), [&](int64_t r0, int64_t r1) {
+    std::vector<int64_t> cur(r1 - r0);
+    int64_t c = 0;
+    for (; c + 8 * n <= width; c += 8 * n)
+      rows_sum_tile<T, 8>(out, table, init, begin, end, idx, val, r0, r1, width, c, table_rows, chunk, cur.data());
+    for (; c + n <= width; c += n)
+      rows_sum_tile<T, 1>(out, table, init, begin, end, idx, val, r0, r1, width, c, table_rows, chunk * 8, cur.data());
+    for (int64_t r = r0; r < r1 && c < width; ++r)  // the last width % n columns
+      for (int64_t cc = c; cc < width; ++cc) {
+        T acc = init ? init[cc] : T(0);
+        for (int64_t k = begin[r]; k < end[r]; ++k) acc += val[k] * table[int64_t(idx[k]) * width + cc];
+        out[r * width + cc] = acc;
+      }
+  });
+}
+
+#if defined(__AVX2__)
+// dst[c, r] = src[r, c] for an 8 x 8 block (row strides lds, ldd)
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int h = 0; h < 8; h += 4) {  // rows 4h'..: 2 x 2 blocks of pairs
+    r[h] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+#endif
+
+// out [cols, rows] = in [rows, cols]^T, in blocks of 32 x 32 (8 x 8 registers where the CPU has AVX2)
+template <typename T>
+void transpose(const T* in, T* out, int64_t rows, int64_t cols) {
+  constexpr int64_t blk = 32;
+  at::parallel_for(0, (rows + blk - 1) / blk, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t rb = b0 * blk; rb < std::min(rows, b1 * blk); rb += blk)
+      for (int64_t cb = 0; cb < cols; cb += blk) {
+        const int64_t re = std::min(rows, rb + blk), ce = std::min(cols, cb + blk);
+#if defined(__AVX2__)
+        if constexpr (std::is_same_v<T, float>) {
+          if (re - rb == blk && ce - cb == blk) {
+            for (int64_t r = rb; r < re; r += 8)
+              for (int64_t c = cb; c < ce; c += 8) transpose8x8(in + r * cols + c, cols, out + c * rows + r, rows);
+            continue;
+          }
+        }
+#endif
+        for (int64_t c = cb; c < ce; ++c)
+          for (int64_t r = rb; r < re; ++r) out[c * rows + r] = in[r * cols + c];
+      }
+  });
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "vaekit::sparse_input_linear: x [B, K] and weight [N, K], got ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "vaekit::sparse_input_linear: CPU tensors");
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && weight.scalar_type() == x.scalar_type(),
+              "vaekit::sparse_input_linear: float32 or float64 inputs of one dtype, got ", x.scalar_type(), " and ",
+              weight.scalar_type());
+  TORCH_CHECK(x.size(1) < INT32_MAX && x.size(0) < INT32_MAX, "vaekit::sparse_input_linear: sizes must fit int32");
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0) && bias->scalar_type() == x.scalar_type(),
+                "vaekit::sparse_input_linear: bias [N] of x's dtype, got ", bias->sizes());
+}
+
+bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// a weight [N, K] whose memory is W^T [K, N] row-major (layers.SparseInputLinear stores it so): the
+// kernels read W^T without a transpose, and grad_W is written in the same layout
+bool stored_k_major(const at::Tensor& w) { return !w.is_contiguous() && w.t().is_contiguous(); }
+
+// y [B, N]; `lists` receives x's row lists when the sparse path ran (undefined `begin` otherwise)
+at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias,
+                        double max_density, Lists* lists) {
+  check_inputs(x_, weight_, bias);
+  const bool k_major = stored_k_major(weight_);
+  const at::Tensor x = x_.contiguous(), weight = k_major ? weight_ : weight_.contiguous();
+  const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return y;
+  bool sparse = false;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_input_linear", [&] {
+    Lists L = row_lists<scalar_t>(x.data_ptr<scalar_t>(), B, K, x.options());
+    if (double(L.nnz) > max_density * double(B) * double(K)) return;
+    sparse = true;
+    at::Tensor wt = k_major ? weight.t() : at::empty({K, N}, weight.options());  // W^T [K, N], contiguous
+    if (!k_major) transpose<scalar_t>(weight.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), N, K);
+    const at::Tensor b = has(bias) ? bias->contiguous() : at::Tensor();
+    rows_sum<scalar_t>(y.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                       L, B, K, N);
+    if (lists) *lists = std::move(L);
+  });
+  if (!sparse) return at::linear(x, weight, bias);
+  return y;
+}
+
+// x [B, K], weight [N, K], bias [N] or None -> x weight^T + bias [B, N]; CPU kernel (no autograd)
+at::Tensor sparse_input_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                   double max_density) {
+  return forward_impl(x, weight, bias, max_density, nullptr);
+}
+
+// grad_W [N, K] = g^T x from the row lists of x, in the layout of a weight stored k_major or not
+at::Tensor grad_weight_sparse(const at::Tensor& g_, const Lists& rows, int64_t K, bool k_major) {
+  const at::Tensor g = g_.contiguous();
+  const int64_t B = g.size(0), N = g.size(1);
+  at::Tensor gwt = at::empty({K, N}, g.options()), gw = k_major ? gwt.t() : at::empty({N, K}, g.options());
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_input_linear_backward", [&] {
+    const Lists cols = column_lists<scalar_t>(rows, B, K);
+    rows_sum<scalar_t>(gwt.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), nullptr, cols, K, B, N);
+    if (!k_major) transpose<scalar_t>(gwt.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), K, N);
+  });
+  return gw;
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+class SparseInputLinear : public torch::autograd::Function<SparseInputLinear> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const c10::optional<at::Tensor>& bias, double max_density, bool keep_lists) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Lists L;
+    at::Tensor y = forward_impl(x, weight, bias, max_density, keep_lists ? &L : nullptr);
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = has(bias);
+    if (L.begin.defined()) {  // keep x's nonzeros for grad_W
+      ctx->saved_data["nnz"] = L.nnz;
+      ctx->saved_data["lists"] = std::vector<at::Tensor>{L.begin, L.end, L.idx, L.val};
+    }
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1];
+    const at::Tensor g = grads[0];
+    at::Tensor grad_x, grad_w, grad_b;
+    if (ctx->needs_input_grad(0)) grad_x = at::mm(g, weight);
+    if (ctx->needs_input_grad(1)) {
+      if (!at::GradMode::is_enabled() && ctx->saved_data.count("lists")) {
+        const auto t = ctx->saved_data["lists"].toTensorVector();
+        Lists L{t[0], t[1], t[2], t[3], ctx->saved_data["nnz"].toInt()};
+        grad_w = grad_weight_sparse(g, L, x.size(1), stored_k_major(weight));
+      } else {  // dense, and differentiable under create_graph; in the weight's layout
+        grad_w = stored_k_major(weight) ? at::mm(x.t(), g).t() : at::mm(g.t(), x);
+      }
+    }
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_b = g.sum(0);
+    return {grad_x, grad_w, grad_b, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor sparse_input_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                                        double max_density) {
+  const bool keep_lists = at::GradMode::is_enabled() && weight.requires_grad();  // grad_W will be wanted
+  return SparseInputLinear::apply(x, weight, bias, max_density, keep_lists);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vaekit, m) {
+  m.def("sparse_input_linear(Tensor x, Tensor weight, Tensor? bias, float max_density) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vaekit, CPU, m) { m.impl("sparse_input_linear", &sparse_input_linear_cpu); }
+
+TORCH_LIBRARY_IMPL(vaekit, AutogradCPU, m) { m.impl("sparse_input_linear", &sparse_input_linear_autograd); }
