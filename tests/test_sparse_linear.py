@@ -23,8 +23,9 @@ op = torch.ops.vaekit.sparse_input_linear
 
 @pytest.fixture(scope="module")
 def digits(small_mnist):
-    """64 real digits in [0, 1], flattened [64, 784], and one dynamic binarization of them."""
-    x = small_mnist.train_x[:64].reshape(64, -1).float()
+    """130 real digits in [0, 1], flattened [130, 784], and one dynamic binarization of them (more rows than the
+    kernel's chunk of 96, so the weight gradient's sums resume across chunks)."""
+    x = small_mnist.train_x[:130].reshape(130, -1).float()
     return x, torch.bernoulli(x, generator=torch.Generator().manual_seed(0))
 
 
@@ -62,11 +63,11 @@ def test_matches_a_float64_dense_product_on_real_digits(digits, k_major, max_den
         assert w.grad.stride() == w.stride()  # the gradient in the weight's layout: no copy in AccumulateGrad
 
 
-def test_rows_and_batches_without_nonzeros():
+def test_rows_and_batches_without_nonzeros_and_layers_without_inputs():
     x = torch.zeros(5, 30)
     x[2, [0, 7, 29]] = torch.tensor([1.0, -2.0, 0.5])  # one row with values, four all-zero rows
-    for batch in (x, torch.zeros(3, 30), torch.zeros(0, 30)):
-        w, b = _weights(9, 30, k_major=True)
+    for batch in (x, torch.zeros(3, 30), torch.zeros(0, 30), torch.zeros(4, 0)):
+        w, b = _weights(9, batch.shape[1], k_major=True)
         g = torch.randn(batch.shape[0], 9)
         y = op(batch, w, b, 1.0)
         y.backward(g)
@@ -81,7 +82,7 @@ def test_rows_and_batches_without_nonzeros():
 def test_gradcheck_and_gradgradcheck_in_float64(k_major, with_bias):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, 19, generator=g, dtype=torch.float64) * (torch.rand(6, 19, generator=g) < 0.2)
-    w, b = _weights(11, 19, k_major, dtype=torch.float64)
+    w, b = _weights(40, 19, k_major, dtype=torch.float64)  # 40 outputs: a tile of 8 float64 registers and one of 1
     bias = b if with_bias else None
     for inputs in ((x.clone().requires_grad_(), w), (x, w)):  # x with and without a gradient
         f = (lambda x, w: op(x, w, bias, 1.0))
@@ -89,28 +90,61 @@ def test_gradcheck_and_gradgradcheck_in_float64(k_major, with_bias):
         assert torch.autograd.gradgradcheck(f, inputs)  # create_graph: the differentiable dense formulas
 
 
-def test_torch_func_and_forward_ad_take_the_dense_formula():
+def test_torch_func_and_forward_ad_give_the_closed_form():
     x = (torch.rand(4, 12, dtype=torch.float64) < 0.2).double()
     w, b = _weights(5, 12, k_major=True, dtype=torch.float64)
-    grad = torch.func.grad(lambda w: sparse_input_linear(x, w, b).square().sum())(w.detach())
-    ref = torch.func.grad(lambda w: F.linear(x, w, b).square().sum())(w.detach())
-    torch.testing.assert_close(grad, ref)
+    w, b = w.detach(), b.detach()
+    y = x @ w.T + b
+    grad = torch.func.grad(lambda w: sparse_input_linear(x, w, b).square().sum())(w)
+    torch.testing.assert_close(grad, 2 * y.T @ x)  # d/dW sum((x Wᵀ + b)²)
     tangent = torch.randn_like(w)
-    _, jvp = torch.func.jvp(lambda w: sparse_input_linear(x, w, b), (w.detach(),), (tangent,))
-    torch.testing.assert_close(jvp, F.linear(x, tangent))
+    _, jvp = torch.func.jvp(lambda w: sparse_input_linear(x, w, b), (w,), (tangent,))
+    torch.testing.assert_close(jvp, x @ tangent.T)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.9], ids=["sparse", "dense"])
+def test_cpu_autocast_gets_the_low_precision_product_and_trains(density):
+    x = (torch.rand(8, 40) < density).float()
+    w, b = _weights(8, 40, k_major=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse_input_linear(x, w, b)
+        direct = op(x, w, b, 0.3)  # the op itself leaves autocast to its caller: x's dtype either way
+    assert y.dtype == torch.bfloat16 and direct.dtype == torch.float32
+    (y.float().sum() + direct.sum()).backward()
+    torch.testing.assert_close(w.grad, 2 * torch.ones(8, 8).T @ x, rtol=1e-2, atol=1e-2)
+
+
+def test_the_weight_gradient_comes_from_the_nonzeros():
+    """No dense product in the backward when x needs no gradient: the sparse sums, not a GEMM."""
+    x = (torch.rand(32, 100, generator=torch.Generator().manual_seed(0)) < 0.15).float()
+    w, _ = _weights(40, 100, k_major=True)
+    y = op(x, w, None, 1.0)
+    with torch.profiler.profile() as prof:
+        y.backward(torch.ones_like(y))
+    names = {e.key for e in prof.key_averages()}
+    assert not names & {"aten::mm", "aten::addmm", "aten::linear"}, names
+    torch.testing.assert_close(w.grad, torch.ones(32, 40).T @ x)
 
 
 def test_dense_inputs_take_the_dense_product_exactly():
     x = torch.rand(16, 40) + 0.1  # no zeros: above MAX_DENSITY
     w, b = _weights(8, 40, k_major=True)
+    assert (x != 0).float().mean() > MAX_DENSITY
     assert torch.equal(sparse_input_linear(x, w, b), F.linear(x, w, b))
-    assert MAX_DENSITY < 0.5
 
 
-def test_shape_errors_are_linears():
+def test_shapes_errors_and_broadcasts_are_linears():
     w, b = _weights(8, 40, k_major=True)
+    x = (torch.rand(3, 40) < 0.2).float()
     with pytest.raises(RuntimeError, match="cannot be multiplied"):
         sparse_input_linear(torch.zeros(3, 41), w, b)
+    for bias in (torch.ones(1), torch.tensor(2.0)):  # F.linear broadcasts these
+        torch.testing.assert_close(sparse_input_linear(x, w, bias), F.linear(x, w, bias))
+    with pytest.raises(RuntimeError) as ours:
+        sparse_input_linear(x, w, torch.ones(9))
+    with pytest.raises(RuntimeError) as torchs:
+        F.linear(x, w, torch.ones(9))
+    assert str(ours.value) == str(torchs.value)
 
 
 def test_the_layer_is_a_linear_with_the_same_state_dict_and_training_step(digits):

@@ -10,11 +10,13 @@ the 784→400 layer of the MNIST VAE on this project's 2-core machine (2 threads
 of 128 dynamically binarized digits (17 % ones), 0.74 on the same digits in gray levels (25 % nonzero); on
 uniformly random 0/1 inputs 0.47/0.68/0.89/1.07/1.27 ms at 10/20/30/40/50 % ones against 1.07 ms (784→1000:
 the same break-even, ~40 %).  Above :data:`MAX_DENSITY` the op computes ``at::linear`` itself (after the one pass
-over ``x`` that counts its nonzeros).  ``∂L/∂x`` (only when ``x`` requires a gradient) is the dense ``g W``.
+over ``x`` that counts its nonzeros).  Weights whose column meets only zeros of ``x`` take no part, so an inf or
+NaN there does not reach ``y`` as it would through ``0 · inf`` in a GEMM.  ``∂L/∂x`` (only when ``x`` requires a gradient) is the dense ``g W``.
 
 Sums run in another order than a GEMM's, so results agree with ``F.linear`` to rounding, not bit for bit.
 Elsewhere (other devices and dtypes, no C++ compiler, under ``torch.compile``, TorchScript, ``torch.func``
-transforms or forward-mode AD) :func:`sparse_input_linear` is ``F.linear``.
+transforms, forward-mode AD or CPU autocast, whose bf16/fp16 GEMM it leaves to ``F.linear``)
+:func:`sparse_input_linear` is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ below the break-even measured above (~40 % at 784→400 and 784→1000), where t
 def _kernel_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
     return (x.device.type == "cpu" and x.dim() == 2 and weight.dim() == 2 and x.dtype in (torch.float32, torch.float64)
             and weight.dtype == x.dtype and weight.device.type == "cpu" and (bias is None or bias.dtype == x.dtype)
-            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing() and not torch.is_autocast_enabled("cpu")
             and cpu_kernel.autograd_modes_supported() and cpu_kernel.load())
 
 
@@ -43,6 +45,7 @@ def sparse_input_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None
     """``x weightᵀ + bias``: ``x [B, K]``, ``weight [N, K]``, ``bias [N]`` or None → ``[B, N]``, differentiable in
     all three; what ``F.linear`` computes, from the nonzeros of ``x`` where at most ``max_density`` of its values
     are nonzero (CPU, float32/float64).  Raises what ``F.linear`` raises for shapes that do not fit."""
-    if not _kernel_applies(x, weight, bias) or x.shape[1] != weight.shape[1]:
-        return F.linear(x, weight, bias)
+    if (not _kernel_applies(x, weight, bias) or x.shape[1] != weight.shape[1] or x.layout != torch.strided
+            or (bias is not None and tuple(bias.shape) != (weight.shape[0],))):
+        return F.linear(x, weight, bias)  # also its errors and broadcasts
     return torch.ops.vaekit.sparse_input_linear(x, weight, bias, float(max_density))

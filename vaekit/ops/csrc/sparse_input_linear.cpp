@@ -12,12 +12,14 @@
 //
 // A dense GEMM does 2 B N K flops at near peak speed; this does 2 nnz N at a fraction of it, so it is
 // used while the share of nonzeros is at most `max_density` (vaekit/ops/sparse_linear.py measured the
-// break-even) and otherwise the op is at::linear.  grad_x is the dense g W (needed only when x requires
+// break-even; a first pass counts them) and otherwise the op is at::linear.  Entries of W whose column
+// meets only zeros of x take no part, so an inf or NaN there does not reach y as it would through 0 * inf.  grad_x is the dense g W (needed only when x requires
 // a gradient).  Under create_graph the backward is built from differentiable ATen operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -44,23 +46,44 @@ struct Lists {
   int64_t nnz = 0;
 };
 
-// x [B, K] -> each row's nonzeros, in slots of K per row (begin = b K, end = b K + count)
+// the number of nonzeros of each row of x [B, K] into count [B] (NaN counts: it must reach the output); their total
 template <typename T>
-Lists row_lists(const T* x, int64_t B, int64_t K, const at::TensorOptions& opts) {
+int64_t count_nonzeros(const T* x, int64_t B, int64_t K, int64_t* count) {
+  at::parallel_for(0, B, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* row = x + b * K;
+      int64_t c = 0;
+      for (int64_t j = 0; j < K; ++j) c += row[j] != T(0);
+      count[b] = c;
+    }
+  });
+  int64_t nnz = 0;
+  for (int64_t b = 0; b < B; ++b) nnz += count[b];
+  return nnz;
+}
+
+// x [B, K] with `count` nonzeros per row (count_nonzeros) -> each row's nonzeros, in order; row b's slots
+// are [begin, end = begin + count] (one spare slot a row: the branch-free fill writes past its last nonzero)
+template <typename T>
+Lists row_lists(const T* x, int64_t B, int64_t K, const int64_t* count, int64_t nnz, const at::TensorOptions& opts) {
   Lists L;
   L.begin = at::empty({B}, opts.dtype(at::kLong));
   L.end = at::empty({B}, opts.dtype(at::kLong));
-  L.idx = at::empty({B * K}, opts.dtype(at::kInt));
-  L.val = at::empty({B * K}, opts);
+  L.idx = at::empty({nnz + B}, opts.dtype(at::kInt));
+  L.val = at::empty({nnz + B}, opts);
+  L.nnz = nnz;
   int64_t *begin = L.begin.data_ptr<int64_t>(), *end = L.end.data_ptr<int64_t>();
   int32_t* idx = L.idx.data_ptr<int32_t>();
   T* val = L.val.data_ptr<T>();
+  for (int64_t b = 0, start = 0; b < B; ++b) {
+    begin[b] = start;
+    start += count[b] + 1;
+  }
   at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T* row = x + b * K;
-      int64_t n = b * K;
-      begin[b] = n;
-      for (int64_t j = 0; j < K; ++j) {  // branch-free: write every slot, advance on nonzeros
+      int64_t n = begin[b];
+      for (int64_t j = 0; j < K; ++j) {  // branch-free: write every value, advance on nonzeros
         idx[n] = int32_t(j);
         val[n] = row[j];
         n += row[j] != T(0);
@@ -68,9 +91,6 @@ Lists row_lists(const T* x, int64_t B, int64_t K, const at::TensorOptions& opts)
       end[b] = n;
     }
   });
-  int64_t nnz = 0;
-  for (int64_t b = 0; b < B; ++b) nnz += end[b] - begin[b];
-  L.nnz = nnz;
   return L;
 }
 
@@ -237,12 +257,13 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& weight_, const c
   const at::Tensor x = x_.contiguous(), weight = k_major ? weight_ : weight_.contiguous();
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({B, N}, x.options());
-  if (B == 0 || N == 0) return y;
   bool sparse = false;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_input_linear", [&] {
-    Lists L = row_lists<scalar_t>(x.data_ptr<scalar_t>(), B, K, x.options());
-    if (double(L.nnz) > max_density * double(B) * double(K)) return;
+  if (B > 0 && N > 0 && K > 0) AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_input_linear", [&] {
+    std::vector<int64_t> count(B);
+    const int64_t nnz = count_nonzeros<scalar_t>(x.data_ptr<scalar_t>(), B, K, count.data());
+    if (double(nnz) > max_density * double(B) * double(K)) return;
     sparse = true;
+    Lists L = row_lists<scalar_t>(x.data_ptr<scalar_t>(), B, K, count.data(), nnz, x.options());
     at::Tensor wt = k_major ? weight.t() : at::empty({K, N}, weight.options());  // W^T [K, N], contiguous
     if (!k_major) transpose<scalar_t>(weight.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), N, K);
     const at::Tensor b = has(bias) ? bias->contiguous() : at::Tensor();
@@ -250,7 +271,10 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& weight_, const c
                        L, B, K, N);
     if (lists) *lists = std::move(L);
   });
-  if (!sparse) return at::linear(x, weight, bias);
+  if (!sparse) {  // in x's dtype: autocast (if on) is the caller's (vaekit/ops/sparse_linear.py sends it to F.linear)
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+    return at::linear(x, weight, bias);
+  }
   return y;
 }
 
