@@ -152,9 +152,8 @@ def test_the_layer_is_a_linear_with_the_same_state_dict_and_training_step(digits
     torch.manual_seed(0)
     dense = nn.Linear(784, 50)
     sparse = SparseInputLinear(784, 50)
-    assert sparse.weight.stride() == (1, 50) and isinstance(sparse, nn.Linear)
+    assert sparse.weight.is_contiguous() and isinstance(sparse, nn.Linear)  # torch's layout: fused Adam copies no gradient
     sparse.load_state_dict(dense.state_dict())
-    assert sparse.weight.stride() == (1, 50)
     assert {k: v.shape for k, v in sparse.state_dict().items()} == {k: v.shape for k, v in dense.state_dict().items()}
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2, fused=True) for m in (dense, sparse)]
     for _ in range(3):

@@ -93,17 +93,11 @@ class SparseInputLinear(nn.Linear):
     """:class:`torch.nn.Linear` (the same parameters, ``state_dict`` and, to rounding, output) for an input
     that is mostly zeros, as binarized images are: on the CPU the product is computed from the nonzeros of
     ``x [B, K]`` (:func:`vaekit.ops.sparse_linear.sparse_input_linear`, which takes the dense product when
-    more than 30 % of the values are nonzero).  The weight ``[N, K]`` is stored transposed in memory
-    (strides ``(1, N)``): the kernel sums its rows of ``Wᵀ`` in place and writes the gradient in that layout,
-    with no transpose a step; dense products take either layout at the same speed, and checkpoints save
-    contiguous copies (``load_state_dict`` copies into these strides).  The first layer of an ``mlp``
-    encoder: forward + backward of MNIST's 784→400 for 128 binarized digits 0.59 against 1.07 ms on 2 threads
-    (``bench/bench_sparse_linear.py``).
-    TorchScript (the exported model) and inputs of other ranks get ``F.linear``."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, device, dtype)
-        self.weight = nn.Parameter(self.weight.detach().t().contiguous().t())  # [N, K] over Wᵀ's memory
+    more than 30 % of the values are nonzero).  The first layer of an ``mlp`` encoder: forward + backward of
+    MNIST's 784→400 for 128 binarized digits 0.6 against 1.1 ms on 2 threads (``bench/bench_sparse_linear.py``).
+    The weight keeps torch's row-major layout (the kernel transposes it, ~0.05 ms): stored as Wᵀ, the
+    fused Adam step copies its gradient to that layout every step, which costs more.  TorchScript (the
+    exported model) and inputs of other ranks get ``F.linear``."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or input.dim() != 2:

@@ -7,8 +7,10 @@
 // nonzeros, y[b, :] = b + sum_{j: x[b,j] != 0} x[b,j] W[:, j], and each column of grad_W a sum of g's
 // rows, grad_W[:, j] = sum_{b: x[b,j] != 0} x[b,j] g[b, :]: both are one kernel (rows_sum below) over
 // a row-major table (W^T, or g) with the sums' accumulators in registers, so the cost follows the
-// number of nonzeros, not B * K.  A weight stored as W^T (strides (1, N)) is read in place and gets its
-// gradient in that layout; a row-major one is transposed (blocked, 8 x 8 registers with AVX2) each way.
+// number of nonzeros, not B * K.  The threads split the N outputs: each transposes its tiles of W (64
+// columns of W^T, 200 KB for K = 784) into a buffer that stays in cache, and its tiles of grad_W^T back
+// into grad_W, so W and grad_W cross memory once each, as in a GEMM.  A weight stored as W^T (strides
+// (1, N)) is read and gets its gradient in place.
 //
 // A dense GEMM does 2 B N K flops at near peak speed; this does 2 nnz N at a fraction of it, so it is
 // used while the share of nonzeros is at most `max_density` (vaekit/ops/sparse_linear.py measured the
@@ -25,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -127,13 +130,13 @@ Lists column_lists(const Lists& rows, int64_t B, int64_t K) {
   return C;
 }
 
-// out[r, c0:c0 + R n] = init[c0:...] (or 0) + sum_k val[k] table[idx[k], c0:...] for rows r0 <= r < r1,
-// accumulators in R registers.  The table is read in chunks of `chunk` rows (a chunk's tile fits the L1
-// cache, used by every row before the next chunk), so each row's sum is resumed per chunk at cur[r - r0]
-// (lists are sorted by idx).
+// out[(r - r0) ldo + 0 : R n] = init[0 : R n] (or 0) + sum_k val[k] table[idx[k] ldt + 0 : R n] for rows
+// r0 <= r < r1 (k over the lists' entry r), accumulators in R registers.  The table is read in chunks of
+// `chunk` rows (a chunk of the tile fits the L1 cache and serves every row before the next chunk), so each
+// row's sum resumes per chunk at cur[r - r0] (lists are sorted by idx).
 template <typename T, int R>
-inline void rows_sum_tile(T* out, const T* table, const T* init, const int64_t* begin, const int64_t* end,
-                          const int32_t* idx, const T* val, int64_t r0, int64_t r1, int64_t width, int64_t c0,
+inline void rows_sum_regs(T* out, int64_t ldo, const T* table, int64_t ldt, const T* init, const int64_t* begin,
+                          const int64_t* end, const int32_t* idx, const T* val, int64_t r0, int64_t r1,
                           int64_t table_rows, int64_t chunk, int64_t* cur) {
   using Vec = Vectorized<T>;
   constexpr int64_t n = Vec::size();
@@ -141,16 +144,16 @@ inline void rows_sum_tile(T* out, const T* table, const T* init, const int64_t* 
   for (int64_t t0 = 0; t0 < table_rows; t0 += chunk) {
     const int64_t t1 = t0 + chunk;
     for (int64_t r = r0; r < r1; ++r) {
-      T* o = out + r * width + c0;
+      T* o = out + (r - r0) * ldo;
       Vec acc[R];
       if (t0 == 0)
-        for (int q = 0; q < R; ++q) acc[q] = init ? Vec::loadu(init + c0 + q * n) : Vec(T(0));
+        for (int q = 0; q < R; ++q) acc[q] = init ? Vec::loadu(init + q * n) : Vec(T(0));
       else
         for (int q = 0; q < R; ++q) acc[q] = Vec::loadu(o + q * n);
       int64_t k = cur[r - r0];
       for (const int64_t stop = end[r]; k < stop && idx[k] < t1; ++k) {
         const Vec v(val[k]);
-        const T* row = table + int64_t(idx[k]) * width + c0;
+        const T* row = table + int64_t(idx[k]) * ldt;
         for (int q = 0; q < R; ++q) acc[q] = at::vec::fmadd(v, Vec::loadu(row + q * n), acc[q]);
       }
       cur[r - r0] = k;
@@ -159,29 +162,51 @@ inline void rows_sum_tile(T* out, const T* table, const T* init, const int64_t* 
   }
 }
 
-// out [rows, width] (row r: the lists' entry r) from table [table_rows, width]; parallel over rows
+// rows_sum_regs over w <= kTile<T> columns: 8 registers, then 1, then the last w % n columns one by one
 template <typename T>
-void rows_sum(T* out, const T* table, const T* init, const Lists& L, int64_t rows, int64_t table_rows, int64_t width) {
+void rows_sum_block(T* out, int64_t ldo, const T* table, int64_t ldt, const T* init, const Lists& L, int64_t r0,
+                    int64_t r1, int64_t w, int64_t table_rows, int64_t* cur) {
   using Vec = Vectorized<T>;
   constexpr int64_t n = Vec::size();
   const int64_t *begin = L.begin.data_ptr<int64_t>(), *end = L.end.data_ptr<int64_t>();
   const int32_t* idx = L.idx.data_ptr<int32_t>();
   const T* val = L.val.data_ptr<T>();
-  const int64_t avg = std::max<int64_t>(1, L.nnz / std::max<int64_t>(rows, 1));
   const int64_t chunk = std::max<int64_t>(8, kL1Bytes / int64_t(8 * n * sizeof(T)));  // table rows of a tile in L1
-  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / (avg * std::max<int64_t>(width / 64, 1))), [&](int64_t r0, int64_t r1) {
-    std::vector<int64_t> cur(r1 - r0);
-    int64_t c = 0;
-    for (; c + 8 * n <= width; c += 8 * n)
-      rows_sum_tile<T, 8>(out, table, init, begin, end, idx, val, r0, r1, width, c, table_rows, chunk, cur.data());
-    for (; c + n <= width; c += n)
-      rows_sum_tile<T, 1>(out, table, init, begin, end, idx, val, r0, r1, width, c, table_rows, chunk * 8, cur.data());
-    for (int64_t r = r0; r < r1 && c < width; ++r)  // the last width % n columns
-      for (int64_t cc = c; cc < width; ++cc) {
-        T acc = init ? init[cc] : T(0);
-        for (int64_t k = begin[r]; k < end[r]; ++k) acc += val[k] * table[int64_t(idx[k]) * width + cc];
-        out[r * width + cc] = acc;
-      }
+  int64_t c = 0;
+  if (w >= 8 * n) {
+    rows_sum_regs<T, 8>(out, ldo, table, ldt, init, begin, end, idx, val, r0, r1, table_rows, chunk, cur);
+    c = 8 * n;
+  }
+  for (; c + n <= w; c += n)
+    rows_sum_regs<T, 1>(out + c, ldo, table + c, ldt, init ? init + c : nullptr, begin, end, idx, val, r0, r1,
+                        table_rows, chunk * 8, cur);
+  for (int64_t r = r0; r < r1 && c < w; ++r)
+    for (int64_t cc = c; cc < w; ++cc) {
+      T acc = init ? init[cc] : T(0);
+      for (int64_t k = begin[r]; k < end[r]; ++k) acc += val[k] * table[int64_t(idx[k]) * ldt + cc];
+      out[(r - r0) * ldo + cc] = acc;
+    }
+}
+
+template <typename T>
+constexpr int64_t kTile = 8 * Vectorized<T>::size();  // columns of one register tile
+
+// body(c0, c1, r0, r1) for a split of [0, cols) x [0, rows) over the threads: columns in parts of whole
+// vectors (each thread its own columns of the output, so the weight is read once), rows too where there
+// are fewer column parts than threads
+template <typename T, typename F>
+void for_parts(int64_t cols, int64_t rows, const F& body) {
+  constexpr int64_t n = Vectorized<T>::size();
+  const int64_t units = (cols + n - 1) / n, threads = at::get_num_threads();
+  const int64_t parts_c = std::max<int64_t>(1, std::min(threads, units));
+  const int64_t parts_r = std::max<int64_t>(1, std::min(rows, threads / parts_c));
+  at::parallel_for(0, parts_c * parts_r, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t pc = t / parts_r, pr = t % parts_r;
+      const int64_t c0 = units * pc / parts_c * n, c1 = std::min(cols, units * (pc + 1) / parts_c * n);
+      const int64_t r0 = rows * pr / parts_r, r1 = rows * (pr + 1) / parts_r;
+      if (c0 < c1 && r0 < r1) body(c0, c1, r0, r1);
+    }
   });
 }
 
@@ -207,27 +232,20 @@ inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd)
 }
 #endif
 
-// out [cols, rows] = in [rows, cols]^T, in blocks of 32 x 32 (8 x 8 registers where the CPU has AVX2)
+// out[c ldo + r] = in[r ldi + c] for r < rows, c < cols (8 x 8 registers where the CPU has AVX2); one thread
 template <typename T>
-void transpose(const T* in, T* out, int64_t rows, int64_t cols) {
-  constexpr int64_t blk = 32;
-  at::parallel_for(0, (rows + blk - 1) / blk, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t rb = b0 * blk; rb < std::min(rows, b1 * blk); rb += blk)
-      for (int64_t cb = 0; cb < cols; cb += blk) {
-        const int64_t re = std::min(rows, rb + blk), ce = std::min(cols, cb + blk);
+void transpose(const T* in, int64_t ldi, int64_t rows, int64_t cols, T* out, int64_t ldo) {
+  int64_t r8 = 0, c8 = 0;
 #if defined(__AVX2__)
-        if constexpr (std::is_same_v<T, float>) {
-          if (re - rb == blk && ce - cb == blk) {
-            for (int64_t r = rb; r < re; r += 8)
-              for (int64_t c = cb; c < ce; c += 8) transpose8x8(in + r * cols + c, cols, out + c * rows + r, rows);
-            continue;
-          }
-        }
+  if constexpr (std::is_same_v<T, float>) {
+    r8 = rows / 8 * 8;
+    c8 = cols / 8 * 8;
+    for (int64_t r = 0; r < r8; r += 8)
+      for (int64_t c = 0; c < c8; c += 8) transpose8x8(in + r * ldi + c, ldi, out + c * ldo + r, ldo);
+  }
 #endif
-        for (int64_t c = cb; c < ce; ++c)
-          for (int64_t r = rb; r < re; ++r) out[c * rows + r] = in[r * cols + c];
-      }
-  });
+  for (int64_t r = 0; r < rows; ++r)  // what the blocks left: the last rows % 8 rows and cols % 8 columns
+    for (int64_t c = r < r8 ? c8 : 0; c < cols; ++c) out[c * ldo + r] = in[r * ldi + c];
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -264,11 +282,21 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& weight_, const c
     if (double(nnz) > max_density * double(B) * double(K)) return;
     sparse = true;
     Lists L = row_lists<scalar_t>(x.data_ptr<scalar_t>(), B, K, count.data(), nnz, x.options());
-    at::Tensor wt = k_major ? weight.t() : at::empty({K, N}, weight.options());  // W^T [K, N], contiguous
-    if (!k_major) transpose<scalar_t>(weight.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), N, K);
     const at::Tensor b = has(bias) ? bias->contiguous() : at::Tensor();
-    rows_sum<scalar_t>(y.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                       L, B, K, N);
+    const scalar_t *w = weight.data_ptr<scalar_t>(), *bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    for_parts<scalar_t>(N, B, [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+      constexpr int64_t tile = kTile<scalar_t>;
+      std::unique_ptr<scalar_t[]> wt(k_major ? nullptr : new scalar_t[K * tile]);  // W^T's tile [K, tile], in cache
+      std::vector<int64_t> cur(r1 - r0);
+      for (int64_t c = c0; c < c1; c += tile) {
+        const int64_t wd = std::min(tile, c1 - c);
+        if (!k_major) transpose<scalar_t>(w + c * K, K, wd, K, wt.get(), wd);  // W[c : c + wd, :]^T
+        const scalar_t* table = k_major ? w + c : wt.get();  // weight.t() is [K, N] row-major
+        rows_sum_block<scalar_t>(yp + r0 * N + c, N, table, k_major ? N : wd, bp ? bp + c : nullptr, L, r0, r1, wd, K,
+                                 cur.data());
+      }
+    });
     if (lists) *lists = std::move(L);
   });
   if (!sparse) {  // in x's dtype: autocast (if on) is the caller's (vaekit/ops/sparse_linear.py sends it to F.linear)
@@ -288,11 +316,27 @@ at::Tensor sparse_input_linear_cpu(const at::Tensor& x, const at::Tensor& weight
 at::Tensor grad_weight_sparse(const at::Tensor& g_, const Lists& rows, int64_t K, bool k_major) {
   const at::Tensor g = g_.contiguous();
   const int64_t B = g.size(0), N = g.size(1);
-  at::Tensor gwt = at::empty({K, N}, g.options()), gw = k_major ? gwt.t() : at::empty({N, K}, g.options());
+  at::Tensor gw = k_major ? at::empty({K, N}, g.options()).t() : at::empty({N, K}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_input_linear_backward", [&] {
     const Lists cols = column_lists<scalar_t>(rows, B, K);
-    rows_sum<scalar_t>(gwt.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), nullptr, cols, K, B, N);
-    if (!k_major) transpose<scalar_t>(gwt.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), K, N);
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* out = gw.data_ptr<scalar_t>();
+    // grad_W^T [K, N]: row j sums the rows of g that column j of x picks; tile by tile of N, transposed into
+    // grad_W [N, K] from cache (or written in place for a weight stored as W^T)
+    for_parts<scalar_t>(N, K, [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
+      constexpr int64_t tile = kTile<scalar_t>;
+      std::unique_ptr<scalar_t[]> gwt(k_major ? nullptr : new scalar_t[(r1 - r0) * tile]);
+      std::vector<int64_t> cur(r1 - r0);
+      for (int64_t c = c0; c < c1; c += tile) {
+        const int64_t wd = std::min(tile, c1 - c);
+        if (k_major) {
+          rows_sum_block<scalar_t>(out + r0 * N + c, N, gp + c, N, nullptr, cols, r0, r1, wd, B, cur.data());
+        } else {
+          rows_sum_block<scalar_t>(gwt.get(), wd, gp + c, N, nullptr, cols, r0, r1, wd, B, cur.data());
+          transpose<scalar_t>(gwt.get(), wd, r1 - r0, wd, out + c * K + r0, K);
+        }
+      }
+    });
   });
   return gw;
 }
