@@ -235,3 +235,15 @@ def test_a_failed_flush_is_not_committed(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="cannot write .*metrics.jsonl.*Input/output error"):
         checkpoint.write_metrics(tmp_path, [{"epoch": 1}])
     assert target.read_text() == "old\n" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_save_tensors_writes_tensors_that_share_memory_and_views(tmp_path):
+    """Tied weights and views share memory, which safetensors refuses: save_tensors copies exactly those."""
+    w = torch.randn(4, 6)
+    tensors = {"w": w, "tied": w, "rows": w[1:3], "transposed": w.t(), "empty": torch.zeros(0, 3),
+               "step": torch.tensor(2.0)}
+    checkpoint.save_tensors(tmp_path / "t.safetensors", tensors)
+    back, _ = checkpoint.load_tensors(tmp_path / "t.safetensors", "test file")
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert torch.equal(back[name], t), name
