@@ -63,6 +63,25 @@ def test_matches_a_float64_dense_product_on_real_digits(digits, k_major, max_den
         assert w.grad.stride() == w.stride()  # the gradient in the weight's layout: no copy in AccumulateGrad
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_every_split_over_threads(threads):
+    """The threads split the outputs in whole vectors, and the rows too when there are few outputs (N <= 8)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_out in (1, 8, 9, 65):
+            x = torch.randn(17, 33, generator=torch.Generator().manual_seed(n_out)) * (torch.rand(17, 33) < 0.2)
+            w, b = _weights(n_out, 33, k_major=False)
+            g = torch.randn(17, n_out)
+            y = op(x, w, b, 1.0)
+            y.backward(g)
+            ref_y, ref_w, ref_b = _reference(x, w, b, g)
+            torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(w.grad.double(), ref_w, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rows_and_batches_without_nonzeros_and_layers_without_inputs():
     x = torch.zeros(5, 30)
     x[2, [0, 7, 29]] = torch.tensor([1.0, -2.0, 0.5])  # one row with values, four all-zero rows

@@ -263,8 +263,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 
 bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// a weight [N, K] whose memory is W^T [K, N] row-major (layers.SparseInputLinear stores it so): the
-// kernels read W^T without a transpose, and grad_W is written in the same layout
+// a weight [N, K] whose memory is W^T [K, N] row-major (a transposed view, e.g. a tied decoder's weight):
+// the kernels read W^T in place, and grad_W is written in the same layout.  layers.SparseInputLinear keeps
+// torch's row-major layout: fused Adam copies a gradient in any other layout every step.
 bool stored_k_major(const at::Tensor& w) { return !w.is_contiguous() && w.t().is_contiguous(); }
 
 // y [B, N]; `lists` receives x's row lists when the sparse path ran (undefined `begin` otherwise)
