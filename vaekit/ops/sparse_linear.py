@@ -11,7 +11,8 @@ of 128 dynamically binarized digits (17 % ones), 0.69 on the same digits in gray
 uniformly random 0/1 inputs 0.45/0.65/0.84/1.01/1.19 ms at 10/20/30/40/50 % ones against 1.06 ms (784→1000:
 the same break-even, ~40 %).  Above :data:`MAX_DENSITY` the op computes ``at::linear`` itself (after the one pass
 over ``x`` that counts its nonzeros).  Weights whose column meets only zeros of ``x`` take no part, so an inf or
-NaN there does not reach ``y`` as it would through ``0 · inf`` in a GEMM.  ``∂L/∂x`` (only when ``x`` requires a gradient) is the dense ``g W``.
+NaN there does not reach ``y`` as it would through ``0 · inf`` in a GEMM.  ``∂L/∂x`` (only when ``x`` requires a
+gradient) is the dense ``g W``.
 
 Sums run in another order than a GEMM's, so results agree with ``F.linear`` to rounding, not bit for bit.
 Elsewhere (other devices and dtypes, no C++ compiler, under ``torch.compile``, TorchScript, ``torch.func``

@@ -5,8 +5,8 @@
 //
 // computed from x's nonzero values only.  Each output row is a sum of W's columns picked by the row's
 // nonzeros, y[b, :] = b + sum_{j: x[b,j] != 0} x[b,j] W[:, j], and each column of grad_W a sum of g's
-// rows, grad_W[:, j] = sum_{b: x[b,j] != 0} x[b,j] g[b, :]: both are one kernel (rows_sum below) over
-// a row-major table (W^T, or g) with the sums' accumulators in registers, so the cost follows the
+// rows, grad_W[:, j] = sum_{b: x[b,j] != 0} x[b,j] g[b, :]: both are one kernel (rows_sum_block below)
+// over a row-major table (W^T, or g) with the sums' accumulators in registers, so the cost follows the
 // number of nonzeros, not B * K.  The threads split the N outputs: each transposes its tiles of W (64
 // columns of W^T, 200 KB for K = 784) into a buffer that stays in cache, and its tiles of grad_W^T back
 // into grad_W, so W and grad_W cross memory once each, as in a GEMM.  A weight stored as W^T (strides
@@ -15,8 +15,9 @@
 // A dense GEMM does 2 B N K flops at near peak speed; this does 2 nnz N at a fraction of it, so it is
 // used while the share of nonzeros is at most `max_density` (vaekit/ops/sparse_linear.py measured the
 // break-even; a first pass counts them) and otherwise the op is at::linear.  Entries of W whose column
-// meets only zeros of x take no part, so an inf or NaN there does not reach y as it would through 0 * inf.  grad_x is the dense g W (needed only when x requires
-// a gradient).  Under create_graph the backward is built from differentiable ATen operations.
+// meets only zeros of x take no part, so an inf or NaN there does not reach y as it would through
+// 0 * inf.  grad_x is the dense g W (needed only when x requires a gradient).  Under create_graph the
+// backward is built from differentiable ATen operations.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
