@@ -60,7 +60,7 @@ def test_matches_a_float64_dense_product_on_real_digits(digits, k_major, max_den
         torch.testing.assert_close(y.double(), ref_y, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(w.grad.double(), ref_w, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.grad.double(), ref_b, rtol=1e-5, atol=1e-5)
-        assert w.grad.stride() == w.stride()  # the gradient in the weight's layout: no copy in AccumulateGrad
+        assert w.grad.stride() == w.stride()  # the gradient in the weight's layout (a transposed view too)
 
 
 @pytest.mark.parametrize("threads", [1, 3])
@@ -87,13 +87,14 @@ def test_rows_and_batches_without_nonzeros_and_layers_without_inputs():
     x[2, [0, 7, 29]] = torch.tensor([1.0, -2.0, 0.5])  # one row with values, four all-zero rows
     for batch in (x, torch.zeros(3, 30), torch.zeros(0, 30), torch.zeros(4, 0)):
         w, b = _weights(9, batch.shape[1], k_major=True)
-        g = torch.randn(batch.shape[0], 9)
+        g = torch.randn(batch.shape[0], 9, generator=torch.Generator().manual_seed(2))
         y = op(batch, w, b, 1.0)
         y.backward(g)
         ref_y, ref_w, ref_b = _reference(batch, w, b, g)
-        torch.testing.assert_close(y.double(), ref_y)
-        torch.testing.assert_close(w.grad.double(), ref_w)
-        torch.testing.assert_close(b.grad.double(), ref_b)
+        # float32 results against the float64 reference rounded to float32, at float32's tolerances
+        torch.testing.assert_close(y, ref_y.float())
+        torch.testing.assert_close(w.grad, ref_w.float())
+        torch.testing.assert_close(b.grad, ref_b.float())
 
 
 @pytest.mark.parametrize("k_major", [False, True], ids=["row-major", "k-major"])
