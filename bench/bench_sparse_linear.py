@@ -6,7 +6,8 @@ alternating repeats, on the CPU at 2 threads, for the MLP encoder's first layer 
 * a batch of 128 real MNIST digits, dynamically binarized (13–18 % ones), and the same digits in gray levels;
 * uniformly random 0/1 inputs with 5–50 % ones (where the op switches to the dense product: ``MAX_DENSITY``).
 
-The weight is stored as ``layers.SparseInputLinear`` stores it (Wᵀ's memory); both sides use the same tensor.
+The weight is row-major, as ``layers.SparseInputLinear`` keeps it (the op transposes its tiles); both sides use
+the same tensor.
 glibc keeps freed blocks as in vaekit's training (:mod:`vaekit.malloc`).
 
     python bench/bench_sparse_linear.py [--repeats 7]
@@ -29,7 +30,7 @@ from vaekit.ops.sparse_linear import MAX_DENSITY
 def compare_ms(x: torch.Tensor, n_out: int, repeats: int) -> tuple[float, float]:
     """Best ms per forward + backward of F.linear and of the op (forced sparse), measured alternately."""
     g = torch.Generator().manual_seed(0)
-    w = (torch.randn(x.shape[1], n_out, generator=g) / x.shape[1] ** 0.5).t().requires_grad_()  # [N, K] over Wᵀ
+    w = (torch.randn(n_out, x.shape[1], generator=g) / x.shape[1] ** 0.5).requires_grad_()  # [N, K], row-major
     b = torch.zeros(n_out, requires_grad=True)
     grad = torch.randn(x.shape[0], n_out, generator=g)
     dense = lambda: F.linear(x, w, b)  # noqa: E731

@@ -5,7 +5,8 @@
 CPU, …)`` blocks register the CPU kernels of ``vaekit::reparameterize_kl`` and its backward
 (:mod:`vaekit.ops.fused`), of ``vaekit::bernoulli_philox`` (:mod:`vaekit.ops.philox`), and define
 ``vaekit::bernoulli_log_prob`` and ``vaekit::sparse_input_linear`` with their CPU kernels and autograd
-(:mod:`vaekit.ops.bernoulli`, :mod:`vaekit.ops.sparse_linear`), so CPU calls never pass through Python.  Where torch runs on OpenMP the kernels are compiled with it, so
+(:mod:`vaekit.ops.bernoulli`, :mod:`vaekit.ops.sparse_linear`), so CPU calls never pass through Python.
+Where torch runs on OpenMP the kernels are compiled with it, so
 their ``at::parallel_for`` uses torch's threads (``torch.set_num_threads``).
 
 The build is safe against kills, races and other installs:

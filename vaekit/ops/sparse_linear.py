@@ -6,10 +6,10 @@ Binarized images are: dynamically binarized MNIST has 13–18 % ones, so a dense
 ``y[b] = b + Σ_{j: x_bj ≠ 0} x_bj W[:, j]``, and likewise builds ``∂L/∂W = gᵀ x`` column by column from
 the rows of ``g`` that ``x`` picks, so both cost ``O(nnz · N)`` instead of ``O(B · K · N)``.  Measured for
 the 784→400 layer of the MNIST VAE on this project's 2-core machine (2 threads, forward + backward,
-``python bench/bench_sparse_linear.py``, 2026-12-05): 0.56 against 1.07 ms for torch's ``linear`` on a batch
-of 128 dynamically binarized digits (17 % ones), 0.69 on the same digits in gray levels (25 % nonzero); on
-uniformly random 0/1 inputs 0.45/0.65/0.84/1.01/1.19 ms at 10/20/30/40/50 % ones against 1.06 ms (784→1000:
-the same break-even, ~40 %).  Above :data:`MAX_DENSITY` the op computes ``at::linear`` itself (after the one pass
+``python bench/bench_sparse_linear.py``, 2026-12-05): 0.58 against 1.10 ms for torch's ``linear`` on a batch
+of 128 dynamically binarized digits (17 % ones), 0.71 on the same digits in gray levels (25 % nonzero); on
+uniformly random 0/1 inputs 0.54/0.87/1.11/1.33/1.53 ms at 10/20/30/40/50 % ones against 1.08–1.21 ms
+(784→1000: the same break-even, ~35 %).  Above :data:`MAX_DENSITY` the op computes ``at::linear`` itself (after the one pass
 over ``x`` that counts its nonzeros).  Weights whose column meets only zeros of ``x`` take no part, so an inf or
 NaN there does not reach ``y`` as it would through ``0 · inf`` in a GEMM.  ``∂L/∂x`` (only when ``x`` requires a
 gradient) is the dense ``g W``.
@@ -32,7 +32,7 @@ from . import cpu_kernel
 
 MAX_DENSITY = 0.3
 """The largest share of nonzeros in ``x`` for which the sparse kernel runs (else the dense ``at::linear``):
-below the break-even measured above (~40 % at 784→400 and 784→1000), where the kernel is still ~1.2× faster."""
+below the break-even measured above (~35 % at 784→400 and 784→1000), where the kernel is still ~1.1× faster."""
 
 
 def _kernel_applies(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:

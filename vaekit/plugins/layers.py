@@ -97,10 +97,10 @@ class SparseInputLinear(nn.Linear):
     MNIST's 784→400 for 128 binarized digits 0.6 against 1.1 ms on 2 threads (``bench/bench_sparse_linear.py``).
     The weight keeps torch's row-major layout (the kernel transposes it, ~0.05 ms): stored as Wᵀ, the
     fused Adam step copies its gradient to that layout every step, which costs more.  TorchScript (the
-    exported model) and inputs of other ranks get ``F.linear``."""
+    exported model) gets ``F.linear``, as do the inputs the op leaves to it (other ranks, devices, dtypes)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or input.dim() != 2:
+        if torch.jit.is_scripting():
             return F.linear(input, self.weight, self.bias)
         return self._sparse(input)
 

@@ -9,8 +9,7 @@
 // over a row-major table (W^T, or g) with the sums' accumulators in registers, so the cost follows the
 // number of nonzeros, not B * K.  The threads split the N outputs: each transposes its tiles of W (64
 // columns of W^T, 200 KB for K = 784) into a buffer that stays in cache, and its tiles of grad_W^T back
-// into grad_W, so W and grad_W cross memory once each, as in a GEMM.  A weight stored as W^T (strides
-// (1, N)) is read and gets its gradient in place.
+// into grad_W, so W and grad_W cross memory once each, as in a GEMM.
 //
 // A dense GEMM does 2 B N K flops at near peak speed; this does 2 nnz N at a fraction of it, so it is
 // used while the share of nonzeros is at most `max_density` (vaekit/ops/sparse_linear.py measured the
@@ -25,6 +24,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "rows.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -53,7 +54,7 @@ struct Lists {
 // the number of nonzeros of each row of x [B, K] into count [B] (NaN counts: it must reach the output); their total
 template <typename T>
 int64_t count_nonzeros(const T* x, int64_t B, int64_t K, int64_t* count) {
-  at::parallel_for(0, B, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, vaekit::grain_for(K), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T* row = x + b * K;
       int64_t c = 0;
@@ -83,7 +84,7 @@ Lists row_lists(const T* x, int64_t B, int64_t K, const int64_t* count, int64_t 
     begin[b] = start;
     start += count[b] + 1;
   }
-  at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, vaekit::grain_for(K), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const T* row = x + b * K;
       int64_t n = begin[b];
@@ -264,17 +265,11 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const c10::opti
 
 bool has(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// a weight [N, K] whose memory is W^T [K, N] row-major (a transposed view, e.g. a tied decoder's weight):
-// the kernels read W^T in place, and grad_W is written in the same layout.  layers.SparseInputLinear keeps
-// torch's row-major layout: fused Adam copies a gradient in any other layout every step.
-bool stored_k_major(const at::Tensor& w) { return !w.is_contiguous() && w.t().is_contiguous(); }
-
 // y [B, N]; `lists` receives x's row lists when the sparse path ran (undefined `begin` otherwise)
 at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& weight_, const c10::optional<at::Tensor>& bias,
                         double max_density, Lists* lists) {
   check_inputs(x_, weight_, bias);
-  const bool k_major = stored_k_major(weight_);
-  const at::Tensor x = x_.contiguous(), weight = k_major ? weight_ : weight_.contiguous();
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous();
   const int64_t B = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({B, N}, x.options());
   bool sparse = false;
@@ -289,21 +284,19 @@ at::Tensor forward_impl(const at::Tensor& x_, const at::Tensor& weight_, const c
     scalar_t* yp = y.data_ptr<scalar_t>();
     for_parts<scalar_t>(N, B, [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
       constexpr int64_t tile = kTile<scalar_t>;
-      std::unique_ptr<scalar_t[]> wt(k_major ? nullptr : new scalar_t[K * tile]);  // W^T's tile [K, tile], in cache
+      std::unique_ptr<scalar_t[]> wt(new scalar_t[K * tile]);  // W^T's tile [K, tile], in cache
       std::vector<int64_t> cur(r1 - r0);
       for (int64_t c = c0; c < c1; c += tile) {
         const int64_t wd = std::min(tile, c1 - c);
-        if (!k_major) transpose<scalar_t>(w + c * K, K, wd, K, wt.get(), wd);  // W[c : c + wd, :]^T
-        const scalar_t* table = k_major ? w + c : wt.get();  // weight.t() is [K, N] row-major
-        rows_sum_block<scalar_t>(yp + r0 * N + c, N, table, k_major ? N : wd, bp ? bp + c : nullptr, L, r0, r1, wd, K,
-                                 cur.data());
+        transpose<scalar_t>(w + c * K, K, wd, K, wt.get(), wd);  // W[c : c + wd, :]^T
+        rows_sum_block<scalar_t>(yp + r0 * N + c, N, wt.get(), wd, bp ? bp + c : nullptr, L, r0, r1, wd, K, cur.data());
       }
     });
     if (lists) *lists = std::move(L);
   });
   if (!sparse) {  // in x's dtype: autocast (if on) is the caller's (vaekit/ops/sparse_linear.py sends it to F.linear)
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-    return at::linear(x, weight, bias);
+    return at::linear(x_, weight_, bias);  // as given: F.linear's own product, bit for bit
   }
   return y;
 }
@@ -314,29 +307,25 @@ at::Tensor sparse_input_linear_cpu(const at::Tensor& x, const at::Tensor& weight
   return forward_impl(x, weight, bias, max_density, nullptr);
 }
 
-// grad_W [N, K] = g^T x from the row lists of x, in the layout of a weight stored k_major or not
-at::Tensor grad_weight_sparse(const at::Tensor& g_, const Lists& rows, int64_t K, bool k_major) {
+// grad_W [N, K] = g^T x from the row lists of x
+at::Tensor grad_weight_sparse(const at::Tensor& g_, const Lists& rows, int64_t K) {
   const at::Tensor g = g_.contiguous();
   const int64_t B = g.size(0), N = g.size(1);
-  at::Tensor gw = k_major ? at::empty({K, N}, g.options()).t() : at::empty({N, K}, g.options());
+  at::Tensor gw = at::empty({N, K}, g.options());
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sparse_input_linear_backward", [&] {
     const Lists cols = column_lists<scalar_t>(rows, B, K);
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* out = gw.data_ptr<scalar_t>();
     // grad_W^T [K, N]: row j sums the rows of g that column j of x picks; tile by tile of N, transposed into
-    // grad_W [N, K] from cache (or written in place for a weight stored as W^T)
+    // grad_W [N, K] from cache
     for_parts<scalar_t>(N, K, [&](int64_t c0, int64_t c1, int64_t r0, int64_t r1) {
       constexpr int64_t tile = kTile<scalar_t>;
-      std::unique_ptr<scalar_t[]> gwt(k_major ? nullptr : new scalar_t[(r1 - r0) * tile]);
+      std::unique_ptr<scalar_t[]> gwt(new scalar_t[(r1 - r0) * tile]);
       std::vector<int64_t> cur(r1 - r0);
       for (int64_t c = c0; c < c1; c += tile) {
         const int64_t wd = std::min(tile, c1 - c);
-        if (k_major) {
-          rows_sum_block<scalar_t>(out + r0 * N + c, N, gp + c, N, nullptr, cols, r0, r1, wd, B, cur.data());
-        } else {
-          rows_sum_block<scalar_t>(gwt.get(), wd, gp + c, N, nullptr, cols, r0, r1, wd, B, cur.data());
-          transpose<scalar_t>(gwt.get(), wd, r1 - r0, wd, out + c * K + r0, K);
-        }
+        rows_sum_block<scalar_t>(gwt.get(), wd, gp + c, N, nullptr, cols, r0, r1, wd, B, cur.data());
+        transpose<scalar_t>(gwt.get(), wd, r1 - r0, wd, out + c * K + r0, K);
       }
     });
   });
@@ -372,9 +361,9 @@ class SparseInputLinear : public torch::autograd::Function<SparseInputLinear> {
       if (!at::GradMode::is_enabled() && ctx->saved_data.count("lists")) {
         const auto t = ctx->saved_data["lists"].toTensorVector();
         Lists L{t[0], t[1], t[2], t[3], ctx->saved_data["nnz"].toInt()};
-        grad_w = grad_weight_sparse(g, L, x.size(1), stored_k_major(weight));
-      } else {  // dense, and differentiable under create_graph; in the weight's layout
-        grad_w = stored_k_major(weight) ? at::mm(x.t(), g).t() : at::mm(g.t(), x);
+        grad_w = grad_weight_sparse(g, L, x.size(1));
+      } else {  // dense, and differentiable under create_graph
+        grad_w = at::mm(g.t(), x);
       }
     }
     if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_b = g.sum(0);
